@@ -1,0 +1,63 @@
+# Two commands do all set-up on a fresh machine (see README.md):
+#   make target   runs the main job (Target stage, MobileNet-0.25, COVID-CT, embedded MLflow store)
+#   make test     runs the unit tests;  make integration  the slower ones;  make check  both
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+SHARED ?= $(abspath ../shared)
+DATA_ROOT ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data,data)
+export KERAS_HOME ?= $(abspath .cache/keras)
+export MSTL_SHARED := $(SHARED)
+# `mlflow run --env-manager local` runs `python` from PATH: make it the venv's.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+BACKBONE ?= mobilenet_025
+SPLIT ?= official
+IMAGE_SIZE ?= 224
+EPOCHS ?= 60
+SEED ?= 0
+EXPERIMENT ?= mstl
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: venv weights target server test integration check bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..." >&2; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Seed Keras's own cache from ../shared so weights=imagenet works offline (users download as usual).
+weights: venv
+	@if [ -d "$(SHARED)/weights" ]; then $(PY) -m mstl.models prefetch mobilenet_025 --base-url "file://$(SHARED)/weights"; fi
+
+target: weights
+	$(PY) -m mstl.tracking ensure-experiment $(EXPERIMENT)
+	$(VENV)/bin/mlflow run . -e target --env-manager local --experiment-name $(EXPERIMENT) \
+	  -P data_root=$(DATA_ROOT) -P backbone=$(BACKBONE) -P split=$(SPLIT) \
+	  -P image_size=$(IMAGE_SIZE) -P epochs=$(EPOCHS) -P seed=$(SEED)
+
+server: venv
+	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \
+	  --host $(HOST) --port $(PORT)
+
+test: weights
+	$(PY) -m pytest -m "not integration" -q tests
+
+integration: weights
+	$(PY) -m pytest -m integration -q tests
+
+check: weights
+	$(PY) -m pytest -q tests
+
+bench: weights
+	$(PY) benchmarks/bench_pipeline.py --data-root $(DATA_ROOT)
+	$(PY) benchmarks/bench_throughput.py
+
+clean:
+	rm -rf .cache .pytest_cache mlruns

@@ -1,0 +1,139 @@
+"""Real download paths for the public datasets: fetch over any URL (https, or file:// in tests),
+check SHA-256, extract, and verify every extracted file against the checksums shipped here.
+
+COVID-CT's archives carry no published hash, so the check is per file: the bytes of each image,
+split list and metadata file must equal the original release (``checksums/covid-ct.sha256``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+UCSD = "https://github.com/UCSD-AI4H/COVID-CT/raw/master"
+
+
+@dataclass(frozen=True)
+class Source:
+    url: str
+    dest: str  # path under the dataset folder; a .zip is extracted there and removed
+    sha256: str | None = None
+
+
+COVID_CT_SOURCES = (
+    Source(f"{UCSD}/Images-processed/CT_COVID.zip", "CT_COVID.zip"),
+    Source(f"{UCSD}/Images-processed/CT_NonCOVID.zip", "CT_NonCOVID.zip"),
+    *(
+        Source(f"{UCSD}/Data-split/{cls}/{part}CT_{cls}.txt", f"splits/{cls}/{part}CT_{cls}.txt")
+        for cls in ("COVID", "NonCOVID")
+        for part in ("train", "val", "test")
+    ),
+    Source(f"{UCSD}/COVID-CT-MetaInfo.xlsx", "meta/COVID-CT-MetaInfo.xlsx"),
+    Source(f"{UCSD}/NonCOVID-CT-MetaInfo.csv", "meta/NonCOVID-CT-MetaInfo.csv"),
+)
+DATASETS = {"covid-ct": (COVID_CT_SOURCES, "covid-ct.sha256")}
+
+
+class ChecksumError(ValueError):
+    """Downloaded or extracted bytes differ from the expected SHA-256; the message names the file."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Stream ``url`` to ``dest`` atomically; with ``sha256``, a mismatch raises and leaves nothing behind."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, mininterval=2) as bar:
+                while block := response.read(1 << 20):
+                    out.write(block)
+                    digest.update(block)
+                    bar.update(len(block))
+        if sha256 and digest.hexdigest() != sha256.lower():
+            raise ChecksumError(f"SHA-256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def read_checksums(name: str) -> dict[str, str]:
+    text = resources.files("mstl.data").joinpath("checksums", name).read_text()
+    pairs = (line.split(None, 1) for line in text.splitlines() if line.strip())
+    return {path.strip().lstrip("*"): digest for digest, path in pairs}
+
+
+def verify_files(folder: str | os.PathLike, checksums: dict[str, str]) -> int:
+    """Check every listed file under ``folder``; raise naming the first missing or altered file."""
+    folder = Path(folder)
+    for rel, digest in checksums.items():
+        path = folder / rel
+        if not path.is_file():
+            raise ChecksumError(f"missing after download: {path}")
+        if sha256_file(path) != digest:
+            raise ChecksumError(f"SHA-256 mismatch for {path}: expected {digest}")
+    return len(checksums)
+
+
+def fetch_dataset(name: str, data_root: str | os.PathLike, base_url: str | None = None) -> Path:
+    """Download, extract and verify a dataset into ``data_root/<name>``.
+
+    ``base_url`` replaces the public origin (a mirror, or ``file://`` in tests), keeping each
+    source's path below it.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    sources, checksum_file = DATASETS[name]
+    target = Path(data_root) / name
+    for source in sources:
+        url = source.url if base_url is None else base_url.rstrip("/") + source.url[len(UCSD) :]
+        path = download(url, target / source.dest, source.sha256)
+        if path.suffix == ".zip":
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.infolist():
+                    parts = Path(member.filename).parts
+                    if member.is_dir() or "__MACOSX" in parts or Path(member.filename).name.startswith("."):
+                        continue
+                    out = target / Path(*parts)
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    with archive.open(member) as src, open(out, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            path.unlink()
+    count = verify_files(target, read_checksums(checksum_file))
+    print(f"{name}: {count} files verified under {target}")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Download and verify a public dataset.")
+    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("--dest", default="data", help="data_root to download into")
+    parser.add_argument("--base-url", default=None, help="mirror replacing the public origin")
+    args = parser.parse_args(argv)
+    fetch_dataset(args.dataset, args.dest, args.base_url)
+
+
+if __name__ == "__main__":
+    main()

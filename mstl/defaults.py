@@ -1,0 +1,28 @@
+"""The one place for every default the stages and entry points share.
+
+MLproject repeats these values as its parameter defaults (MLflow needs them there);
+``tests/unit/test_project_files.py`` checks that the two agree.
+"""
+
+IMAGE_SIZE = 224
+EPOCHS = 60
+BATCH_SIZE = 32
+# The paper gives SGD with momentum 0.9 but no learning rate; see docs/choices.md.
+LEARNING_RATE = 1e-3
+MOMENTUM = 0.9
+DROPOUT = 0.5
+DENSE_UNITS = 1000
+# The paper says "Dense(1000)" and is silent on its activation; see docs/choices.md.
+DENSE_ACTIVATION = "relu"
+# ResNet heads use AveragePooling2D; the paper gives no pool size. 7 is the final
+# feature-map side at 224 px, so the pooling covers the whole map (clipped for smaller inputs).
+POOL_SIZE = 7
+SEED = 0
+N_BOOTSTRAP = 1000
+CONFIDENCE = 0.95
+THRESHOLD = 0.5
+SPLIT = "official"
+BACKBONE = "mobilenet_025"
+WEIGHTS = "imagenet"
+EXPERIMENT_NAME = "mstl"
+DATA_ROOT = "data"

@@ -1,0 +1,83 @@
+"""MLflow plumbing shared by every stage: where runs go, and how tables and pictures are logged.
+
+With no MLFLOW_TRACKING_URI the embedded default is ``sqlite:///mlflow.db`` in the working folder
+with artifacts under ``./mlartifacts``; any URI that is set (an http server, PostgreSQL) wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from mstl import defaults
+
+EMBEDDED_URI = "sqlite:///mlflow.db"
+EMBEDDED_ARTIFACTS = "mlartifacts"
+
+
+def tracking_uri() -> str:
+    """The URI in force: MLFLOW_TRACKING_URI when set, else the embedded sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or EMBEDDED_URI
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
+
+
+def ensure_experiment(name: str = defaults.EXPERIMENT_NAME) -> str:
+    """Create the experiment if needed; on a local store its artifacts go under ./mlartifacts."""
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if is_local_store(tracking_uri()):
+        location = Path(EMBEDDED_ARTIFACTS).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def format_param(value) -> str:
+    """Parameter values as MLproject spells them (``true``/``false`` for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def log_params(params: dict) -> None:
+    """Log params, leaving alone any the run already has: ``mlflow run`` logs its ``-P`` values
+    as typed (``1e-3``, ``64.0``), and MLflow refuses to change a logged value."""
+    run = mlflow.active_run()
+    existing = mlflow.get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({k: format_param(v) for k, v in params.items() if k not in existing})
+
+
+def log_table(df: pd.DataFrame, artifact_file: str) -> None:
+    """Log a DataFrame as a CSV artifact at ``artifact_file`` (e.g. ``data/split.csv``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_file).name
+        df.to_csv(path, index=False)
+        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, artifact_file)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="MLflow helpers for the Makefile.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ensure = sub.add_parser("ensure-experiment", help="create the experiment (artifacts in ./mlartifacts locally)")
+    ensure.add_argument("name", nargs="?", default=defaults.EXPERIMENT_NAME)
+    args = parser.parse_args(argv)
+    if args.command == "ensure-experiment":
+        print(f"experiment {args.name!r}: id {ensure_experiment(args.name)} at {tracking_uri()}")
+
+
+if __name__ == "__main__":
+    main()

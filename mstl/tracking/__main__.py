@@ -1,0 +1,3 @@
+from mstl.tracking import main
+
+main()

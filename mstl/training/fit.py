@@ -1,0 +1,205 @@
+"""Fitting a classifier the way the paper does (SGD + momentum, best-validation weights kept),
+with the frozen half computed once when nothing changes from epoch to epoch.
+
+With augmentation off, the frozen lower half of the network is a fixed function of its input
+(frozen BatchNorm runs in inference mode), so its output is computed once and only the
+trainable top is run each epoch. The trained layers are shared with the full model, which is
+what callers save, evaluate and log.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import keras
+import mlflow
+import numpy as np
+import tensorflow as tf
+
+from mstl import defaults
+from mstl.data.images import grey_to_input
+from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and TensorFlow and make TF ops deterministic, so a CPU run repeats exactly."""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    learning_rate: float = defaults.LEARNING_RATE
+    momentum: float = defaults.MOMENTUM
+    seed: int = defaults.SEED
+    augment: bool = False
+    cache_frozen: bool = True
+    class_weight: dict[int, float] | None = None
+    log_to_mlflow: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+def augmenter(seed: int) -> keras.Sequential:
+    """Mild, CT-plausible augmentation (off by default, as in the paper)."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def image_dataset(
+    grey: np.ndarray,
+    labels: np.ndarray | None,
+    preprocess_input,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    augment: bool = False,
+) -> tf.data.Dataset:
+    """Decoded uint8 slices -> cache -> shuffle -> batch -> (augment) -> backbone input -> prefetch."""
+    items = grey if labels is None else (grey, labels)
+    ds = tf.data.Dataset.from_tensor_slices(items).cache()
+    if shuffle:
+        ds = ds.shuffle(len(grey), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    aug = augmenter(seed) if augment else None
+
+    def prepare(x):
+        if aug is not None:
+            x = tf.squeeze(aug(tf.cast(x[..., None], tf.float32), training=True), -1)
+        return grey_to_input(x, preprocess_input)
+
+    if labels is None:
+        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda x, y: (prepare(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remember the full model's weights at the best validation accuracy; restore them at the end."""
+
+    def __init__(self, full_model: keras.Model, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.full_model, self.monitor = full_model, monitor
+        self.best, self.best_epoch, self.best_weights = -np.inf, -1, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is not None and value > self.best:
+            self.best, self.best_epoch = float(value), epoch
+            self.best_weights = self.full_model.get_weights()
+
+    def on_train_end(self, logs=None):
+        if self.best_weights is not None:
+            self.full_model.set_weights(self.best_weights)
+
+
+class MlflowEpochLogger(keras.callbacks.Callback):
+    """Log train/val loss and accuracy per epoch, plus the epoch's wall time.
+
+    Names are ``epoch_train_*`` / ``epoch_val_*``, so that ``val_*`` and ``test_*`` stay free for
+    the evaluation of the kept (best) model.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        values = {
+            "epoch_" + (k if k.startswith("val_") else "train_" + k): float(v)
+            for k, v in (logs or {}).items()
+            if np.isscalar(v) and k != "learning_rate"
+        }
+        values["epoch_seconds"] = time.perf_counter() - self._start
+        mlflow.log_metrics(values, step=epoch)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_accuracy: float
+    history: dict[str, list[float]]
+    cached_frozen: bool
+    cut_layer: str | None
+    seconds: float
+
+
+def predict_in_batches(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
+    return np.concatenate([np.asarray(model(x, training=False)) for x in dataset], axis=0)
+
+
+def fit_classifier(
+    model: keras.Model,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    preprocess_input,
+    output: OutputSpec,
+    config: FitConfig,
+) -> FitResult:
+    """Train ``model`` on decoded grey slices; the best-val-accuracy weights are left in ``model``."""
+    if len(train[0]) == 0 or len(val[0]) == 0:
+        raise ValueError(f"need training and validation images, got {len(train[0])} and {len(val[0])}")
+    start = time.perf_counter()
+    cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
+    if cut is not None:
+        bottom, trained = split_at_cut(model, cut)
+
+        def features(grey: np.ndarray) -> np.ndarray:
+            return predict_in_batches(bottom, image_dataset(grey, None, preprocess_input, config.batch_size))
+
+        train_x, val_x = features(train[0]), features(val[0])
+        train_ds = (
+            tf.data.Dataset.from_tensor_slices((train_x, train[1]))
+            .cache()
+            .shuffle(len(train_x), seed=config.seed, reshuffle_each_iteration=True)
+            .batch(config.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
+        val_ds = tf.data.Dataset.from_tensor_slices((val_x, val[1])).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+    else:
+        trained = model
+        train_ds = image_dataset(*train, preprocess_input, config.batch_size, True, config.seed, config.augment)
+        val_ds = image_dataset(*val, preprocess_input, config.batch_size)
+
+    trained.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
+        loss=output.loss,
+        metrics=["accuracy"],
+    )
+    keep = KeepBestWeights(model)
+    callbacks: list[keras.callbacks.Callback] = [keep]
+    if config.log_to_mlflow:
+        callbacks.append(MlflowEpochLogger())
+    history = trained.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        callbacks=callbacks,
+        class_weight=config.class_weight,
+        shuffle=False,  # the datasets shuffle themselves, seeded
+        verbose=2,
+    )
+    return FitResult(
+        best_epoch=keep.best_epoch,
+        best_val_accuracy=keep.best,
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        cached_frozen=cut is not None,
+        cut_layer=model.layers[cut].name if cut is not None else None,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,188 @@
+"""The Target stage: fine-tune a classifier on COVID-CT, evaluate it on the test split, log it all.
+
+Started from ImageNet weights it is the paper's baseline; started from a Transition model
+(``init_from``, issue 3) it is the last step of MSTL.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from mstl import defaults
+from mstl.data import covid_ct
+from mstl.data.images import decode_images
+from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
+from mstl.models import TARGET_OUTPUT, OutputSpec, build_classifier, get_backbone
+from mstl.models.backbones import check_image_size
+from mstl.tracking import ensure_experiment, log_figure, log_params, log_table
+from mstl.training.fit import FitConfig, fit_classifier, image_dataset, predict_in_batches, set_seed
+
+
+@dataclass(frozen=True)
+class TargetParams:
+    data_root: str = defaults.DATA_ROOT
+    backbone: str = defaults.BACKBONE
+    weights: str = defaults.WEIGHTS
+    split: str = defaults.SPLIT
+    image_size: int = defaults.IMAGE_SIZE
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    learning_rate: float = defaults.LEARNING_RATE
+    momentum: float = defaults.MOMENTUM
+    seed: int = defaults.SEED
+    augment: bool = False
+    cache_frozen: bool = True
+    skip_unreadable: bool = False
+    dropout: float = defaults.DROPOUT
+    dense_units: int = defaults.DENSE_UNITS
+    dense_activation: str = defaults.DENSE_ACTIVATION
+    pool_size: int = defaults.POOL_SIZE
+    threshold: float = defaults.THRESHOLD
+    n_bootstrap: int = defaults.N_BOOTSTRAP
+    log_model: bool = True
+    experiment: str = defaults.EXPERIMENT_NAME
+
+    def validate(self) -> None:
+        """Fail on impossible parameters before any data is read."""
+        check_image_size(get_backbone(self.backbone), self.image_size)
+        if self.split not in covid_ct.SPLIT_MODES:
+            raise ValueError(f"unknown split {self.split!r}; use one of {', '.join(covid_ct.SPLIT_MODES)}")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        OutputSpec("binary", 1, self.dropout)
+        self.fit_config()
+
+    def fit_config(self) -> FitConfig:
+        return FitConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            momentum=self.momentum,
+            seed=self.seed,
+            augment=self.augment,
+            cache_frozen=self.cache_frozen,
+        )
+
+
+def strategy_of(weights: str) -> str:
+    """The run's ``strategy`` tag: where the starting weights came from."""
+    w = str(weights).lower()
+    return "imagenet" if w == "imagenet" else "scratch" if w in ("none", "", "null") else "weights_file"
+
+
+def start_stage_run(experiment: str, run_name: str):
+    """Start (or, under ``mlflow run``, resume) the stage's run."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
+    return mlflow.start_run(run_name=run_name)
+
+
+def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams, name: str) -> pd.DataFrame:
+    """Predict one split, log its metrics with CIs, pictures and predictions CSV."""
+    prob = predict_in_batches(model, image_dataset(grey, None, spec.preprocess_input, params.batch_size))[:, 0]
+    labels = table["label"].to_numpy()
+    estimates = bootstrap_metrics(labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed)
+    values = {}
+    for metric, est in estimates.items():
+        values[f"{name}_{metric}"] = est.value
+        values[f"{name}_{metric}_ci_low"] = est.low
+        values[f"{name}_{metric}_ci_high"] = est.high
+    mlflow.log_metrics({k: v for k, v in values.items() if np.isfinite(v)})
+    title = f"{params.backbone} ({strategy_of(params.weights)}), {name} split"
+    log_figure(roc_figure(labels, prob, estimates["roc_auc"], title=title), f"plots/roc_{name}.png")
+    log_figure(confusion_figure(labels, prob, params.threshold, title=title), f"plots/confusion_{name}.png")
+    predictions = pd.DataFrame(
+        {"file": table["file"].to_numpy(), "patient_id": table["patient_id"].to_numpy(), "label": labels, "probability": prob}
+    )
+    log_table(predictions, f"predictions/{name}.csv")
+    return predictions
+
+
+def run_target(params: TargetParams) -> str:
+    """Run the whole Target stage inside one MLflow run; returns the run ID."""
+    params.validate()
+    set_seed(params.seed)
+    spec = get_backbone(params.backbone)
+    index = covid_ct.load_split(params.data_root, params.split, params.seed)
+    run_name = f"target-{params.backbone}-{strategy_of(params.weights)}-{params.split}-s{params.seed}"
+    with start_stage_run(params.experiment, run_name) as run:
+        mlflow.set_tags(
+            {"stage": "target", "backbone": params.backbone, "strategy": strategy_of(params.weights), "split": params.split}
+        )
+        log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
+        log_table(covid_ct.split_table(index), "data/split.csv")
+
+        decoded = decode_images(index["path"].tolist(), params.image_size, params.skip_unreadable)
+        if decoded.unreadable:
+            log_table(pd.DataFrame(decoded.unreadable, columns=["path", "reason"]), "data/unreadable.csv")
+            print(f"skipped {len(decoded.unreadable)} unreadable image(s); see data/unreadable.csv")
+        index = index.iloc[decoded.kept].reset_index(drop=True)
+        grey = decoded.pixels
+        log_params(
+            {
+                "split_sha256": covid_ct.split_sha256(index),
+                "data_sha256": covid_ct.files_sha256(index["path"]),
+                "n_unreadable": len(decoded.unreadable),
+                **{f"n_{part}": int((index["split"] == part).sum()) for part in covid_ct.SPLITS},
+            }
+        )
+        parts = {part: (index["split"] == part).to_numpy() for part in covid_ct.SPLITS}
+
+        output = OutputSpec("binary", 1, params.dropout)
+        model = build_classifier(
+            params.backbone, params.weights, params.image_size, output,
+            params.dense_units, params.dense_activation, params.pool_size,
+        )
+        log_model_structure(model)
+        labels = index["label"].to_numpy().astype("float32")
+        result = fit_classifier(
+            model,
+            (grey[parts["train"]], labels[parts["train"]]),
+            (grey[parts["val"]], labels[parts["val"]]),
+            spec.preprocess_input,
+            output,
+            params.fit_config(),
+        )
+        log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
+        mlflow.log_metrics(
+            {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy, "fit_seconds": result.seconds}
+        )
+        log_checkpoint(model)
+        for part in ("val", "test"):
+            evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part)
+        if params.log_model:
+            log_keras_model(model, grey[parts["test"]][:2], spec.preprocess_input)
+        return run.info.run_id
+
+
+def log_model_structure(model) -> None:
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
+    first_trainable = next(layer.name for layer in model.layers if layer.trainable)
+    log_params(
+        {"trainable_params": trainable, "frozen_params": frozen, "first_trainable_layer": first_trainable}
+    )
+
+
+def log_checkpoint(model) -> None:
+    """The best-validation weights, loadable with ``model.load_weights``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "best.weights.h5"
+        model.save_weights(path)
+        mlflow.log_artifact(str(path), "checkpoints")
+
+
+def log_keras_model(model, example_grey: np.ndarray, preprocess_input) -> None:
+    """The model in MLflow's Keras flavour, with a signature, loadable by ``mlflow.pyfunc.load_model``."""
+    from mlflow.models import infer_signature
+
+    example = np.asarray(image_dataset(example_grey, None, preprocess_input, len(example_grey)).get_single_element())
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
+    mlflow.keras.log_model(model, name="model", signature=signature)

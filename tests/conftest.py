@@ -1,0 +1,127 @@
+"""Shared fixtures: the real ../shared data, a seeded Keras cache, and a real `mlflow server`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MSTL_SHARED") or REPO.parent / "shared").resolve()
+DATA_ROOT = SHARED / "data"
+VENV_BIN = Path(sys.executable).parent
+
+# Keras reads KERAS_HOME when it is imported: point it at the project cache before any test imports it.
+os.environ.setdefault("KERAS_HOME", str(REPO / ".cache" / "keras"))
+
+
+def need_shared(path: Path) -> Path:
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI must have ../shared beside the clone")
+        pytest.skip(f"{path} not found (tests use the real data in ../shared)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return need_shared(DATA_ROOT / "covid-ct").parent
+
+
+@pytest.fixture(scope="session")
+def keras_home() -> Path:
+    """A Keras cache holding MobileNet-0.25's ImageNet file, fetched through Keras's own get_file."""
+    weights = need_shared(SHARED / "weights")
+    from mstl.models import prefetch_imagenet_weights
+
+    cache = Path(os.environ["KERAS_HOME"])
+    prefetch_imagenet_weights("mobilenet_025", base_url=weights.as_uri(), cache_dir=str(cache))
+    return cache
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` on 127.0.0.1 with a sqlite backend in a temp folder."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            str(VENV_BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start; log:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def run_entry_point(entry: str, params: dict, tracking_uri: str, experiment: str, timeout: int = 900):
+    """`mlflow run . -e ENTRY --env-manager local` in the repo, as a user would type it."""
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    env.pop("MLFLOW_RUN_ID", None)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def local_tracking(tmp_path, monkeypatch) -> str:
+    """An embedded sqlite store in a temp folder, for in-process stage runs."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def copy_or_link_tree(src: Path, dst: Path) -> None:
+    """A writable twin of a read-only tree: folders copied, files symlinked."""
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(path, target)
+
+

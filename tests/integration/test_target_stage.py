@@ -1,0 +1,112 @@
+"""The Target entry point end to end: `mlflow run . -e target` against a real `mlflow server`,
+on the real COVID-CT and the genuine MobileNet-0.25 ImageNet weights, read back through the client."""
+
+import os
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mstl.data.images import ImageReadError
+from mstl.training.target import TargetParams, run_target
+from tests.conftest import copy_or_link_tree, run_entry_point
+
+pytestmark = pytest.mark.integration
+
+TINY = {"image_size": 64, "epochs": 2, "n_bootstrap": 200, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def target_run(mlflow_server, data_root, keras_home):
+    result = run_entry_point("target", {"data_root": data_root, "backbone": "mobilenet_025", **TINY},
+                             mlflow_server, "target-it")
+    assert result.returncode == 0, result.stderr[-4000:]
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("target-it")
+    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'target'")
+    assert len(runs) == 1
+    return client, runs[0], result
+
+
+def test_run_is_finished_with_the_papers_tags_and_params(target_run):
+    _, run, _ = target_run
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["backbone"] == "mobilenet_025"
+    assert run.data.tags["strategy"] == "imagenet"
+    assert run.data.tags["split"] == "official"
+    p = run.data.params
+    assert p["image_size"] == "64" and p["epochs"] == "2" and p["weights"] == "imagenet"
+    assert (p["n_train"], p["n_val"], p["n_test"]) == ("425", "118", "203")
+    assert len(p["split_sha256"]) == 64 and len(p["data_sha256"]) == 64
+    assert p["cached_frozen"] == "true"
+
+
+def test_per_epoch_history_and_test_metrics_with_intervals(target_run):
+    client, run, result = target_run
+    for name in ("epoch_train_loss", "epoch_train_accuracy", "epoch_val_loss", "epoch_val_accuracy"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [0, 1], name
+    assert "Epoch 2/2" in result.stdout + result.stderr  # one line per epoch for the person watching
+    m = run.data.metrics
+    for name in ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc"):
+        assert m[f"test_{name}_ci_low"] <= m[f"test_{name}"] <= m[f"test_{name}_ci_high"], name
+    assert 0 <= m["best_epoch"] <= 1
+    assert m["val_accuracy"] == pytest.approx(m["best_val_accuracy"])  # the kept weights are the best epoch's
+
+
+def test_artifacts_checkpoint_roc_predictions_and_split(target_run, tmp_path):
+    client, run, _ = target_run
+    run_id = run.info.run_id
+    paths = {a.path for folder in ("checkpoints", "plots", "predictions", "data") for a in client.list_artifacts(run_id, folder)}
+    assert {"checkpoints/best.weights.h5", "plots/roc_test.png", "plots/confusion_test.png",
+            "predictions/test.csv", "data/split.csv"} <= paths
+    roc = client.download_artifacts(run_id, "plots/roc_test.png", str(tmp_path))
+    assert open(roc, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    predictions = pd.read_csv(client.download_artifacts(run_id, "predictions/test.csv", str(tmp_path)))
+    assert list(predictions.columns) == ["file", "patient_id", "label", "probability"]
+    assert len(predictions) == 203 and predictions["probability"].between(0, 1).all()
+    split = pd.read_csv(client.download_artifacts(run_id, "data/split.csv", str(tmp_path)))
+    assert split["split"].value_counts().to_dict() == {"train": 425, "test": 203, "val": 118}
+    # the logged recall is the recall of the logged predictions
+    recall = ((predictions["probability"] >= 0.5) & (predictions["label"] == 1)).sum() / (predictions["label"] == 1).sum()
+    assert recall == pytest.approx(run.data.metrics["test_recall"])
+
+
+def test_logged_model_loads_as_pyfunc_and_matches_the_checkpoint(target_run, mlflow_server, tmp_path):
+    client, run, _ = target_run
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert model.metadata.signature is not None
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 64, 64, 3)).astype("float32")
+    out = np.asarray(model.predict(x))
+    assert out.shape == (3, 1) and ((out >= 0) & (out <= 1)).all()
+    from mstl.models import build_classifier
+
+    rebuilt = build_classifier("mobilenet_025", weights=None, image_size=64)
+    rebuilt.load_weights(client.download_artifacts(run.info.run_id, "checkpoints/best.weights.h5", str(tmp_path)))
+    np.testing.assert_allclose(np.asarray(rebuilt(x, training=False)), out, rtol=1e-5, atol=1e-6)
+
+
+def test_entry_point_names_an_unknown_backbone(mlflow_server, data_root):
+    result = run_entry_point("target", {"data_root": data_root, "backbone": "alexnet"}, mlflow_server, "target-bad")
+    assert result.returncode != 0
+    assert "'alexnet'" in result.stderr
+
+
+def test_unreadable_image_fails_by_name_or_is_skipped_and_logged(data_root, keras_home, local_tracking, tmp_path):
+    root = tmp_path / "data"
+    copy_or_link_tree(data_root / "covid-ct", root / "covid-ct")
+    victim = sorted((root / "covid-ct" / "CT_COVID").iterdir())[5]
+    os.unlink(victim)
+    victim.write_bytes(b"")
+    params = dict(data_root=str(root), image_size=32, epochs=1, n_bootstrap=50, log_model=False)
+    with pytest.raises(ImageReadError, match=victim.name):
+        run_target(TargetParams(**params))
+    mlflow.end_run()
+    run_id = run_target(TargetParams(**params, skip_unreadable=True))
+    run = MlflowClient(local_tracking).get_run(run_id)
+    assert run.data.params["n_unreadable"] == "1"
+    table = pd.read_csv(MlflowClient(local_tracking).download_artifacts(run_id, "data/unreadable.csv", str(tmp_path)))
+    assert table["path"].str.endswith(victim.name).tolist() == [True]
+    assert int(run.data.params["n_train"]) + int(run.data.params["n_val"]) + int(run.data.params["n_test"]) == 745

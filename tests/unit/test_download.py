@@ -1,0 +1,68 @@
+"""The dataset download path, exercised with file:// URLs built from the real data."""
+
+import hashlib
+import zipfile
+
+import pytest
+
+from mstl.data import covid_ct
+from mstl.data.download import COVID_CT_SOURCES, UCSD, ChecksumError, download, fetch_dataset
+
+
+def test_download_checks_sha256_and_leaves_nothing_on_mismatch(tmp_path):
+    src = tmp_path / "file.bin"
+    src.write_bytes(b"mstl" * 1000)
+    good = hashlib.sha256(src.read_bytes()).hexdigest()
+    out = download(src.as_uri(), tmp_path / "out" / "file.bin", good)
+    assert out.read_bytes() == src.read_bytes()
+    with pytest.raises(ChecksumError, match="file.bin"):
+        download(src.as_uri(), tmp_path / "bad" / "file.bin", "0" * 64)
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
+def mirror_of_covid_ct(data_root, mirror):
+    """Lay out the public repository's files (zips, split lists, metadata) from the real data."""
+    dataset = data_root / "covid-ct"
+    for source in COVID_CT_SOURCES:
+        rel = source.url[len(UCSD) + 1 :]
+        path = mirror / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".zip":
+            folder = path.stem  # CT_COVID or CT_NonCOVID
+            with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+                for image in sorted((dataset / folder).iterdir()):
+                    archive.write(image, f"{folder}/{image.name}")
+        else:
+            path.write_bytes((dataset / source.dest).read_bytes())
+    return mirror
+
+
+@pytest.fixture(scope="module")
+def mirror(data_root, tmp_path_factory):
+    return mirror_of_covid_ct(data_root, tmp_path_factory.mktemp("mirror"))
+
+
+def test_fetch_covid_ct_from_a_mirror_gives_a_usable_verified_dataset(mirror, tmp_path):
+    target = fetch_dataset("covid-ct", tmp_path, base_url=mirror.as_uri())
+    assert not list(target.glob("*.zip"))
+    index = covid_ct.load_split(tmp_path, "official")
+    assert len(index) == 746
+
+
+def test_fetch_detects_an_altered_image(mirror, tmp_path):
+    altered = tmp_path / "altered"
+    altered.mkdir()
+    for path in mirror.rglob("*"):
+        if path.is_file():
+            dest = altered / path.relative_to(mirror)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(path.read_bytes())
+    split_list = altered / "Data-split" / "COVID" / "testCT_COVID.txt"
+    split_list.write_text(split_list.read_text() + "\n")
+    with pytest.raises(ChecksumError, match="testCT_COVID.txt"):
+        fetch_dataset("covid-ct", tmp_path / "data", base_url=altered.as_uri())
+
+
+def test_unknown_dataset_is_named(tmp_path):
+    with pytest.raises(ValueError, match="'lidc'"):
+        fetch_dataset("lidc", tmp_path)

@@ -1,0 +1,70 @@
+"""Fitting: repeatable with a seed, best-validation weights kept, frozen features used when allowed."""
+
+import keras
+import numpy as np
+import pytest
+
+from mstl.models import TARGET_OUTPUT, build_classifier, get_backbone
+from mstl.training.fit import FitConfig, fit_classifier, image_dataset, predict_in_batches, set_seed
+
+SPEC = get_backbone("mobilenet_025")
+
+
+def tiny_data(n=48, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2).astype("float32")
+    grey = rng.integers(0, 120, (n, size, size)).astype(np.uint8)
+    grey[y == 1, size // 4 : size // 2, size // 4 : size // 2] = 230  # a learnable bright patch
+    return grey, y
+
+
+def fit_once(seed=0, **config):
+    set_seed(seed)
+    model = build_classifier("mobilenet_025", weights=None, image_size=32)
+    grey, y = tiny_data()
+    cfg = FitConfig(epochs=config.pop("epochs", 2), batch_size=16, seed=seed, log_to_mlflow=False, **config)
+    result = fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]), SPEC.preprocess_input, TARGET_OUTPUT, cfg)
+    return model, result
+
+
+def test_same_seed_gives_identical_weights():
+    a, _ = fit_once(seed=3)
+    wa = [w.copy() for w in a.get_weights()]
+    keras.backend.clear_session()
+    b, _ = fit_once(seed=3)
+    for x, y in zip(wa, b.get_weights()):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_frozen_features_are_cached_without_augmentation_only():
+    _, cached = fit_once(epochs=1)
+    assert cached.cached_frozen and cached.cut_layer
+    _, augmented = fit_once(epochs=1, augment=True)
+    assert not augmented.cached_frozen
+    _, plain = fit_once(epochs=1, cache_frozen=False)
+    assert not plain.cached_frozen
+
+
+def test_best_validation_weights_are_restored():
+    model, result = fit_once(epochs=4)
+    grey, y = tiny_data()
+    prob = predict_in_batches(model, image_dataset(grey[32:], None, SPEC.preprocess_input, 16))[:, 0]
+    accuracy = float(np.mean((prob >= 0.5) == y[32:]))
+    assert accuracy == pytest.approx(result.best_val_accuracy)
+    assert result.history["val_accuracy"][result.best_epoch] == max(result.history["val_accuracy"])
+
+
+def test_frozen_layers_do_not_change():
+    set_seed(0)
+    model = build_classifier("mobilenet_025", weights=None, image_size=32)
+    before = model.get_layer("conv1").get_weights()[0].copy()
+    grey, y = tiny_data()
+    fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]), SPEC.preprocess_input, TARGET_OUTPUT,
+                   FitConfig(epochs=1, batch_size=16, log_to_mlflow=False, cache_frozen=False))
+    np.testing.assert_array_equal(before, model.get_layer("conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0)])
+def test_impossible_fit_parameters_are_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        FitConfig(**{field: value})

@@ -1,0 +1,53 @@
+"""The project's own files agree with each other: one fact, one value."""
+
+import dataclasses
+import re
+import tomllib
+
+import yaml
+
+from mstl.training.target import TargetParams
+from tests.conftest import REPO
+
+
+def pins_from_pyproject() -> list[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return project["dependencies"]
+
+
+def pins_from_conda() -> list[str]:
+    env = yaml.safe_load((REPO / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
+    return [p for p in pip if not p.startswith("-e")]
+
+
+def test_conda_and_pyproject_pin_the_same_versions():
+    assert pins_from_conda() == pins_from_pyproject()
+    for pin in pins_from_pyproject():
+        assert re.search(r"==\d", pin), f"not pinned exactly: {pin}"
+
+
+def test_conda_env_is_python_311():
+    env = yaml.safe_load((REPO / "conda.yaml").read_text())
+    assert "python=3.11" in env["dependencies"]
+
+
+def test_mlproject_target_parameters_match_the_stage_defaults():
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    assert project["conda_env"] == "conda.yaml"
+    declared = project["entry_points"]["target"]["parameters"]
+    fields = {f.name: f.default for f in dataclasses.fields(TargetParams) if f.name != "experiment"}
+    assert set(declared) == set(fields)
+    for name, default in fields.items():
+        mlproject_default = declared[name]["default"]
+        if isinstance(default, bool):
+            assert str(mlproject_default).lower() == str(default).lower(), name
+        else:
+            assert type(default)(mlproject_default) == default, name
+        assert "{" + name + "}" in project["entry_points"]["target"]["command"], name
+
+
+def test_run_outputs_are_ignored():
+    ignored = (REPO / ".gitignore").read_text().split()
+    for entry in (".venv/", "mlruns/", "mlartifacts/", "mlflow.db", ".cache/"):
+        assert entry in ignored
