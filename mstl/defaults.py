@@ -17,6 +17,8 @@ DENSE_ACTIVATION = "relu"
 # ResNet heads use AveragePooling2D; the paper gives no pool size. 7 is the final
 # feature-map side at 224 px, so the pooling covers the whole map (clipped for smaller inputs).
 POOL_SIZE = 7
+# Train the BatchNorm layers of the deeper (trainable) half in training mode; see docs/choices.md.
+TRAIN_BATCHNORM = True
 SEED = 0
 N_BOOTSTRAP = 1000
 CONFIDENCE = 0.95

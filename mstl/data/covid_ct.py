@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mstl.data.images import IMAGE_SUFFIXES
+
 DATASET_DIR = "covid-ct"
 CLASSES = {"COVID": 1, "NonCOVID": 0}  # folder CT_<class>, label
 SPLITS = ("train", "val", "test")
@@ -23,7 +25,6 @@ SPLIT_MODES = ("official", "paper", "patient")
 # Table II of the paper: images per (class, split).
 PAPER_COUNTS = {"COVID": {"train": 196, "val": 56, "test": 97}, "NonCOVID": {"train": 251, "val": 56, "test": 90}}
 PATIENT_FRACTIONS = {"train": 0.60, "val": 0.15, "test": 0.25}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def dataset_dir(data_root: str | Path) -> Path:

@@ -33,21 +33,29 @@ def to_grey(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def load_grey(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Read one image as a (image_size, image_size) uint8 grey array, or raise ImageReadError."""
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+def open_grey(path: str | os.PathLike) -> Image.Image:
+    """Decode one image file to an 8-bit grey PIL image, or raise ImageReadError naming the file."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)")
         with Image.open(path) as image:
             image.load()
-            grey = to_grey(image)
+            return to_grey(image)
     except ImageReadError:
         raise
     except FileNotFoundError:
         raise ImageReadError(f"cannot read image {path}: no such file") from None
     except Exception as exc:  # PIL raises several types for corrupt data
         raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_grey(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Read one image as a (image_size, image_size) uint8 grey array, or raise ImageReadError."""
+    grey = open_grey(path)
     return np.asarray(grey.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 

@@ -71,13 +71,14 @@ def build_classifier(
     dense_units: int = defaults.DENSE_UNITS,
     dense_activation: str = defaults.DENSE_ACTIVATION,
     pool_size: int = defaults.POOL_SIZE,
+    train_batchnorm: bool = defaults.TRAIN_BATCHNORM,
 ) -> keras.Model:
     """Build backbone + head with the shallower half of the conv layers frozen."""
     spec = get_backbone(backbone)
     check_image_size(spec, image_size)
     base = spec.build(resolve_weights(weights), image_size)
     model = add_head(base, spec, output, dense_units, dense_activation, pool_size)
-    freeze_shallow_half(model)
+    freeze_shallow_half(model, train_batchnorm)
     return model
 
 
@@ -98,11 +99,16 @@ def freeze_boundary(model: keras.Model) -> int:
     return convs[len(convs) // 2]
 
 
-def freeze_shallow_half(model: keras.Model) -> int:
-    """Freeze layers before :func:`freeze_boundary`; frozen BatchNorm layers run in inference mode."""
+def freeze_shallow_half(model: keras.Model, train_batchnorm: bool = defaults.TRAIN_BATCHNORM) -> int:
+    """Freeze layers before :func:`freeze_boundary`; frozen BatchNorm layers run in inference mode.
+
+    With ``train_batchnorm=False`` the BatchNorm layers of the deeper half stay frozen as well (their
+    ImageNet statistics and scale are kept), as the Keras fine-tuning guide advises for small data.
+    """
     boundary = freeze_boundary(model)
     for i, layer in enumerate(model.layers):
-        layer.trainable = i >= boundary
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = i >= boundary and (train_batchnorm or not is_bn)
     return boundary
 
 
@@ -121,7 +127,7 @@ def cache_cut_index(model: keras.Model) -> int | None:
                 src = index.get(id(tensor._keras_history.operation))
                 if src is not None:
                     last_consumer[src] = max(last_consumer[src], j)
-    boundary = next((i for i, layer in enumerate(layers) if layer.trainable), len(layers))
+    boundary = freeze_boundary(model)
     best = None
     reach = 0
     for i in range(boundary):
@@ -140,10 +146,16 @@ def split_at_cut(model: keras.Model, cut: int) -> tuple[keras.Model, keras.Model
     return bottom, top
 
 
-def reinitialise_head(model: keras.Model, output: OutputSpec, spec: BackboneSpec, **head_kwargs) -> keras.Model:
+def reinitialise_head(
+    model: keras.Model,
+    output: OutputSpec,
+    spec: BackboneSpec,
+    train_batchnorm: bool = defaults.TRAIN_BATCHNORM,
+    **head_kwargs,
+) -> keras.Model:
     """Drop the ``head_*`` layers and put a fresh head (the Target step's Dropout(0.5) + sigmoid) on the conv base."""
     last_base = max(i for i, layer in enumerate(model.layers) if not layer.name.startswith(HEAD_PREFIX))
     base = keras.Model(model.input, model.layers[last_base].output)
     new = add_head(base, spec, output, **head_kwargs)
-    freeze_shallow_half(new)
+    freeze_shallow_half(new, train_batchnorm)
     return new

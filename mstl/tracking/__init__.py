@@ -41,6 +41,29 @@ def ensure_experiment(name: str = defaults.EXPERIMENT_NAME) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def start_stage_run(experiment: str, run_name: str, tags: dict | None = None, experiment_id: str | None = None):
+    """Start a stage's run (in ``experiment_id`` when given, else the named experiment), or resume
+    the one ``mlflow run`` created for it (MLFLOW_RUN_ID)."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment_id=experiment_id or ensure_experiment(experiment))
+    return mlflow.start_run(run_name=run_name, tags=tags)
+
+
+def resolve_run(ref: str, stage: str | None = None):
+    """A run from its ID or a ``runs:/<id>[/path]`` URI, checked to be of the expected ``stage`` tag."""
+    run_id = ref[len("runs:/") :].split("/", 1)[0] if ref.startswith("runs:/") else ref.strip()
+    if not run_id:
+        raise ValueError(f"expected a run ID or runs:/ URI, got {ref!r}")
+    try:
+        run = mlflow.MlflowClient(tracking_uri()).get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ValueError(f"no run {run_id!r} on the tracking server {tracking_uri()} ({exc.message})") from None
+    found = run.data.tags.get("stage")
+    if stage and found != stage:
+        raise ValueError(f"run {run_id} is a {found or 'untagged'} run, expected a {stage} run")
+    return run
+
+
 def format_param(value) -> str:
     """Parameter values as MLproject spells them (``true``/``false`` for booleans)."""
     return str(value).lower() if isinstance(value, bool) else str(value)

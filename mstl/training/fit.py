@@ -110,6 +110,20 @@ class KeepBestWeights(keras.callbacks.Callback):
             self.full_model.set_weights(self.best_weights)
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Wall time of each epoch (the first one includes computing the frozen features' graph warm-up)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
 class MlflowEpochLogger(keras.callbacks.Callback):
     """Log train/val loss and accuracy per epoch, plus the epoch's wall time.
 
@@ -117,8 +131,9 @@ class MlflowEpochLogger(keras.callbacks.Callback):
     the evaluation of the kept (best) model.
     """
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
+    def __init__(self, timer: EpochTimer):
+        super().__init__()
+        self.timer = timer
 
     def on_epoch_end(self, epoch, logs=None):
         values = {
@@ -126,7 +141,7 @@ class MlflowEpochLogger(keras.callbacks.Callback):
             for k, v in (logs or {}).items()
             if np.isscalar(v) and k != "learning_rate"
         }
-        values["epoch_seconds"] = time.perf_counter() - self._start
+        values["epoch_seconds"] = self.timer.seconds[-1]
         mlflow.log_metrics(values, step=epoch)
 
 
@@ -137,7 +152,8 @@ class FitResult:
     history: dict[str, list[float]]
     cached_frozen: bool
     cut_layer: str | None
-    seconds: float
+    seconds: float  # everything, frozen features included
+    epoch_seconds: list[float]
 
 
 def predict_in_batches(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
@@ -182,10 +198,10 @@ def fit_classifier(
         loss=output.loss,
         metrics=["accuracy"],
     )
-    keep = KeepBestWeights(model)
-    callbacks: list[keras.callbacks.Callback] = [keep]
+    keep, timer = KeepBestWeights(model), EpochTimer()
+    callbacks: list[keras.callbacks.Callback] = [keep, timer]
     if config.log_to_mlflow:
-        callbacks.append(MlflowEpochLogger())
+        callbacks.append(MlflowEpochLogger(timer))
     history = trained.fit(
         train_ds,
         validation_data=val_ds,
@@ -202,4 +218,5 @@ def fit_classifier(
         cached_frozen=cut is not None,
         cut_layer=model.layers[cut].name if cut is not None else None,
         seconds=time.perf_counter() - start,
+        epoch_seconds=timer.seconds,
     )

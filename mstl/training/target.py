@@ -6,7 +6,6 @@ Started from ImageNet weights it is the paper's baseline; started from a Transit
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,9 +18,9 @@ from mstl import defaults
 from mstl.data import covid_ct
 from mstl.data.images import decode_images
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
-from mstl.models import TARGET_OUTPUT, OutputSpec, build_classifier, get_backbone
+from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
 from mstl.models.backbones import check_image_size
-from mstl.tracking import ensure_experiment, log_figure, log_params, log_table
+from mstl.tracking import log_figure, log_params, log_table, resolve_run, start_stage_run
 from mstl.training.fit import FitConfig, fit_classifier, image_dataset, predict_in_batches, set_seed
 
 
@@ -44,9 +43,11 @@ class TargetParams:
     dense_units: int = defaults.DENSE_UNITS
     dense_activation: str = defaults.DENSE_ACTIVATION
     pool_size: int = defaults.POOL_SIZE
+    train_batchnorm: bool = defaults.TRAIN_BATCHNORM
     threshold: float = defaults.THRESHOLD
     n_bootstrap: int = defaults.N_BOOTSTRAP
     log_model: bool = True
+    init_from: str = ""
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
@@ -77,14 +78,7 @@ def strategy_of(weights: str) -> str:
     return "imagenet" if w == "imagenet" else "scratch" if w in ("none", "", "null") else "weights_file"
 
 
-def start_stage_run(experiment: str, run_name: str):
-    """Start (or, under ``mlflow run``, resume) the stage's run."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(experiment_id=ensure_experiment(experiment))
-    return mlflow.start_run(run_name=run_name)
-
-
-def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams, name: str) -> pd.DataFrame:
+def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams, name: str, strategy: str) -> pd.DataFrame:
     """Predict one split, log its metrics with CIs, pictures and predictions CSV."""
     prob = predict_in_batches(model, image_dataset(grey, None, spec.preprocess_input, params.batch_size))[:, 0]
     labels = table["label"].to_numpy()
@@ -95,7 +89,7 @@ def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams,
         values[f"{name}_{metric}_ci_low"] = est.low
         values[f"{name}_{metric}_ci_high"] = est.high
     mlflow.log_metrics({k: v for k, v in values.items() if np.isfinite(v)})
-    title = f"{params.backbone} ({strategy_of(params.weights)}), {name} split"
+    title = f"{params.backbone} ({strategy}), {name} split"
     log_figure(roc_figure(labels, prob, estimates["roc_auc"], title=title), f"plots/roc_{name}.png")
     log_figure(confusion_figure(labels, prob, params.threshold, title=title), f"plots/confusion_{name}.png")
     predictions = pd.DataFrame(
@@ -105,17 +99,57 @@ def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams,
     return predictions
 
 
+def transition_parent(params: TargetParams):
+    """The Transition run named by ``init_from``, checked against this run's backbone (None without init_from)."""
+    if not params.init_from:
+        return None
+    parent = resolve_run(params.init_from, stage="transition")
+    parent_backbone = parent.data.params.get("backbone")
+    if parent_backbone != params.backbone:
+        raise ValueError(
+            f"init_from run {parent.info.run_id} trained backbone {parent_backbone!r} but backbone={params.backbone!r}; "
+            f"pass backbone={parent_backbone}"
+        )
+    return parent
+
+
+def model_from_transition(parent, params: TargetParams, output: OutputSpec):
+    """Rebuild the Transition network, load its best checkpoint, and put a fresh Target head on it."""
+    source = parent.data.params
+    kind = source["output"]
+    source_output = OutputSpec(kind, 1 if kind == "binary" else int(source["n_classes"]))
+    model = build_classifier(
+        params.backbone, "none", params.image_size, source_output,
+        int(source["dense_units"]), source["dense_activation"], int(source["pool_size"]), params.train_batchnorm,
+    )
+    checkpoint = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="checkpoints/best.weights.h5")
+    model.load_weights(checkpoint)
+    return reinitialise_head(
+        model, output, get_backbone(params.backbone), params.train_batchnorm,
+        dense_units=params.dense_units, dense_activation=params.dense_activation, pool_size=params.pool_size,
+    )
+
+
 def run_target(params: TargetParams) -> str:
     """Run the whole Target stage inside one MLflow run; returns the run ID."""
     params.validate()
     set_seed(params.seed)
     spec = get_backbone(params.backbone)
+    parent = transition_parent(params)
+    strategy = parent.data.tags.get("strategy", "transition") if parent else strategy_of(params.weights)
     index = covid_ct.load_split(params.data_root, params.split, params.seed)
-    run_name = f"target-{params.backbone}-{strategy_of(params.weights)}-{params.split}-s{params.seed}"
-    with start_stage_run(params.experiment, run_name) as run:
-        mlflow.set_tags(
-            {"stage": "target", "backbone": params.backbone, "strategy": strategy_of(params.weights), "split": params.split}
-        )
+    run_name = f"target-{params.backbone}-{strategy}-{params.split}-s{params.seed}"
+    # The parent link is a tag we set ourselves: under `mlflow run`, MLFLOW_RUN_ID can override
+    # start_run's parent_run_id (MLflow issue #15713), and a finished parent cannot be "active".
+    nesting = {"mlflow.parentRunId": parent.info.run_id} if parent else None
+    experiment = parent.info.experiment_id if parent else None
+    with start_stage_run(params.experiment, run_name, tags=nesting, experiment_id=experiment) as run:
+        if parent:
+            mlflow.set_tag("mlflow.parentRunId", parent.info.run_id)
+            if run.info.experiment_id != parent.info.experiment_id:
+                print(f"warning: this run's experiment {run.info.experiment_id} differs from its Transition parent's "
+                      f"({parent.info.experiment_id}); the MLflow UI nests runs only within one experiment")
+        mlflow.set_tags({"stage": "target", "backbone": params.backbone, "strategy": strategy, "split": params.split})
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         log_table(covid_ct.split_table(index), "data/split.csv")
 
@@ -136,10 +170,13 @@ def run_target(params: TargetParams) -> str:
         parts = {part: (index["split"] == part).to_numpy() for part in covid_ct.SPLITS}
 
         output = OutputSpec("binary", 1, params.dropout)
-        model = build_classifier(
-            params.backbone, params.weights, params.image_size, output,
-            params.dense_units, params.dense_activation, params.pool_size,
-        )
+        if parent:
+            model = model_from_transition(parent, params, output)
+        else:
+            model = build_classifier(
+                params.backbone, params.weights, params.image_size, output,
+                params.dense_units, params.dense_activation, params.pool_size, params.train_batchnorm,
+            )
         log_model_structure(model)
         labels = index["label"].to_numpy().astype("float32")
         result = fit_classifier(
@@ -156,7 +193,7 @@ def run_target(params: TargetParams) -> str:
         )
         log_checkpoint(model)
         for part in ("val", "test"):
-            evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part)
+            evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part, strategy)
         if params.log_model:
             log_keras_model(model, grey[parts["test"]][:2], spec.preprocess_input)
         return run.info.run_id

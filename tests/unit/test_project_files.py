@@ -6,7 +6,11 @@ import tomllib
 
 import yaml
 
+import pytest
+
+from mstl.dicom.prepare import PrepareParams
 from mstl.training.target import TargetParams
+from mstl.training.transition import TransitionParams
 from tests.conftest import REPO
 
 
@@ -32,11 +36,23 @@ def test_conda_env_is_python_311():
     assert "python=3.11" in env["dependencies"]
 
 
-def test_mlproject_target_parameters_match_the_stage_defaults():
+ENTRY_POINTS = {"prepare_transition": PrepareParams, "transition": TransitionParams, "target": TargetParams}
+
+
+def test_every_entry_point_has_a_module():
     project = yaml.safe_load((REPO / "MLproject").read_text())
     assert project["conda_env"] == "conda.yaml"
-    declared = project["entry_points"]["target"]["parameters"]
-    fields = {f.name: f.default for f in dataclasses.fields(TargetParams) if f.name != "experiment"}
+    assert set(project["entry_points"]) == set(ENTRY_POINTS)
+    for name in ENTRY_POINTS:
+        assert f"python -m entrypoints.{name}" in project["entry_points"][name]["command"]
+        assert (REPO / "entrypoints" / f"{name}.py").is_file()
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_mlproject_parameters_match_the_stage_defaults(entry):
+    project = yaml.safe_load((REPO / "MLproject").read_text())
+    declared = project["entry_points"][entry]["parameters"]
+    fields = {f.name: f.default for f in dataclasses.fields(ENTRY_POINTS[entry]) if f.name != "experiment"}
     assert set(declared) == set(fields)
     for name, default in fields.items():
         mlproject_default = declared[name]["default"]
@@ -44,7 +60,7 @@ def test_mlproject_target_parameters_match_the_stage_defaults():
             assert str(mlproject_default).lower() == str(default).lower(), name
         else:
             assert type(default)(mlproject_default) == default, name
-        assert "{" + name + "}" in project["entry_points"]["target"]["command"], name
+        assert "{" + name + "}" in project["entry_points"][entry]["command"], name
 
 
 def test_run_outputs_are_ignored():

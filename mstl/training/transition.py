@@ -1,0 +1,203 @@
+"""The Transition stage: fine-tune a backbone on lung CT slices from a prepare_transition manifest,
+with hard labels (benign/malignant, tumour/no tumour: sigmoid + BCE) or soft labels (KMeans clusters
+of CNN features: softmax + sparse CCE). Its best-validation weights seed the Target stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from mstl import defaults
+from mstl.data.images import decode_images
+from mstl.dicom.prepare import check_two_classes
+from mstl.models import OutputSpec, build_classifier, get_backbone
+from mstl.models.backbones import check_image_size
+from mstl.tracking import log_params, log_table, resolve_run, start_stage_run
+from mstl.training.fit import FitConfig, fit_classifier, set_seed
+from mstl.training.target import log_checkpoint, log_model_structure
+
+STRATEGIES = ("hard", "soft")
+GROUP_BY = ("patient", "series", "none")
+GROUP_COLUMNS = {"patient": "patient_id", "series": "series_instance_uid"}
+
+
+@dataclass(frozen=True)
+class TransitionParams:
+    """Parameters of `-e transition`."""
+
+    manifest: str = ""
+    labels: str = ""
+    strategy: str = "hard"
+    backbone: str = defaults.BACKBONE
+    weights: str = defaults.WEIGHTS
+    image_size: int = defaults.IMAGE_SIZE
+    epochs: int = defaults.EPOCHS
+    batch_size: int = defaults.BATCH_SIZE
+    learning_rate: float = defaults.LEARNING_RATE
+    momentum: float = defaults.MOMENTUM
+    seed: int = defaults.SEED
+    val_fraction: float = 0.2
+    group_by: str = "patient"
+    class_weights: str = "none"
+    augment: bool = False
+    cache_frozen: bool = True
+    dense_units: int = defaults.DENSE_UNITS
+    dense_activation: str = defaults.DENSE_ACTIVATION
+    pool_size: int = defaults.POOL_SIZE
+    train_batchnorm: bool = defaults.TRAIN_BATCHNORM
+    log_model: bool = False
+    experiment: str = defaults.EXPERIMENT_NAME
+
+    def validate(self) -> None:
+        check_image_size(get_backbone(self.backbone), self.image_size)
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; use one of {STRATEGIES}")
+        if self.group_by not in GROUP_BY:
+            raise ValueError(f"unknown group_by {self.group_by!r}; use one of {GROUP_BY}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.manifest:
+            raise ValueError("manifest is required: the run ID of a prepare_transition run")
+        if self.strategy == "soft" and not self.labels:
+            raise ValueError("strategy=soft needs labels: a soft_labels run ID or a CSV with file,cluster columns")
+
+
+def load_manifest(run_ref: str) -> tuple[pd.DataFrame, Path]:
+    """A prepare_transition run's manifest and the folder its slice files are under.
+
+    Uses the run's local export folder when it is on this machine, else downloads the run's artifacts.
+    """
+    run = resolve_run(run_ref, stage="prepare_transition")
+    local = Path(run.data.params.get("export_path", ""))
+    if (local / "manifest.csv").is_file():
+        return pd.read_csv(local / "manifest.csv"), local
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=""))
+    if not (folder / "manifest.csv").is_file():
+        raise FileNotFoundError(f"prepare_transition run {run.info.run_id} has no manifest.csv artifact")
+    if not (folder / "slices").is_dir():
+        raise FileNotFoundError(f"prepare_transition run {run.info.run_id} logged no slices (log_slices=false) and its export folder {local} is not on this machine")
+    return pd.read_csv(folder / "manifest.csv"), folder
+
+
+def load_soft_labels(ref: str) -> pd.DataFrame:
+    """(file, cluster) from a CSV path or a soft_labels run's labels.csv artifact."""
+    path = Path(ref)
+    if not path.is_file():
+        run = resolve_run(ref, stage="soft_labels")
+        path = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="labels.csv"))
+    table = pd.read_csv(path)
+    if not {"file", "cluster"} <= set(table.columns):
+        raise ValueError(f"soft labels {ref} need columns file and cluster; has {list(table.columns)}")
+    return table[["file", "cluster"]]
+
+
+def attach_labels(manifest: pd.DataFrame, params: TransitionParams) -> tuple[pd.DataFrame, OutputSpec, int]:
+    """Rows with a label in column ``y``, the output the task needs, and how many rows had no label."""
+    if params.strategy == "hard":
+        if "label" not in manifest or manifest["label"].isna().all():
+            raise ValueError("the manifest has no labels: run prepare_transition with labels_csv (or slices_root class folders), or use strategy=soft")
+        check_two_classes(manifest["label"], "the manifest")
+        table = manifest.assign(y=manifest["label"])
+    else:
+        soft = load_soft_labels(params.labels)
+        table = manifest.merge(soft, on="file", how="left").assign(y=lambda t: t["cluster"])
+    unlabelled = int(table["y"].isna().sum())
+    table = table[table["y"].notna()].reset_index(drop=True)
+    table["y"] = table["y"].astype(int)
+    classes = sorted(table["y"].unique())
+    if classes != list(range(len(classes))):
+        raise ValueError(f"labels must be 0..n-1, got {classes}")
+    if params.strategy == "hard" and len(classes) == 2:
+        output = OutputSpec("binary", 1)
+    else:
+        output = OutputSpec("categorical", len(classes))
+    return table, output, unlabelled
+
+
+def grouped_split(table: pd.DataFrame, group_by: str, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of validation rows: whole groups (patients by default) go to one side."""
+    if group_by == "none":
+        groups = np.arange(len(table))
+    else:
+        column = GROUP_COLUMNS[group_by]
+        groups = table[column].astype(str).to_numpy()
+        n = len(set(groups))
+        if n < 2:
+            raise ValueError(
+                f"grouping by {group_by} needs at least 2 {group_by} groups, found {n} ({groups[0]}); "
+                "use group_by=series or group_by=none"
+            )
+    unique = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    rng.shuffle(unique)
+    sizes = pd.Series(groups).value_counts()
+    val_groups, count = set(), 0
+    for g in unique:
+        if count >= val_fraction * len(table):
+            break
+        val_groups.add(g)
+        count += sizes[g]
+    if len(val_groups) == len(unique):  # keep at least one group for training
+        val_groups.discard(unique[-1])
+    return np.isin(groups, list(val_groups))
+
+
+def class_weights_from(text: str, y: np.ndarray) -> dict[int, float] | None:
+    """``none``, ``balanced`` (n / (k * count)), or explicit ``0=1,1=3``."""
+    text = str(text).strip().lower()
+    if text in ("none", ""):
+        return None
+    classes, counts = np.unique(y, return_counts=True)
+    if text == "balanced":
+        return {int(c): float(len(y) / (len(classes) * n)) for c, n in zip(classes, counts)}
+    weights = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        try:
+            weights[int(key)] = float(value)
+        except ValueError:
+            raise ValueError(f"class_weights must be none, balanced or like '0=1,1=3'; got {text!r}") from None
+    return weights
+
+
+def run_transition(params: TransitionParams) -> str:
+    """Run the Transition stage inside one MLflow run; returns the run ID."""
+    params.validate()
+    set_seed(params.seed)
+    spec = get_backbone(params.backbone)
+    manifest, folder = load_manifest(params.manifest)
+    table, output, unlabelled = attach_labels(manifest, params)
+    is_val = grouped_split(table, params.group_by, params.val_fraction, params.seed)
+    run_name = f"transition-{params.backbone}-{params.strategy}-s{params.seed}"
+    with start_stage_run(params.experiment, run_name) as run:
+        mlflow.set_tags({"stage": "transition", "backbone": params.backbone, "strategy": params.strategy})
+        log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
+        weights = class_weights_from(params.class_weights, table.loc[~is_val, "y"].to_numpy())
+        log_params({
+            "n_train": int((~is_val).sum()), "n_val": int(is_val.sum()), "n_unlabelled": unlabelled,
+            "n_classes": output.n_classes if output.kind == "categorical" else 2, "output": output.kind,
+            "class_weight_values": weights,
+        })
+        log_table(table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]], "data/split.csv")
+        decoded = decode_images([str(folder / f) for f in table["file"]], params.image_size)
+        model = build_classifier(params.backbone, params.weights, params.image_size, output,
+                                 params.dense_units, params.dense_activation, params.pool_size, params.train_batchnorm)
+        log_model_structure(model)
+        y = table["y"].to_numpy().astype("float32" if output.kind == "binary" else "int32")
+        config = FitConfig(epochs=params.epochs, batch_size=params.batch_size, learning_rate=params.learning_rate,
+                           momentum=params.momentum, seed=params.seed, augment=params.augment,
+                           cache_frozen=params.cache_frozen, class_weight=weights)
+        result = fit_classifier(model, (decoded.pixels[~is_val], y[~is_val]), (decoded.pixels[is_val], y[is_val]),
+                                spec.preprocess_input, output, config)
+        log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+                            "fit_seconds": result.seconds})
+        log_checkpoint(model)
+        if params.log_model:
+            mlflow.keras.log_model(model, name="model")
+        return run.info.run_id

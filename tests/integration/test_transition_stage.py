@@ -1,0 +1,93 @@
+"""MSTL end to end against a real `mlflow server`: prepare_transition -> transition -> target with init_from,
+through `mlflow run`, on the real DICOM sample and on the real 2-D slice folder; the parent/child link is
+read back from the server."""
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_entry_point
+
+pytestmark = pytest.mark.integration
+
+TINY = {"image_size": 64, "epochs": 2, "batch_size": 16}
+
+
+def only_run(client, experiment, stage):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.stage = '{stage}'", order_by=["attributes.start_time DESC"])
+    assert runs, f"no {stage} run in {experiment}"
+    return runs[0]
+
+
+def run_ok(entry, params, server, experiment):
+    result = run_entry_point(entry, params, server, experiment)
+    assert result.returncode == 0, f"{entry} failed:\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.mark.parametrize("source", ["dicom", "slices"])
+def test_prepare_transition_target_chain_nests_target_under_transition(source, mlflow_server, data_root, keras_home, tmp_path):
+    experiment = f"mstl-chain-{source}"
+    if source == "dicom":
+        prepare_params = {
+            "dicom_root": data_root / "lung-pet-ct-dx",
+            "labels_csv": data_root / "lung-pet-ct-dx" / "slice_labels.csv",
+            "label_map": "tumour=1,no_tumour=0",
+        }
+        group_by = "series"  # the sample is one patient (two reconstructions)
+    else:
+        prepare_params = {"slices_root": data_root / "iq-oth-nccd",
+                          "label_map": "Malignant cases=1,Bengin cases=0,Normal cases=0"}
+        group_by = "patient"  # near-duplicate groups
+    run_ok("prepare_transition", {**prepare_params, "export_dir": tmp_path / "exports"}, mlflow_server, experiment)
+    client = MlflowClient(mlflow_server)
+    prepared = only_run(client, experiment, "prepare_transition")
+    assert prepared.data.params["reused_export"] == "false"
+    artifacts = {a.path for a in client.list_artifacts(prepared.info.run_id)}
+    assert {"manifest.csv", "skipped.csv", "montages", "slices"} <= artifacts
+    manifest = pd.read_csv(client.download_artifacts(prepared.info.run_id, "manifest.csv", str(tmp_path)))
+    assert manifest["label"].nunique() == 2
+
+    run_ok("transition", {"manifest": prepared.info.run_id, "strategy": "hard", "group_by": group_by,
+                          "class_weights": "balanced", **TINY}, mlflow_server, experiment)
+    transition = only_run(client, experiment, "transition")
+    assert transition.data.tags["strategy"] == "hard" and transition.data.tags["backbone"] == "mobilenet_025"
+    assert int(transition.data.params["n_train"]) + int(transition.data.params["n_val"]) == len(manifest)
+    assert "checkpoints/best.weights.h5" in {a.path for a in client.list_artifacts(transition.info.run_id, "checkpoints")}
+    split = pd.read_csv(client.download_artifacts(transition.info.run_id, "data/split.csv", str(tmp_path)))
+    column = "patient_id" if group_by == "patient" else None
+    if column:
+        assert (split.groupby(column)["split"].nunique() == 1).all()
+
+    run_ok("target", {"data_root": data_root, "init_from": f"runs:/{transition.info.run_id}", "n_bootstrap": 100, **TINY},
+           mlflow_server, experiment)
+    target = only_run(client, experiment, "target")
+    assert target.info.status == "FINISHED"
+    assert target.data.tags["mlflow.parentRunId"] == transition.info.run_id
+    assert target.data.tags["strategy"] == "hard"
+    assert target.info.experiment_id == transition.info.experiment_id
+    children = client.search_runs([transition.info.experiment_id], f"tags.mlflow.parentRunId = '{transition.info.run_id}'")
+    assert [c.info.run_id for c in children] == [target.info.run_id]
+    assert target.data.params["init_from"] == f"runs:/{transition.info.run_id}"
+    assert "test_recall" in target.data.metrics
+
+
+def test_target_refuses_a_transition_of_another_backbone(mlflow_server, data_root):
+    client = MlflowClient(mlflow_server)
+    transition = only_run(client, "mstl-chain-dicom", "transition")
+    result = run_entry_point("target", {"data_root": data_root, "init_from": transition.info.run_id,
+                                        "backbone": "densenet121", **TINY}, mlflow_server, "mstl-chain-dicom")
+    assert result.returncode != 0
+    assert "trained backbone 'mobilenet_025' but backbone='densenet121'" in result.stderr
+
+
+def test_rerun_of_prepare_reuses_the_export(mlflow_server, data_root, tmp_path):
+    params = {"dicom_root": data_root / "lung-pet-ct-dx", "export_dir": tmp_path / "exports"}
+    run_ok("prepare_transition", params, mlflow_server, "mstl-reuse")
+    run_ok("prepare_transition", params, mlflow_server, "mstl-reuse")
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("mstl-reuse")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.data.params["reused_export"] for r in runs] == ["false", "true"]
+    assert runs[0].data.params["export_key"] == runs[1].data.params["export_key"]

@@ -1,0 +1,115 @@
+"""DICOM reading, ordering, HU, windowing and lung-slice selection: real TCIA data and synthetic edge cases."""
+
+import numpy as np
+import pydicom
+import pytest
+
+from mstl.dicom import lung_area, read_hu, scan, select_slices, window
+from tests.conftest import DATA_ROOT, need_shared
+from tests.dicom_factory import JPEG_LS, phantom, write_series, write_slice
+
+LUNG = DATA_ROOT / "lung-pet-ct-dx"
+
+
+@pytest.fixture(scope="module")
+def real():
+    return scan(need_shared(LUNG))
+
+
+def test_real_series_are_grouped_and_ordered_along_the_normal(real):
+    assert real.files == 85 and real.non_dicom == 25 and real.skipped == []
+    assert len(real.series) == 2
+    for series in real.series:
+        assert series.ordering == "slice_normal"
+        assert len(series.slices) == 30
+        assert series.positions == [80.0 + 8 * i for i in range(30)]
+        # InstanceNumber 1 is the top (z=312) in this study: ordering is by position, not file name
+        assert [s.instance_number for s in series.slices] == list(range(30, 0, -1))
+    assert {s.uid for s in real.series} == {
+        "1.3.6.1.4.1.14519.5.2.1.6655.2359.207154000096236603057216610983",
+        "1.3.6.1.4.1.14519.5.2.1.6655.2359.241981550240354690198744362919",
+    }
+
+
+def test_hu_is_stored_value_times_slope_plus_intercept(real):
+    header = real.series[0].slices[15]
+    raw = pydicom.dcmread(header.path).pixel_array
+    hu = read_hu(header)
+    assert (header.slope, header.intercept) == (1.0, -1024.0)
+    for r, c in [(0, 0), (256, 256), (300, 120), (511, 511)]:
+        assert hu[r, c] == float(raw[r, c]) - 1024.0
+    assert hu[5, 5] < -900  # air around the patient
+    assert -200 < np.median(hu[200:312, 200:312]) < 200 or hu.max() > 0  # body tissue present
+
+
+def test_lung_window_maps_w1500_l600_to_eight_bits():
+    hu = np.array([-1400.0, -1350.0, -600.0, 150.0, 1000.0])
+    assert window(hu, 1500, -600).tolist() == [0, 0, 128, 255, 255]
+    with pytest.raises(ValueError, match="window_width"):
+        window(hu, 0, -600)
+
+
+def test_selection_keeps_mid_lung_and_drops_apex_and_abdomen(real):
+    for series in real.series:
+        areas = np.array([lung_area(read_hu(h)) for h in series.slices])
+        keep, relative = select_slices(areas, 0.35)
+        z = np.array(series.positions)
+        assert not keep[z == 80.0][0] and not keep[z == 312.0][0]  # upper abdomen, neck above the apices
+        assert keep[np.argmax(areas)] and keep[(z >= 144) & (z <= 256)].all()
+        kept = np.flatnonzero(keep)
+        assert (np.diff(kept) == 1).all()  # one contiguous block
+        assert relative.max() == 1.0
+
+
+def test_synthetic_series_is_ordered_and_the_lungless_ends_dropped(tmp_path):
+    uid, _ = write_series(tmp_path / "study", n=12)
+    result = scan(tmp_path)
+    (series,) = result.series
+    assert series.uid == uid and series.ordering == "slice_normal"
+    assert series.positions == sorted(series.positions)
+    areas = np.array([lung_area(read_hu(h)) for h in series.slices])
+    keep, _ = select_slices(areas, 0.35)
+    assert not keep[0] and not keep[-1] and keep[len(keep) // 2]
+
+
+def test_oblique_orientation_orders_along_its_normal(tmp_path):
+    orientation = (1, 0, 0, 0, 0.8, -0.6)  # tilted gantry
+    write_series(tmp_path, n=6, orientation=orientation)
+    (series,) = scan(tmp_path).series
+    assert [s.instance_number for s in series.slices] == [1, 2, 3, 4, 5, 6]
+
+
+def test_edge_cases_are_skipped_with_reasons_and_counted(tmp_path):
+    uid, _ = write_series(tmp_path / "good", n=6)
+    (tmp_path / "notes.txt").write_text("not DICOM")
+    (tmp_path / "DICOMDIR-like").write_bytes(b"\x00" * 200)
+    write_slice(tmp_path / "mr", "9.9.1", z=0, instance=1, modality="MR")
+    write_slice(tmp_path / "nopix", "9.9.2", z=0, instance=1, pixel_data=False)
+    write_slice(tmp_path / "jpegls", "9.9.3", z=0, instance=1, transfer_syntax=JPEG_LS)
+    write_slice(tmp_path / "noposition", uid, z=None, instance=None)
+    write_slice(tmp_path / "noposition2", uid, z=None, instance=7)
+    write_slice(tmp_path / "big", uid, z=100.0, instance=8, pixels=phantom(96))
+    result = scan(tmp_path)
+    assert result.non_dicom == 2
+    reasons = {path.split("/")[-1]: reason for path, reason in result.skipped}
+    assert reasons["mr"] == "modality MR is not CT"
+    assert reasons["nopix"] == "no pixel data"
+    assert "JPEG-LS" in reasons["jpegls"] and "pylibjpeg" in reasons["jpegls"]
+    assert "missing position tags" in reasons["noposition"]
+    assert "missing position tags" in reasons["noposition2"]  # its series has positions
+    assert "differs from the series' (64, 64)" in reasons["big"]
+    (series,) = result.series
+    assert len(series.slices) == 6
+
+
+def test_series_without_positions_falls_back_to_instance_number(tmp_path):
+    for k in (3, 1, 2):
+        write_slice(tmp_path / f"f{k}", "7.7.7", z=None, instance=k)
+    (series,) = scan(tmp_path).series
+    assert series.ordering == "instance_number"
+    assert [s.instance_number for s in series.slices] == [1, 2, 3]
+
+
+def test_missing_root_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        scan(tmp_path / "nowhere")
