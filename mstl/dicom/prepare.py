@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,10 +35,11 @@ from mstl.data.slices import (
 )
 from mstl.dicom.selection import AIR_HU, MIN_LUNG_FRACTION, lung_area, select_slices
 from mstl.dicom.series import ScanResult, read_hu, scan, window
-from mstl.evaluation.plots import montage_figure
+from mstl.evaluation.montage import montage
 from mstl.tracking import log_params, start_stage_run
 
 EXPORT_VERSION = "1"  # bump when the export's content for the same input changes
+MONTAGE_MAX = 60  # slices shown per series montage (evenly spaced)
 IMAGE_FORMATS = ("png", "jpg")
 DEFAULT_LABEL_MAP = {"benign": "0", "malignant": "1", "0": "0", "1": "1"}
 LABEL_KEYS = ("sop_instance_uid", "series_instance_uid", "patient_id")  # most specific first
@@ -163,16 +165,15 @@ def save_slice(pixels: np.ndarray, path: Path, image_format: str) -> None:
         image.save(path, quality=95)
 
 
-def thumbnail(pixels: np.ndarray, side: int = 128) -> np.ndarray:
-    return np.asarray(Image.fromarray(pixels).resize((side, side), Image.Resampling.BILINEAR))
-
-
 def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dict]:
     scanned: ScanResult = scan(params.dicom_root, progress=lambda it: tqdm(it, desc="reading DICOM headers", unit="file", mininterval=2))
     labels = read_labels(params)
     rows, series_rows = [], []
     total = sum(len(s.slices) for s in scanned.series)
     bar = tqdm(total=total, desc="HU, lung selection, export", unit="slice", mininterval=2)
+    # PNG/JPG encoding releases the GIL: write in threads while the next series is read.
+    writer = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+    pending = []
     for k, series in enumerate(scanned.series):
         windowed, areas = [], []
         for header in series.slices:
@@ -193,7 +194,7 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
                     if label is None:
                         continue  # label_map says drop
             rel = f"slices/s{k:03d}/{i:04d}.{params.image_format}"
-            save_slice(pixels, folder / rel, params.image_format)
+            pending.append(writer.submit(save_slice, pixels, folder / rel, params.image_format))
             rows.append({
                 "file": rel, "patient_id": header.patient_id, "study_instance_uid": header.study_uid,
                 "series_instance_uid": header.series_uid, "sop_instance_uid": header.sop_uid,
@@ -205,19 +206,23 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
             "series": f"s{k:03d}", "series_instance_uid": series.uid, "patient_id": series.patient_id,
             "n_slices": len(series.slices), "n_kept": int(keep.sum()), "ordering": series.ordering,
         })
-        fig = montage_figure(
-            [thumbnail(p) for p in windowed],
-            [f"{pos:.0f} mm\nf={f:.2f}" for pos, f in zip(series.positions, relative)],
+        shown = np.unique(np.linspace(0, len(windowed) - 1, min(len(windowed), MONTAGE_MAX)).round().astype(int))
+        sheet = montage(
+            [windowed[i] for i in shown],
+            [f"{series.positions[i]:.0f} mm\nf={relative[i]:.2f}" for i in shown],
             columns=10,
-            title=f"series s{k:03d}: {int(keep.sum())}/{len(keep)} kept (green) at min_lung_fraction={params.min_lung_fraction}",
-            colors=["green" if kept else "red" for kept in keep],
+            title=f"series s{k:03d}: {int(keep.sum())}/{len(keep)} kept (green), rejected (red) at min_lung_fraction={params.min_lung_fraction}"
+            + ("" if len(shown) == len(windowed) else f"; {len(shown)} of {len(windowed)} slices shown"),
+            colors=["green" if keep[i] else "red" for i in shown],
         )
         (folder / "montages").mkdir(exist_ok=True)
-        fig.savefig(folder / "montages" / f"s{k:03d}.png")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        sheet.save(folder / "montages" / f"s{k:03d}.png")
     bar.close()
+    try:
+        for future in pending:
+            future.result()  # re-raises any write error
+    finally:
+        writer.shutdown(cancel_futures=True)
     if not rows:
         reasons = pd.Series([r for _, r in scanned.skipped]).value_counts().head(5).to_dict()
         raise ValueError(
@@ -255,7 +260,7 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
         hashes.append(difference_hash(grey))
         thumbs.setdefault(name, [])
         if len(thumbs[name]) < 24:
-            thumbs[name].append(thumbnail(pixels))
+            thumbs[name].append(pixels)
         rows.append({"file": rel, "source_sha256": sha256_bytes(path), "label": to_int[name], "label_name": name})
     if not rows:
         raise ValueError(f"nothing usable under {params.slices_root}: {len(skipped)} file(s) skipped")
@@ -281,12 +286,9 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
     pd.DataFrame(found.duplicates, columns=["kept", "duplicate"]).to_csv(folder / "duplicates_paths.csv", index=False)
     write_skipped(skipped, folder)
     (folder / "montages").mkdir(exist_ok=True)
-    import matplotlib.pyplot as plt
-
     for name, images in thumbs.items():
-        fig = montage_figure(images, [""] * len(images), columns=8, title=f"class {name!r} (label {to_int[name]}): sample slices")
-        fig.savefig(folder / "montages" / f"class_{to_int[name]}.png")
-        plt.close(fig)
+        sheet = montage(images, [""] * len(images), columns=8, title=f"class {name!r} (label {to_int[name]}): sample slices")
+        sheet.save(folder / "montages" / f"class_{to_int[name]}.png")
     summary = {
         "n_files": len(found.files) + len(found.duplicates) + len(found.skipped), "n_duplicates": len(found.duplicates),
         "n_skipped": len(skipped), "n_kept": len(manifest), "n_groups": int(manifest["patient_id"].nunique()),

@@ -1,7 +1,8 @@
 """Metrics with bootstrap confidence intervals, and the ROC / confusion-matrix pictures."""
 
 from mstl.evaluation.metrics import METRIC_NAMES, Estimate, bootstrap_metrics, confusion, point_metrics
-from mstl.evaluation.plots import confusion_figure, montage_figure, roc_figure
+from mstl.evaluation.montage import montage
+from mstl.evaluation.plots import confusion_figure, roc_figure
 
 __all__ = [
     "METRIC_NAMES",
@@ -9,7 +10,7 @@ __all__ = [
     "bootstrap_metrics",
     "confusion",
     "confusion_figure",
-    "montage_figure",
+    "montage",
     "point_metrics",
     "roc_figure",
 ]

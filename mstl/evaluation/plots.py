@@ -36,29 +36,3 @@ def confusion_figure(y_true, y_prob, threshold: float, class_names=("non-COVID",
     ax.set_title(title or f"threshold {threshold:g}")
     fig.tight_layout()
     return fig
-
-
-def montage_figure(
-    images: list[np.ndarray], titles: list[str], columns: int = 8, title: str = "", colors: list[str] | None = None
-) -> plt.Figure:
-    """A grid of grey images with a caption each (coloured, e.g. green kept / red rejected)."""
-    rows = max(1, -(-len(images) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8), dpi=100, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    colors = colors or ["black"] * len(images)
-    for ax, image, caption, color in zip(axes.flat, images, titles, colors):
-        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
-        ax.set_title(caption, fontsize=7, color=color)
-        if color != "black":
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_edgecolor(color)
-                spine.set_linewidth(2)
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig

@@ -35,14 +35,17 @@ class BackboneSpec:
         include_top: bool = False,
     ) -> keras.Model:
         kwargs = dict(self.constructor_kwargs)
-        if include_top:
-            return self.constructor(include_top=True, weights=weights, **kwargs)
-        return self.constructor(
-            include_top=False,
-            weights=weights,
-            input_shape=(image_size, image_size, 3),
-            **kwargs,
-        )
+        if not include_top:
+            kwargs["input_shape"] = (image_size, image_size, 3)
+        try:
+            return self.constructor(include_top=include_top, weights=weights, **kwargs)
+        except Exception as exc:
+            if weights != "imagenet" or "URL fetch failure" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"could not download ImageNet weights for backbone {self.name!r} at image_size={image_size}: {exc}. "
+                "Offline, seed the Keras cache first (docs/getting-started.md)."
+            ) from exc
 
 
 _apps = keras.applications

@@ -9,6 +9,7 @@ import yaml
 import pytest
 
 from mstl.dicom.prepare import PrepareParams
+from mstl.soft_labels.stage import SoftLabelParams
 from mstl.training.target import TargetParams
 from mstl.training.transition import TransitionParams
 from tests.conftest import REPO
@@ -36,7 +37,12 @@ def test_conda_env_is_python_311():
     assert "python=3.11" in env["dependencies"]
 
 
-ENTRY_POINTS = {"prepare_transition": PrepareParams, "transition": TransitionParams, "target": TargetParams}
+ENTRY_POINTS = {
+    "prepare_transition": PrepareParams,
+    "soft_labels": SoftLabelParams,
+    "transition": TransitionParams,
+    "target": TargetParams,
+}
 
 
 def test_every_entry_point_has_a_module():
