@@ -55,9 +55,14 @@ integration: weights
 check: weights
 	$(PY) -m pytest -q tests
 
+# Benchmarks (minutes; the soft-label scale run about 15): results are recorded in docs/benchmarks.md.
 bench: weights
 	$(PY) benchmarks/bench_pipeline.py --data-root $(DATA_ROOT)
 	$(PY) benchmarks/bench_throughput.py
+	$(PY) benchmarks/bench_prepare.py --slices 500
+	$(PY) benchmarks/bench_soft_labels.py throughput
+	$(PY) benchmarks/bench_soft_labels.py scale
+	$(PY) benchmarks/soft_labels_real.py
 
 clean:
 	rm -rf .cache .pytest_cache mlruns

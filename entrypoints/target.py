@@ -1,14 +1,7 @@
 """`mlflow run . -e target`: fine-tune a backbone on COVID-CT and evaluate it (the paper's Target step)."""
 
-from mstl.cli import parse_params
+from mstl.cli import run_stage
 from mstl.training.target import TargetParams, run_target
 
-
-def main(argv: list[str] | None = None) -> str:
-    run_id = run_target(parse_params(TargetParams, argv))
-    print(f"target run: {run_id}")
-    return run_id
-
-
 if __name__ == "__main__":
-    main()
+    run_stage(TargetParams, run_target, "target")

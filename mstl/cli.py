@@ -42,3 +42,10 @@ def parser_for(cls: type[T], description: str = "") -> argparse.ArgumentParser:
 def parse_params(cls: type[T], argv: list[str] | None = None) -> T:
     """Parse ``--name value`` pairs into an instance of the parameter dataclass ``cls``."""
     return cls(**vars(parser_for(cls).parse_args(argv)))
+
+
+def run_stage(cls: type[T], stage, label: str, argv: list[str] | None = None) -> str:
+    """What every entry point does: parse the stage's parameters, run it, print the run ID."""
+    run_id = stage(parse_params(cls, argv))
+    print(f"{label} run: {run_id}")
+    return run_id

@@ -1,7 +1,7 @@
 """The Target stage: fine-tune a classifier on COVID-CT, evaluate it on the test split, log it all.
 
 Started from ImageNet weights it is the paper's baseline; started from a Transition model
-(``init_from``, issue 3) it is the last step of MSTL.
+(``init_from``) it is the last step of MSTL.
 """
 
 from __future__ import annotations
@@ -19,31 +19,19 @@ from mstl.data import covid_ct
 from mstl.data.images import decode_images
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
-from mstl.models.backbones import check_image_size
 from mstl.tracking import log_figure, log_params, log_table, resolve_run, start_stage_run
-from mstl.training.fit import FitConfig, fit_classifier, image_dataset, predict_in_batches, set_seed
+from mstl.training.fit import fit_classifier, image_dataset, predict_in_batches, set_seed
+from mstl.training.params import ClassifierParams
 
 
 @dataclass(frozen=True)
-class TargetParams:
+class TargetParams(ClassifierParams):
+    """Parameters of `-e target`."""
+
     data_root: str = defaults.DATA_ROOT
-    backbone: str = defaults.BACKBONE
-    weights: str = defaults.WEIGHTS
     split: str = defaults.SPLIT
-    image_size: int = defaults.IMAGE_SIZE
-    epochs: int = defaults.EPOCHS
-    batch_size: int = defaults.BATCH_SIZE
-    learning_rate: float = defaults.LEARNING_RATE
-    momentum: float = defaults.MOMENTUM
-    seed: int = defaults.SEED
-    augment: bool = False
-    cache_frozen: bool = True
     skip_unreadable: bool = False
     dropout: float = defaults.DROPOUT
-    dense_units: int = defaults.DENSE_UNITS
-    dense_activation: str = defaults.DENSE_ACTIVATION
-    pool_size: int = defaults.POOL_SIZE
-    train_batchnorm: bool = defaults.TRAIN_BATCHNORM
     threshold: float = defaults.THRESHOLD
     n_bootstrap: int = defaults.N_BOOTSTRAP
     log_model: bool = True
@@ -52,24 +40,12 @@ class TargetParams:
 
     def validate(self) -> None:
         """Fail on impossible parameters before any data is read."""
-        check_image_size(get_backbone(self.backbone), self.image_size)
+        self.validate_network()
         if self.split not in covid_ct.SPLIT_MODES:
             raise ValueError(f"unknown split {self.split!r}; use one of {', '.join(covid_ct.SPLIT_MODES)}")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         OutputSpec("binary", 1, self.dropout)
-        self.fit_config()
-
-    def fit_config(self) -> FitConfig:
-        return FitConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-            seed=self.seed,
-            augment=self.augment,
-            cache_frozen=self.cache_frozen,
-        )
 
 
 def strategy_of(weights: str) -> str:
@@ -121,7 +97,7 @@ def model_from_transition(parent, params: TargetParams, output: OutputSpec):
     model = build_classifier(
         params.backbone, "none", params.image_size, source_output,
         int(source["dense_units"]), source["dense_activation"], int(source["pool_size"]), params.train_batchnorm,
-    )
+    )  # the parent's head, so that its checkpoint loads
     checkpoint = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="checkpoints/best.weights.h5")
     model.load_weights(checkpoint)
     return reinitialise_head(
@@ -173,10 +149,7 @@ def run_target(params: TargetParams) -> str:
         if parent:
             model = model_from_transition(parent, params, output)
         else:
-            model = build_classifier(
-                params.backbone, params.weights, params.image_size, output,
-                params.dense_units, params.dense_activation, params.pool_size, params.train_batchnorm,
-            )
+            model = params.build(output)
         log_model_structure(model)
         labels = index["label"].to_numpy().astype("float32")
         result = fit_classifier(

@@ -15,10 +15,10 @@ import pandas as pd
 from mstl import defaults
 from mstl.data.images import decode_images
 from mstl.dicom.prepare import check_two_classes
-from mstl.models import OutputSpec, build_classifier, get_backbone
-from mstl.models.backbones import check_image_size
+from mstl.models import OutputSpec, get_backbone
 from mstl.tracking import log_params, log_table, resolve_run, start_stage_run
-from mstl.training.fit import FitConfig, fit_classifier, set_seed
+from mstl.training.fit import fit_classifier, set_seed
+from mstl.training.params import ClassifierParams
 from mstl.training.target import log_checkpoint, log_model_structure
 
 STRATEGIES = ("hard", "soft")
@@ -27,34 +27,20 @@ GROUP_COLUMNS = {"patient": "patient_id", "series": "series_instance_uid"}
 
 
 @dataclass(frozen=True)
-class TransitionParams:
+class TransitionParams(ClassifierParams):
     """Parameters of `-e transition`."""
 
     manifest: str = ""
     labels: str = ""
     strategy: str = "hard"
-    backbone: str = defaults.BACKBONE
-    weights: str = defaults.WEIGHTS
-    image_size: int = defaults.IMAGE_SIZE
-    epochs: int = defaults.EPOCHS
-    batch_size: int = defaults.BATCH_SIZE
-    learning_rate: float = defaults.LEARNING_RATE
-    momentum: float = defaults.MOMENTUM
-    seed: int = defaults.SEED
     val_fraction: float = 0.2
     group_by: str = "patient"
     class_weights: str = "none"
-    augment: bool = False
-    cache_frozen: bool = True
-    dense_units: int = defaults.DENSE_UNITS
-    dense_activation: str = defaults.DENSE_ACTIVATION
-    pool_size: int = defaults.POOL_SIZE
-    train_batchnorm: bool = defaults.TRAIN_BATCHNORM
     log_model: bool = False
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
-        check_image_size(get_backbone(self.backbone), self.image_size)
+        self.validate_network()
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; use one of {STRATEGIES}")
         if self.group_by not in GROUP_BY:
@@ -185,15 +171,11 @@ def run_transition(params: TransitionParams) -> str:
         })
         log_table(table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]], "data/split.csv")
         decoded = decode_images([str(folder / f) for f in table["file"]], params.image_size)
-        model = build_classifier(params.backbone, params.weights, params.image_size, output,
-                                 params.dense_units, params.dense_activation, params.pool_size, params.train_batchnorm)
+        model = params.build(output)
         log_model_structure(model)
         y = table["y"].to_numpy().astype("float32" if output.kind == "binary" else "int32")
-        config = FitConfig(epochs=params.epochs, batch_size=params.batch_size, learning_rate=params.learning_rate,
-                           momentum=params.momentum, seed=params.seed, augment=params.augment,
-                           cache_frozen=params.cache_frozen, class_weight=weights)
         result = fit_classifier(model, (decoded.pixels[~is_val], y[~is_val]), (decoded.pixels[is_val], y[is_val]),
-                                spec.preprocess_input, output, config)
+                                spec.preprocess_input, output, params.fit_config(weights))
         log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                             "fit_seconds": result.seconds})
