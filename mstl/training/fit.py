@@ -29,7 +29,9 @@ def set_seed(seed: int) -> None:
 
 
 @dataclass(frozen=True)
-class FitConfig:
+class FitSettings:
+    """How a network is fitted: the user-facing part, shared with every training stage's parameters."""
+
     epochs: int = defaults.EPOCHS
     batch_size: int = defaults.BATCH_SIZE
     learning_rate: float = defaults.LEARNING_RATE
@@ -37,8 +39,6 @@ class FitConfig:
     seed: int = defaults.SEED
     augment: bool = False
     cache_frozen: bool = True
-    class_weight: dict[int, float] | None = None
-    log_to_mlflow: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -48,6 +48,12 @@ class FitConfig:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class FitConfig(FitSettings):
+    class_weight: dict[int, float] | None = None
+    log_to_mlflow: bool = True
 
 
 def augmenter(seed: int) -> keras.Sequential:

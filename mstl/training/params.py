@@ -2,51 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import keras
 
 from mstl import defaults
 from mstl.models import OutputSpec, build_classifier, get_backbone
 from mstl.models.backbones import check_image_size
-from mstl.training.fit import FitConfig
+from mstl.training.fit import FitConfig, FitSettings
 
 
 @dataclass(frozen=True)
-class ClassifierParams:
+class ClassifierParams(FitSettings):
     """The backbone, its head and freezing, and the SGD fit; Transition and Target add their own."""
 
     backbone: str = defaults.BACKBONE
     weights: str = defaults.WEIGHTS
     image_size: int = defaults.IMAGE_SIZE
-    epochs: int = defaults.EPOCHS
-    batch_size: int = defaults.BATCH_SIZE
-    learning_rate: float = defaults.LEARNING_RATE
-    momentum: float = defaults.MOMENTUM
-    seed: int = defaults.SEED
-    augment: bool = False
-    cache_frozen: bool = True
     dense_units: int = defaults.DENSE_UNITS
     dense_activation: str = defaults.DENSE_ACTIVATION
     pool_size: int = defaults.POOL_SIZE
     train_batchnorm: bool = defaults.TRAIN_BATCHNORM
 
     def validate_network(self) -> None:
-        """Fail on an unknown backbone, a too-small image or an impossible fit setting, before any data is read."""
+        """Fail on an unknown backbone or a too-small image before any data is read."""
         check_image_size(get_backbone(self.backbone), self.image_size)
-        self.fit_config()
 
     def fit_config(self, class_weight: dict[int, float] | None = None) -> FitConfig:
-        return FitConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            learning_rate=self.learning_rate,
-            momentum=self.momentum,
-            seed=self.seed,
-            augment=self.augment,
-            cache_frozen=self.cache_frozen,
-            class_weight=class_weight,
-        )
+        settings = {f.name: getattr(self, f.name) for f in fields(FitSettings)}
+        return FitConfig(**settings, class_weight=class_weight)
 
     def build(self, output: OutputSpec, weights: str | None = None) -> keras.Model:
         """The paper's network for this stage (``weights`` overrides the parameter, e.g. ``none``)."""
