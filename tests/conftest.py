@@ -88,6 +88,9 @@ def mlflow_server(tmp_path_factory) -> str:
     log.close()
 
 
+MLFLOW_RUN_STATE = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
 def run_entry_point(entry: str, params: dict, tracking_uri: str, experiment: str, timeout: int = 900):
     """`mlflow run . -e ENTRY --env-manager local` in the repo, as a user would type it."""
     cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
@@ -95,7 +98,8 @@ def run_entry_point(entry: str, params: dict, tracking_uri: str, experiment: str
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("MLFLOW_RUN_ID", None)
+    for leaked in MLFLOW_RUN_STATE:  # set by in-process runs (mlflow.set_experiment exports the ID)
+        env.pop(leaked, None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -112,6 +116,8 @@ def local_tracking(tmp_path, monkeypatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    for leaked in MLFLOW_RUN_STATE:  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID
+        os.environ.pop(leaked, None)
 
 
 def copy_or_link_tree(src: Path, dst: Path) -> None:
