@@ -9,6 +9,7 @@ split grouped by them keeps a patient's neighbouring slices on one side.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,8 +79,6 @@ def scan_slice_folder(root: str | Path, label_map: dict[str, str]) -> SliceFolde
 
 def natural_key(name: str) -> list:
     """'case (10)' after 'case (9)'."""
-    import re
-
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 

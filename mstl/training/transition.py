@@ -5,6 +5,7 @@ of CNN features: softmax + sparse CCE). Its best-validation weights seed the Tar
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,11 +63,17 @@ def load_manifest(run_ref: str) -> tuple[pd.DataFrame, Path]:
     local = Path(run.data.params.get("export_path", ""))
     if (local / "manifest.csv").is_file():
         return pd.read_csv(local / "manifest.csv"), local
-    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=""))
-    if not (folder / "manifest.csv").is_file():
+    names = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    if "manifest.csv" not in names:
         raise FileNotFoundError(f"prepare_transition run {run.info.run_id} has no manifest.csv artifact")
-    if not (folder / "slices").is_dir():
-        raise FileNotFoundError(f"prepare_transition run {run.info.run_id} logged no slices (log_slices=false) and its export folder {local} is not on this machine")
+    if "slices" not in names:
+        raise FileNotFoundError(
+            f"prepare_transition run {run.info.run_id} logged no slices (log_slices=false) "
+            f"and its export folder {local} is not on this machine"
+        )
+    folder = Path(tempfile.mkdtemp(prefix=f"manifest-{run.info.run_id[:8]}-"))
+    for name in ("manifest.csv", "slices"):
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=str(folder))
     return pd.read_csv(folder / "manifest.csv"), folder
 
 

@@ -91,3 +91,19 @@ def test_rerun_of_prepare_reuses_the_export(mlflow_server, data_root, tmp_path):
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
     assert [r.data.params["reused_export"] for r in runs] == ["false", "true"]
     assert runs[0].data.params["export_key"] == runs[1].data.params["export_key"]
+
+
+def test_manifest_is_downloaded_when_the_export_folder_is_gone(local_tracking, data_root, tmp_path):
+    """Another machine (or a cleaned cache): the slices come from the prepare run's artifacts."""
+    import shutil
+
+    from mstl.dicom.prepare import PrepareParams, run_prepare
+    from mstl.training.transition import load_manifest
+
+    run_id = run_prepare(PrepareParams(dicom_root=str(data_root / "lung-pet-ct-dx"), export_dir=str(tmp_path / "exports")))
+    local, folder = load_manifest(run_id)
+    assert folder.parent == tmp_path / "exports"
+    shutil.rmtree(tmp_path / "exports")
+    downloaded, folder = load_manifest(f"runs:/{run_id}")
+    assert downloaded.equals(local)
+    assert all((folder / f).is_file() for f in downloaded["file"])
