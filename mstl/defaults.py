@@ -19,6 +19,10 @@ DENSE_ACTIVATION = "relu"
 POOL_SIZE = 7
 # Train the BatchNorm layers of the deeper (trainable) half in training mode; see docs/choices.md.
 TRAIN_BATCHNORM = True
+# The frozen-feature cache holds the cut layer's output for every training and validation image;
+# above this size (e.g. a ResNet at 224 px on the paper's 10,176 Transition slices) the full network
+# runs every step instead.
+FROZEN_CACHE_MAX_BYTES = 4 * 1024**3
 SEED = 0
 N_BOOTSTRAP = 1000
 CONFIDENCE = 0.95

@@ -180,6 +180,13 @@ def fit_classifier(
     start = time.perf_counter()
     cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
     if cut is not None:
+        per_image = 4 * int(np.prod(model.layers[cut].output.shape[1:]))
+        needed = per_image * (len(train[0]) + len(val[0]))
+        if needed > defaults.FROZEN_CACHE_MAX_BYTES:
+            print(f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit "
+                  f"{defaults.FROZEN_CACHE_MAX_BYTES / 1024**3:.1f}); running the full network every step instead")
+            cut = None
+    if cut is not None:
         bottom, trained = split_at_cut(model, cut)
 
         def features(grey: np.ndarray) -> np.ndarray:
