@@ -23,6 +23,9 @@ TRAIN_BATCHNORM = True
 # above this size (e.g. a ResNet at 224 px on the paper's 10,176 Transition slices) the full network
 # runs every step instead.
 FROZEN_CACHE_MAX_BYTES = 4 * 1024**3
+# The lung window for DICOM: Transition slices and DICOM requests to the served model.
+WINDOW_WIDTH = 1500.0
+WINDOW_LEVEL = -600.0
 SEED = 0
 N_BOOTSTRAP = 1000
 CONFIDENCE = 0.95

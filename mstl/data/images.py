@@ -6,6 +6,7 @@ network fed the raw channels could learn the file format instead of the lungs.
 
 from __future__ import annotations
 
+import io
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,27 +37,33 @@ def to_grey(image: Image.Image) -> Image.Image:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-def open_grey(path: str | os.PathLike) -> Image.Image:
-    """Decode one image file to an 8-bit grey PIL image, or raise ImageReadError naming the file."""
-    path = Path(path)
+def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
+    """Decode an image file (or its bytes) to an 8-bit grey PIL image, or raise ImageReadError naming it."""
+    is_bytes = isinstance(source, (bytes, bytearray))
+    name = name or ("image bytes" if is_bytes else str(source))
     try:
-        if path.stat().st_size == 0:
-            raise ImageReadError(f"cannot read image {path}: the file is empty (0 bytes)")
-        with Image.open(path) as image:
+        size = len(source) if is_bytes else Path(source).stat().st_size
+        if size == 0:
+            raise ImageReadError(f"cannot read image {name}: the file is empty (0 bytes)")
+        with Image.open(io.BytesIO(source) if is_bytes else source) as image:
             image.load()
             return to_grey(image)
     except ImageReadError:
         raise
     except FileNotFoundError:
-        raise ImageReadError(f"cannot read image {path}: no such file") from None
+        raise ImageReadError(f"cannot read image {name}: no such file") from None
     except Exception as exc:  # PIL raises several types for corrupt data
-        raise ImageReadError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
+        raise ImageReadError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
+
+
+def resize_grey(grey: Image.Image, image_size: int) -> np.ndarray:
+    """The one resize every stage and the served model use: square, bilinear, no crop."""
+    return np.asarray(grey.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
 
 
 def load_grey(path: str | os.PathLike, image_size: int) -> np.ndarray:
     """Read one image as a (image_size, image_size) uint8 grey array, or raise ImageReadError."""
-    grey = open_grey(path)
-    return np.asarray(grey.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    return resize_grey(open_grey(path), image_size)
 
 
 @dataclass

@@ -57,8 +57,8 @@ class PrepareParams:
     slices_root: str = ""
     labels_csv: str = ""
     label_map: str = ""
-    window_width: float = 1500.0
-    window_level: float = -600.0
+    window_width: float = defaults.WINDOW_WIDTH
+    window_level: float = defaults.WINDOW_LEVEL
     min_lung_fraction: float = MIN_LUNG_FRACTION
     air_hu: float = AIR_HU
     image_format: str = "png"

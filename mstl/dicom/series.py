@@ -98,7 +98,7 @@ def read_header(path: Path) -> SliceHeader | str:
         position=tuple(float(v) for v in position) if has_position else None,
         orientation=tuple(float(v) for v in orientation) if has_position else None,
         shape=(int(ds.Rows), int(ds.Columns)),
-        slope=float(ds.get("RescaleSlope", 1) or 1),
+        slope=float(ds.get("RescaleSlope", 1) or 1),  # recorded for the manifest; dataset_hu applies them
         intercept=float(ds.get("RescaleIntercept", 0) or 0),
     )
 
@@ -161,10 +161,16 @@ def scan(root: str | os.PathLike, progress=None) -> ScanResult:
     return result
 
 
+def dataset_hu(ds: pydicom.Dataset) -> np.ndarray:
+    """Hounsfield units: stored value x RescaleSlope (0028,1053) + RescaleIntercept (0028,1052), as float32."""
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return ds.pixel_array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
 def read_hu(header: SliceHeader) -> np.ndarray:
-    """Hounsfield units: stored value x RescaleSlope + RescaleIntercept, as float32."""
-    ds = pydicom.dcmread(header.path)
-    return ds.pixel_array.astype(np.float32) * np.float32(header.slope) + np.float32(header.intercept)
+    """A slice's Hounsfield units (see :func:`dataset_hu`)."""
+    return dataset_hu(pydicom.dcmread(header.path))
 
 
 def window(hu: np.ndarray, width: float, level: float) -> np.ndarray:

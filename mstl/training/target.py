@@ -19,6 +19,7 @@ from mstl.data import covid_ct
 from mstl.data.images import decode_images
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
+from mstl.serving import log_serving_model, serving_config
 from mstl.tracking import log_figure, log_params, log_table, resolve_run, start_stage_run
 from mstl.training.fit import fit_classifier, image_dataset, predict_in_batches, set_seed
 from mstl.training.params import ClassifierParams
@@ -169,6 +170,8 @@ def run_target(params: TargetParams) -> str:
             evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part, strategy)
         if params.log_model:
             log_keras_model(model, grey[parts["test"]][:2], spec.preprocess_input)
+            log_serving_model(model, serving_config(params.backbone, params.image_size, params.threshold),
+                              index.loc[parts["test"], "path"].iloc[0])
         return run.info.run_id
 
 

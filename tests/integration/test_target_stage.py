@@ -110,3 +110,74 @@ def test_unreadable_image_fails_by_name_or_is_skipped_and_logged(data_root, kera
     table = pd.read_csv(MlflowClient(local_tracking).download_artifacts(run_id, "data/unreadable.csv", str(tmp_path)))
     assert table["path"].str.endswith(victim.name).tolist() == [True]
     assert int(run.data.params["n_train"]) + int(run.data.params["n_val"]) + int(run.data.params["n_test"]) == 745
+
+
+def post_images(url: str, payloads: list[bytes | str]):
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    rows = [[p if isinstance(p, str) else base64.b64encode(p).decode()] for p in payloads]
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(target_run, mlflow_server, data_root, tmp_path):
+    import subprocess
+    import time
+    import urllib.request
+
+    from tests.conftest import VENV_BIN, free_port
+    from tests.dicom_factory import write_slice
+
+    _, run, _ = target_run
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run.info.run_id}/classifier",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "model server did not start"
+                time.sleep(1)
+        png = sorted((data_root / "covid-ct" / "CT_COVID").iterdir())[0]
+        dicom = next((data_root / "lung-pet-ct-dx").rglob("1-15.dcm"))
+        status, body = post_images(url, [png.read_bytes(), dicom.read_bytes()])
+        assert status == 200, body
+        answers = body["predictions"]
+        assert len(answers) == 2
+        for answer in answers:
+            assert 0 <= answer["probability"] <= 1 and answer["label"] == int(answer["probability"] >= 0.5)
+
+        # the served probability is the model's on the training preprocessing
+        from mstl.data.images import grey_to_input, load_grey
+        from mstl.models import build_classifier, get_backbone
+
+        model = build_classifier("mobilenet_025", weights="none", image_size=64)
+        model.load_weights(MlflowClient(mlflow_server).download_artifacts(run.info.run_id, "checkpoints/best.weights.h5", str(tmp_path)))
+        x = grey_to_input(load_grey(png, 64)[None], get_backbone("mobilenet_025").preprocess_input)
+        assert answers[0]["probability"] == pytest.approx(float(model(x, training=False)[0, 0]), abs=1e-5)
+
+        mr = write_slice(tmp_path / "mr.dcm", "1.2.3", z=0.0, instance=1, modality="MR").read_bytes()
+        for bad, reason in ((b"not an image", "cannot read image"), (b"", "empty image"), (mr, "modality MR is not CT"), ("%%%", "base64")):
+            status, body = post_images(url, [bad])
+            assert 400 <= status < 500, (reason, status, body)
+            assert reason in body.get("message", ""), body
+        status, body = post_images(url, [png.read_bytes()])  # still serving
+        assert status == 200 and body["predictions"][0]["probability"] == pytest.approx(answers[0]["probability"], abs=1e-6)
+    finally:
+        server.terminate()
+        server.wait(20)

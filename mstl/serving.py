@@ -1,0 +1,138 @@
+"""The served model: a pyfunc that answers a CT image (PNG/JPG bytes) or a DICOM slice with the
+probability of COVID-19 and the label at the stored threshold, through exactly the training
+preprocessing (grey first, resize, the backbone's own ``preprocess_input``; DICOM through HU and the
+lung window as in prepare_transition).
+
+Requests are a DataFrame with one column, ``image``, holding base64-encoded file bytes::
+
+    curl -X POST http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \\
+      -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a PNG, JPG or DICOM file>"]]}}'
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from mstl import defaults
+from mstl.data.images import ImageReadError, open_grey, resize_grey
+
+INPUT_COLUMN = "image"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class BadRequest(MlflowException):
+    """Answered as HTTP 400 by the scoring server; the server keeps serving."""
+
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def request_grey(data: bytes, image_size: int, window_width: float, window_level: float) -> np.ndarray:
+    """File bytes -> (image_size, image_size) uint8 grey, for an image or a DICOM CT slice."""
+    if not data:
+        raise BadRequest("empty image: the request's image field decodes to 0 bytes")
+    if len(data) > 132 and data[128:132] == b"DICM":
+        import pydicom
+        from PIL import Image
+
+        from mstl.dicom.series import dataset_hu, window
+
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data))
+        except Exception as exc:
+            raise BadRequest(f"unreadable DICOM: {type(exc).__name__}: {exc}") from None
+        modality = str(ds.get("Modality", "")).upper()
+        if modality != "CT":
+            raise BadRequest(f"DICOM modality {modality or 'missing'} is not CT")
+        if "PixelData" not in ds:
+            raise BadRequest("DICOM without pixel data")
+        try:
+            grey = Image.fromarray(window(dataset_hu(ds), window_width, window_level), mode="L")
+        except Exception as exc:
+            raise BadRequest(f"cannot decode the DICOM pixel data: {type(exc).__name__}: {exc}") from None
+    else:
+        try:
+            grey = open_grey(data, name="the request's image")
+        except ImageReadError as exc:
+            raise BadRequest(str(exc)) from None
+    return resize_grey(grey, image_size)
+
+
+def decode_field(value) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str):
+        raise BadRequest(f"the image field must be a base64 string, got {type(value).__name__}")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"the image field is not valid base64: {exc}") from None
+
+
+class CTClassifier(mlflow.pyfunc.PythonModel):
+    """Keras classifier + its preprocessing + its operating threshold."""
+
+    def load_context(self, context) -> None:
+        import keras
+
+        from mstl.models import get_backbone
+
+        self.config = json.loads(Path(context.artifacts["config"]).read_text())
+        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+        self.preprocess_input = get_backbone(self.config["backbone"]).preprocess_input
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from mstl.data.images import grey_to_input
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if INPUT_COLUMN not in frame.columns or frame.empty:
+            raise BadRequest(f"send a DataFrame with a non-empty column {INPUT_COLUMN!r} of base64-encoded image or DICOM bytes")
+        c = self.config
+        greys = []
+        for row, value in enumerate(frame[INPUT_COLUMN]):
+            try:
+                greys.append(request_grey(decode_field(value), c["image_size"], c["window_width"], c["window_level"]))
+            except BadRequest as exc:
+                raise BadRequest(f"row {row}: {exc.message}") from None
+        probability = np.asarray(self.model(grey_to_input(np.stack(greys), self.preprocess_input), training=False))[:, 0]
+        return pd.DataFrame({"probability": probability.astype(float), "label": (probability >= c["threshold"]).astype(int)})
+
+
+def serving_config(backbone: str, image_size: int, threshold: float) -> dict:
+    return {"backbone": backbone, "image_size": image_size, "threshold": threshold,
+            "window_width": defaults.WINDOW_WIDTH, "window_level": defaults.WINDOW_LEVEL}
+
+
+def log_serving_model(model, config: dict, example_file: str | Path, name: str = "classifier"):
+    """Log the pyfunc (with the mstl package as code, a signature and a real input example)."""
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_path = Path(tmp) / "classifier.keras"
+        model.save(keras_path)
+        config_path = Path(tmp) / "config.json"
+        config_path.write_text(json.dumps(config, indent=2))
+        example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(Path(example_file).read_bytes()).decode()]})
+        artifacts = {"keras_model": str(keras_path), "config": str(config_path)}
+        loaded = CTClassifier()  # only to compute the output signature; a fresh one is logged
+        loaded.load_context(type("Context", (), {"artifacts": artifacts}))
+        signature = infer_signature(example, loaded.predict(None, example))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=CTClassifier(),
+            artifacts=artifacts,
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature,
+            input_example=example,
+        )
