@@ -128,7 +128,31 @@ def post_images(url: str, payloads: list[bytes | str]):
         return error.code, json.loads(error.read() or b"{}")
 
 
-def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(target_run, mlflow_server, data_root, tmp_path):
+@pytest.fixture(scope="module")
+def champion(target_run, mlflow_server):
+    """`mlflow run . -e promote` twice: the alias moves to the new version, the old one stays."""
+    client, run, _ = target_run
+    for _ in range(2):
+        result = run_entry_point("promote", {"search_experiment": "target-it", "model_name": "it-covid-ct"},
+                                 mlflow_server, "target-it")
+        assert result.returncode == 0, result.stderr[-3000:]
+    return client.get_model_version_by_alias("it-covid-ct", "champion")
+
+
+def test_promotion_registers_the_most_sensitive_run_with_its_figures(champion, target_run):
+    client, run, _ = target_run
+    assert champion.version == "2"
+    assert [v.version for v in client.search_model_versions("name = 'it-covid-ct'")] and \
+        sorted(v.version for v in client.search_model_versions("name = 'it-covid-ct'")) == ["1", "2"]
+    tags = champion.tags
+    assert tags["source_run_id"] == run.info.run_id and tags["selected_on"] == "val"
+    assert tags["backbone"] == "mobilenet_025" and tags["strategy"] == "imagenet" and tags["split"] == "official"
+    assert float(tags["test_recall"]) == pytest.approx(run.data.metrics["test_recall"], abs=1e-4)
+    assert tags["threshold"] == "0.5"
+    assert "recall" in champion.description
+
+
+def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(target_run, champion, mlflow_server, data_root, tmp_path):
     import subprocess
     import time
     import urllib.request
@@ -140,7 +164,7 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(targe
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
     server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{run.info.run_id}/classifier",
+        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/it-covid-ct@champion",
          "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

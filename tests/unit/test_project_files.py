@@ -10,6 +10,7 @@ import pytest
 
 from mstl.dicom.prepare import PrepareParams
 from mstl.soft_labels.stage import SoftLabelParams
+from mstl.tracking.registry import PromoteParams
 from mstl.training.target import TargetParams
 from mstl.training.transition import TransitionParams
 from tests.conftest import REPO
@@ -42,6 +43,7 @@ ENTRY_POINTS = {
     "soft_labels": SoftLabelParams,
     "transition": TransitionParams,
     "target": TargetParams,
+    "promote": PromoteParams,
 }
 
 

@@ -1,0 +1,100 @@
+"""Promotion to the MLflow model registry: the most sensitive Target model becomes ``champion``.
+
+Selection uses the **validation** split (highest recall, ties broken by validation ROC AUC): choosing
+on the test split would leak it into the model choice, so ``select_on=test`` is allowed only with a
+warning. Re-promoting registers a new version and moves the alias; older versions stay.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import mlflow
+
+from mstl import defaults
+from mstl.tracking import log_params, start_stage_run, tracking_uri
+
+SERVED_MODEL = "classifier"  # the pyfunc that answers images and DICOM (mstl.serving)
+MODEL_NAME = "mstl-covid-ct"
+REPORTED = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+
+
+@dataclass(frozen=True)
+class PromoteParams:
+    """Parameters of `-e promote`."""
+
+    search_experiment: str = defaults.EXPERIMENT_NAME
+    model_name: str = MODEL_NAME
+    alias: str = "champion"
+    select_on: str = "val"
+    experiment: str = defaults.EXPERIMENT_NAME
+
+    def validate(self) -> None:
+        if self.select_on not in ("val", "test"):
+            raise ValueError(f"select_on must be val or test, got {self.select_on!r}")
+
+
+def candidates(client, experiment_name: str, select_on: str) -> list:
+    """Finished Target runs with the selection metrics and a served model, best first."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise ValueError(f"no experiment named {experiment_name!r} on {tracking_uri()}")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        "tags.stage = 'target' and attributes.status = 'FINISHED'",
+        max_results=10_000,
+    )
+    usable = [r for r in runs if f"{select_on}_recall" in r.data.metrics and r.data.params.get("log_model", "true") == "true"]
+    if not usable:
+        raise ValueError(f"no finished Target run with {select_on}_recall and a logged model in experiment {experiment_name!r}")
+    return sorted(usable, key=lambda r: (-r.data.metrics[f"{select_on}_recall"],
+                                          -r.data.metrics.get(f"{select_on}_roc_auc", float("-inf")),
+                                          r.info.start_time))
+
+
+def promote(params: PromoteParams):
+    """Register the best run's served model and point the alias at the new version."""
+    params.validate()
+    if params.select_on == "test":
+        warnings.warn("select_on=test chooses the model on the test split: the test metrics of the champion "
+                      "are then optimistically biased (leakage); prefer select_on=val")
+    client = mlflow.MlflowClient(tracking_uri())
+    best = candidates(client, params.search_experiment, params.select_on)[0]
+    m, p, tags = best.data.metrics, best.data.params, best.data.tags
+    version = mlflow.register_model(f"runs:/{best.info.run_id}/{SERVED_MODEL}", params.model_name)
+    version_tags = {
+        "source_run_id": best.info.run_id,
+        "selected_on": params.select_on,
+        "threshold": p.get("threshold", str(defaults.THRESHOLD)),
+        "backbone": tags.get("backbone", ""),
+        "strategy": tags.get("strategy", ""),
+        "split": tags.get("split", ""),
+        "parent_run_id": tags.get("mlflow.parentRunId", ""),
+        **{f"test_{name}": f"{m[f'test_{name}']:.4f}" for name in REPORTED if f"test_{name}" in m},
+        **{f"{params.select_on}_{name}": f"{m[f'{params.select_on}_{name}']:.4f}" for name in ("recall", "roc_auc")
+           if f"{params.select_on}_{name}" in m},
+    }
+    for key, value in version_tags.items():
+        client.set_model_version_tag(params.model_name, version.version, key, value)
+    description = (
+        f"{tags.get('backbone')} ({tags.get('strategy')}) on the {tags.get('split')} split, run {best.info.run_id}. "
+        f"Chosen for the highest {params.select_on} recall ({m[f'{params.select_on}_recall']:.3f}). "
+        f"Test: recall {m.get('test_recall', float('nan')):.3f} "
+        f"[{m.get('test_recall_ci_low', float('nan')):.3f}, {m.get('test_recall_ci_high', float('nan')):.3f}], "
+        f"specificity {m.get('test_specificity', float('nan')):.3f}, ROC AUC {m.get('test_roc_auc', float('nan')):.3f}; "
+        f"threshold {version_tags['threshold']}."
+    )
+    client.update_model_version(params.model_name, version.version, description=description)
+    client.set_registered_model_alias(params.model_name, params.alias, version.version)
+    return best, version
+
+
+def run_promote(params: PromoteParams) -> str:
+    with start_stage_run(params.experiment, f"promote-{params.model_name}") as run:
+        mlflow.set_tag("stage", "promote")
+        log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
+        best, version = promote(params)
+        log_params({"promoted_run_id": best.info.run_id, "model_version": version.version})
+        print(f"{params.model_name} version {version.version} (run {best.info.run_id}) is now @{params.alias}")
+        return run.info.run_id
