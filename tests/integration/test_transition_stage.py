@@ -107,3 +107,27 @@ def test_manifest_is_downloaded_when_the_export_folder_is_gone(local_tracking, d
     downloaded, folder = load_manifest(f"runs:/{run_id}")
     assert downloaded.equals(local)
     assert all((folder / f).is_file() for f in downloaded["file"])
+
+
+def test_compare_reports_mstl_against_its_imagenet_baseline(mlflow_server, data_root, tmp_path):
+    """After the DICOM chain (a hard Target run), a baseline on the same split and seed, then `-e compare`."""
+    experiment = "mstl-chain-dicom"
+    run_ok("target", {"data_root": data_root, "n_bootstrap": 100, "log_model": "false", **TINY}, mlflow_server, experiment)
+    run_ok("compare", {"search_experiment": experiment, "out_dir": tmp_path / "report"}, mlflow_server, experiment)
+    client = MlflowClient(mlflow_server)
+    compare = only_run(client, experiment, "compare")
+    names = {a.path for a in client.list_artifacts(compare.info.run_id, "report")}
+    assert {"report/report.md", "report/table_iii.csv", "report/paired_tests.csv",
+            "report/fig5_roc_per_architecture.png", "report/fig6_roc_per_strategy.png", "report/fig7_confusion_1.png"} <= names
+    table = pd.read_csv(client.download_artifacts(compare.info.run_id, "report/table_iii.csv", str(tmp_path)))
+    assert sorted(table["strategy"]) == ["hard", "imagenet"]
+    assert table["recall_ci"].str.startswith("[").all()
+    paired = pd.read_csv(client.download_artifacts(compare.info.run_id, "report/paired_tests.csv", str(tmp_path)))
+    assert sorted(paired["metric"]) == ["accuracy", "auc", "sensitivity"]
+    assert paired["p_value"].between(0, 1).all()
+    targets = {r.data.tags["strategy"]: r for r in client.search_runs(
+        [compare.info.experiment_id], "tags.stage = 'target'")}
+    auc_difference = targets["hard"].data.metrics["test_roc_auc"] - targets["imagenet"].data.metrics["test_roc_auc"]
+    assert paired.set_index("metric").loc["auc", "difference"] == pytest.approx(auc_difference, abs=1e-9)
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "significant at 0.05" in report and "DeLong" in report

@@ -9,6 +9,7 @@ import yaml
 import pytest
 
 from mstl.dicom.prepare import PrepareParams
+from mstl.evaluation.report import CompareParams
 from mstl.soft_labels.stage import SoftLabelParams
 from mstl.tracking.registry import PromoteParams
 from mstl.training.target import TargetParams
@@ -44,6 +45,7 @@ ENTRY_POINTS = {
     "transition": TransitionParams,
     "target": TargetParams,
     "promote": PromoteParams,
+    "compare": CompareParams,
 }
 
 

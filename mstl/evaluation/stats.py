@@ -1,0 +1,92 @@
+"""Paired comparisons of two classifiers on the same test images, and operating points.
+
+- DeLong's test for two correlated ROC AUCs (DeLong, DeLong & Clarke-Pearson 1988), with the fast
+  structural-components algorithm of Sun & Xu (2014).
+- McNemar's exact test for paired proportions: accuracy (is each image classified right?) and
+  sensitivity (is each positive image found?).
+- The threshold chosen on validation data to reach a target sensitivity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    statistic: float
+    p_value: float
+    difference: float  # first minus second
+
+
+def _placements(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """DeLong structural components V10 (per positive), V01 (per negative) and the AUC."""
+    pos, neg = scores[y == 1], scores[y == 0]
+    # V10[i] = P(score of positive i > a random negative) (+ half ties), likewise V01 for negatives
+    greater = (pos[:, None] > neg[None, :]).astype(float) + 0.5 * (pos[:, None] == neg[None, :])
+    v10, v01 = greater.mean(axis=1), 1.0 - greater.mean(axis=0)
+    return v10, v01, float(greater.mean())
+
+
+def delong_test(y_true, scores_a, scores_b) -> PairedTest:
+    """Two-sided DeLong test of AUC(a) = AUC(b) for scores of two models on the same images."""
+    y = np.asarray(y_true).astype(int)
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    if not (len(y) == len(a) == len(b)) or not 0 < y.sum() < len(y):
+        raise ValueError("need the same images for both models and both classes present")
+    v10a, v01a, auc_a = _placements(a, y)
+    v10b, v01b, auc_b = _placements(b, y)
+    s10 = np.cov(np.vstack([v10a, v10b]))
+    s01 = np.cov(np.vstack([v01a, v01b]))
+    cov = s10 / len(v10a) + s01 / len(v01a)
+    variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    difference = auc_a - auc_b
+    if variance <= 0:
+        return PairedTest(0.0, 1.0, difference)
+    z = difference / np.sqrt(variance)
+    return PairedTest(float(z), float(2 * stats.norm.sf(abs(z))), float(difference))
+
+
+def auc_variance(y_true, scores) -> float:
+    """DeLong's variance of one AUC estimate."""
+    y = np.asarray(y_true).astype(int)
+    v10, v01, _ = _placements(np.asarray(scores, dtype=float), y)
+    return float(np.var(v10, ddof=1) / len(v10) + np.var(v01, ddof=1) / len(v01))
+
+
+def mcnemar_test(correct_a, correct_b) -> PairedTest:
+    """Exact (binomial) McNemar test on paired right/wrong outcomes; difference is in proportion right."""
+    a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError("need paired outcomes on the same, non-empty set of images")
+    only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    discordant = only_a + only_b
+    p = 1.0 if discordant == 0 else float(stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue)
+    return PairedTest(float(min(only_a, only_b)), min(p, 1.0), float(a.mean() - b.mean()))
+
+
+def paired_tests(y_true, prob_a, prob_b, threshold: float) -> dict[str, PairedTest]:
+    """DeLong for AUC, McNemar for accuracy and for sensitivity (on the positive images)."""
+    y = np.asarray(y_true).astype(int)
+    pred_a, pred_b = np.asarray(prob_a) >= threshold, np.asarray(prob_b) >= threshold
+    positive = y == 1
+    return {
+        "auc": delong_test(y, prob_a, prob_b),
+        "accuracy": mcnemar_test(pred_a == y, pred_b == y),
+        "sensitivity": mcnemar_test(pred_a[positive], pred_b[positive]),
+    }
+
+
+def threshold_for_recall(y_true, prob, target_recall: float) -> float:
+    """The highest threshold whose recall on these (validation) images reaches ``target_recall``."""
+    if not 0 < target_recall <= 1:
+        raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
+    y = np.asarray(y_true).astype(int)
+    positives = np.sort(np.asarray(prob, dtype=float)[y == 1])[::-1]
+    if len(positives) == 0:
+        raise ValueError("no positive images to set a sensitivity on")
+    needed = int(np.ceil(target_recall * len(positives)))
+    return float(positives[needed - 1])
