@@ -5,7 +5,10 @@ Stages (one module each): ``mstl.data`` (COVID-CT and image decoding), ``mstl.mo
 ``mstl.evaluation`` (metrics with confidence intervals, plots), ``mstl.tracking`` (MLflow).
 """
 
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+PACKAGE_DIR = _Path(__file__).resolve().parent  # the package's source (code version, model code)
 
 import os as _os
 

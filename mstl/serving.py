@@ -16,6 +16,7 @@ import binascii
 import io
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -24,11 +25,10 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from mstl import defaults
+from mstl import PACKAGE_DIR, defaults
 from mstl.data.images import ImageReadError, open_grey, resize_grey
 
 INPUT_COLUMN = "image"
-PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 class BadRequest(MlflowException):
@@ -127,7 +127,9 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
         artifacts = {"keras_model": str(keras_path), "config": str(config_path)}
         loaded = CTClassifier()  # only to compute the output signature; a fresh one is logged
         loaded.load_context(type("Context", (), {"artifacts": artifacts}))
-        signature = infer_signature(example, loaded.predict(None, example))
+        with warnings.catch_warnings():  # "integer columns cannot hold missing values": label never is missing
+            warnings.simplefilter("ignore", UserWarning)
+            signature = infer_signature(example, loaded.predict(None, example))
         return mlflow.pyfunc.log_model(
             name=name,
             python_model=CTClassifier(),

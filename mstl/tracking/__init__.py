@@ -7,6 +7,7 @@ with artifacts under ``./mlartifacts``; any URI that is set (an http server, Pos
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from mstl import defaults
+from mstl import PACKAGE_DIR, defaults
 
 EMBEDDED_URI = "sqlite:///mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
@@ -41,12 +42,36 @@ def ensure_experiment(name: str = defaults.EXPERIMENT_NAME) -> str:
     return mlflow.create_experiment(name, artifact_location=location)
 
 
+def code_version() -> str:
+    """A hash of the mstl package's source: runs of the same stage with the same code share it."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def start_stage_run(experiment: str, run_name: str, tags: dict | None = None, experiment_id: str | None = None):
-    """Start a stage's run (in ``experiment_id`` when given, else the named experiment), or resume
-    the one ``mlflow run`` created for it (MLFLOW_RUN_ID)."""
+    """Start a stage's run, tagged with the code version.
+
+    Under `mlflow run` it resumes the run MLflow created (MLFLOW_RUN_ID). Inside another stage's run
+    (the experiment grid) it is a nested child of that run, in its experiment. Otherwise it goes to
+    ``experiment_id`` when given, else the named experiment.
+    """
+    tags = {"mstl.code_version": code_version(), **(tags or {})}
+    if mlflow.active_run() is not None:
+        return mlflow.start_run(run_name=run_name, tags=tags, nested=True)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_id=experiment_id or ensure_experiment(experiment))
     return mlflow.start_run(run_name=run_name, tags=tags)
+
+
+def find_finished_run(stage: str, params: dict, experiment_id: str) -> str | None:
+    """A FINISHED run of ``stage`` with these exact params and this code version, if the server has one."""
+    clauses = [f"tags.stage = '{stage}'", "attributes.status = 'FINISHED'", f"tags.`mstl.code_version` = '{code_version()}'"]
+    clauses += [f"params.`{key}` = '{format_param(value)}'" for key, value in params.items()]
+    runs = mlflow.MlflowClient(tracking_uri()).search_runs([experiment_id], " and ".join(clauses), max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def resolve_run(ref: str, stage: str | None = None):

@@ -10,6 +10,7 @@ import pytest
 
 from mstl.dicom.prepare import PrepareParams
 from mstl.evaluation.report import CompareParams
+from mstl.experiment import ExperimentParams
 from mstl.soft_labels.stage import SoftLabelParams
 from mstl.tracking.registry import PromoteParams
 from mstl.training.target import TargetParams
@@ -46,6 +47,7 @@ ENTRY_POINTS = {
     "target": TargetParams,
     "promote": PromoteParams,
     "compare": CompareParams,
+    "experiment": ExperimentParams,
 }
 
 
