@@ -73,7 +73,28 @@ def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams,
         {"file": table["file"].to_numpy(), "patient_id": table["patient_id"].to_numpy(), "label": labels, "probability": prob}
     )
     log_table(predictions, f"predictions/{name}.csv")
+    if name == "test":
+        log_explanations(model, grey, labels, prob, spec, params)
     return predictions
+
+
+def log_explanations(model, grey, labels, prob, spec, params: TargetParams, per_kind: int = 3) -> None:
+    """Grad-CAM overlays of the most confident true positives, false negatives and false positives."""
+    from mstl.evaluation.gradcam import explanation_sheet
+
+    predicted = prob >= params.threshold
+    picks, captions = [], []
+    for kind, mask, order in (("TP", predicted & (labels == 1), -prob), ("FN", ~predicted & (labels == 1), prob),
+                              ("FP", predicted & (labels == 0), -prob)):
+        chosen = [i for i in np.argsort(order) if mask[i]][:per_kind]
+        picks += chosen
+        captions += [f"{kind} p={prob[i]:.2f}" for i in chosen]
+    if picks:
+        sheet = explanation_sheet(model, grey[picks], spec.preprocess_input, captions,
+                                  "Grad-CAM on test slices: true positives, false negatives, false positives")
+        with tempfile.TemporaryDirectory() as tmp:
+            sheet.save(Path(tmp) / "gradcam_test.png")
+            mlflow.log_artifact(str(Path(tmp) / "gradcam_test.png"), "explanations")
 
 
 def transition_parent(params: TargetParams):

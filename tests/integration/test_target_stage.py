@@ -58,9 +58,10 @@ def test_per_epoch_history_and_test_metrics_with_intervals(target_run):
 def test_artifacts_checkpoint_roc_predictions_and_split(target_run, tmp_path):
     client, run, _ = target_run
     run_id = run.info.run_id
-    paths = {a.path for folder in ("checkpoints", "plots", "predictions", "data") for a in client.list_artifacts(run_id, folder)}
+    paths = {a.path for folder in ("checkpoints", "plots", "predictions", "data", "explanations")
+             for a in client.list_artifacts(run_id, folder)}
     assert {"checkpoints/best.weights.h5", "plots/roc_test.png", "plots/confusion_test.png",
-            "predictions/test.csv", "data/split.csv"} <= paths
+            "predictions/test.csv", "data/split.csv", "explanations/gradcam_test.png"} <= paths
     roc = client.download_artifacts(run_id, "plots/roc_test.png", str(tmp_path))
     assert open(roc, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     predictions = pd.read_csv(client.download_artifacts(run_id, "predictions/test.csv", str(tmp_path)))
@@ -205,3 +206,18 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(targe
     finally:
         server.terminate()
         server.wait(20)
+
+
+def test_explain_overlays_an_image_and_a_dicom_slice_for_the_champion(champion, mlflow_server, data_root, tmp_path):
+    png = sorted((data_root / "covid-ct" / "CT_NonCOVID").iterdir())[0]
+    dicom = next((data_root / "lung-pet-ct-dx").rglob("1-15.dcm"))
+    result = run_entry_point("explain", {"model_uri": "models:/it-covid-ct@champion", "images": f"{png},{dicom}"},
+                             mlflow_server, "target-it")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("target-it")
+    run = client.search_runs([exp.experiment_id], "tags.stage = 'explain'")[0]
+    names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "explanations"))
+    assert len(names) == 3 and "explanations/sheet.png" in names
+    sheet = client.download_artifacts(run.info.run_id, "explanations/sheet.png", str(tmp_path))
+    assert open(sheet, "rb").read(4) == b"\x89PNG"

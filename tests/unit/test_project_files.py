@@ -11,6 +11,7 @@ import pytest
 from mstl.dicom.prepare import PrepareParams
 from mstl.evaluation.report import CompareParams
 from mstl.experiment import ExperimentParams
+from mstl.explain import ExplainParams
 from mstl.soft_labels.stage import SoftLabelParams
 from mstl.tracking.registry import PromoteParams
 from mstl.training.target import TargetParams
@@ -48,6 +49,7 @@ ENTRY_POINTS = {
     "promote": PromoteParams,
     "compare": CompareParams,
     "experiment": ExperimentParams,
+    "explain": ExplainParams,
 }
 
 

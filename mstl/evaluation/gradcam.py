@@ -1,0 +1,59 @@
+"""Grad-CAM: where the network looks when it calls a slice COVID (Selvaraju et al., 2017).
+
+The gradient of the COVID score with respect to the last conv feature map, averaged per channel,
+weights that map; its positive part, upsampled to the image, is overlaid on the slice. It shows
+whether a model looks at the lungs or at shortcuts such as the image border or burnt-in text.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from mstl.models.classifier import HEAD_PREFIX
+
+
+def last_conv_layer(model: keras.Model) -> str:
+    """The deepest layer before the head with a spatial (4-D) output."""
+    for layer in reversed(model.layers):
+        if not layer.name.startswith(HEAD_PREFIX) and len(layer.output.shape) == 4:
+            return layer.name
+    raise ValueError(f"model {model.name!r} has no spatial layer for Grad-CAM")
+
+
+def gradcam(model: keras.Model, x: np.ndarray, layer: str | None = None) -> np.ndarray:
+    """Heatmaps in [0, 1] of shape (n, H, W) for a batch of preprocessed inputs (n, H, W, 3)."""
+    layer = layer or last_conv_layer(model)
+    probe = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
+    x = tf.convert_to_tensor(x, tf.float32)
+    with tf.GradientTape() as tape:
+        features, output = probe(x, training=False)
+        score = output[:, 0]
+    grads = tape.gradient(score, features)
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+    cam = tf.image.resize(cam, x.shape[1:3], method="bilinear")[..., 0].numpy()
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+
+
+def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """RGB uint8: the grey slice with the heatmap in a red-yellow colour scale on top."""
+    import matplotlib
+
+    colours = matplotlib.colormaps["jet"](heatmap)[..., :3]
+    base = np.repeat(np.asarray(grey, dtype=np.float64)[..., None] / 255.0, 3, axis=-1)
+    mixed = (1 - alpha * heatmap[..., None]) * base + alpha * heatmap[..., None] * colours
+    return np.clip(np.round(mixed * 255), 0, 255).astype(np.uint8)
+
+
+def explanation_sheet(model, grey: np.ndarray, preprocess_input, captions: list[str], title: str) -> Image.Image:
+    """Overlays for a batch of grey slices, as one captioned contact sheet."""
+    from mstl.data.images import grey_to_input
+    from mstl.evaluation.montage import montage
+
+    heatmaps = gradcam(model, np.asarray(grey_to_input(grey, preprocess_input)))
+    return montage([overlay(g, h) for g, h in zip(grey, heatmaps)], captions, columns=min(len(grey), 6),
+                   title=title, side=160)
