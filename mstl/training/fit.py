@@ -10,6 +10,7 @@ what callers save, evaluate and log.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import keras
@@ -54,6 +55,25 @@ class FitSettings:
 class FitConfig(FitSettings):
     class_weight: dict[int, float] | None = None
     log_to_mlflow: bool = True
+
+
+DISTRIBUTE = ("none", "mirrored")
+
+
+@contextmanager
+def distribution_scope(name: str):
+    """``none``: as is. ``mirrored``: tf.distribute.MirroredStrategy over every visible GPU (or, with
+    none, every logical CPU device); the model must be built and compiled inside this scope."""
+    if name not in DISTRIBUTE:
+        raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {name!r}")
+    if name == "none":
+        yield None
+        return
+    devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+    strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
+    print(f"distribute=mirrored: {strategy.num_replicas_in_sync} replica(s) on {[d.name for d in devices]}")
+    with strategy.scope():
+        yield strategy
 
 
 def augmenter(seed: int) -> keras.Sequential:

@@ -9,7 +9,7 @@ import keras
 from mstl import defaults
 from mstl.models import OutputSpec, build_classifier, get_backbone
 from mstl.models.backbones import check_image_size
-from mstl.training.fit import FitConfig, FitSettings
+from mstl.training.fit import DISTRIBUTE, FitConfig, FitSettings
 
 
 @dataclass(frozen=True)
@@ -23,10 +23,13 @@ class ClassifierParams(FitSettings):
     dense_activation: str = defaults.DENSE_ACTIVATION
     pool_size: int = defaults.POOL_SIZE
     train_batchnorm: bool = defaults.TRAIN_BATCHNORM
+    distribute: str = "none"
 
     def validate_network(self) -> None:
-        """Fail on an unknown backbone or a too-small image before any data is read."""
+        """Fail on an unknown backbone, a too-small image or an unknown distribution before any data is read."""
         check_image_size(get_backbone(self.backbone), self.image_size)
+        if self.distribute not in DISTRIBUTE:
+            raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {self.distribute!r}")
 
     def fit_config(self, class_weight: dict[int, float] | None = None) -> FitConfig:
         settings = {f.name: getattr(self, f.name) for f in fields(FitSettings)}

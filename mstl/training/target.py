@@ -21,7 +21,7 @@ from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
 from mstl.serving import log_serving_model, serving_config
 from mstl.tracking import log_figure, log_params, log_table, resolve_run, start_stage_run
-from mstl.training.fit import fit_classifier, image_dataset, predict_in_batches, set_seed
+from mstl.training.fit import distribution_scope, fit_classifier, image_dataset, predict_in_batches, set_seed
 from mstl.training.params import ClassifierParams
 
 
@@ -168,20 +168,18 @@ def run_target(params: TargetParams) -> str:
         parts = {part: (index["split"] == part).to_numpy() for part in covid_ct.SPLITS}
 
         output = OutputSpec("binary", 1, params.dropout)
-        if parent:
-            model = model_from_transition(parent, params, output)
-        else:
-            model = params.build(output)
-        log_model_structure(model)
         labels = index["label"].to_numpy().astype("float32")
-        result = fit_classifier(
-            model,
-            (grey[parts["train"]], labels[parts["train"]]),
-            (grey[parts["val"]], labels[parts["val"]]),
-            spec.preprocess_input,
-            output,
-            params.fit_config(),
-        )
+        with distribution_scope(params.distribute):
+            model = model_from_transition(parent, params, output) if parent else params.build(output)
+            log_model_structure(model)
+            result = fit_classifier(
+                model,
+                (grey[parts["train"]], labels[parts["train"]]),
+                (grey[parts["val"]], labels[parts["val"]]),
+                spec.preprocess_input,
+                output,
+                params.fit_config(),
+            )
         log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
         mlflow.log_metrics(
             {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy, "fit_seconds": result.seconds}

@@ -18,7 +18,7 @@ from mstl.data.images import decode_images
 from mstl.dicom.prepare import check_two_classes
 from mstl.models import OutputSpec, get_backbone
 from mstl.tracking import log_params, log_table, resolve_run, start_stage_run
-from mstl.training.fit import fit_classifier, set_seed
+from mstl.training.fit import distribution_scope, fit_classifier, set_seed
 from mstl.training.params import ClassifierParams
 from mstl.training.target import log_checkpoint, log_model_structure
 
@@ -178,11 +178,12 @@ def run_transition(params: TransitionParams) -> str:
         })
         log_table(table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]], "data/split.csv")
         decoded = decode_images([str(folder / f) for f in table["file"]], params.image_size)
-        model = params.build(output)
-        log_model_structure(model)
         y = table["y"].to_numpy().astype("float32" if output.kind == "binary" else "int32")
-        result = fit_classifier(model, (decoded.pixels[~is_val], y[~is_val]), (decoded.pixels[is_val], y[is_val]),
-                                spec.preprocess_input, output, params.fit_config(weights))
+        with distribution_scope(params.distribute):
+            model = params.build(output)
+            log_model_structure(model)
+            result = fit_classifier(model, (decoded.pixels[~is_val], y[~is_val]), (decoded.pixels[is_val], y[is_val]),
+                                    spec.preprocess_input, output, params.fit_config(weights))
         log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                             "fit_seconds": result.seconds})
