@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,3 +132,46 @@ def copy_or_link_tree(src: Path, dst: Path) -> None:
             os.symlink(path, target)
 
 
+
+
+def postgres_bin(name: str) -> str | None:
+    """A PostgreSQL server program from PATH or Debian's /usr/lib/postgresql/<version>/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres_uri(tmp_path_factory) -> str:
+    """A real PostgreSQL server on 127.0.0.1 (Debian's postgresql; .ci/run installs it), database mlflow."""
+    initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL server programs not found: .ci/run installs Debian's postgresql")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    import tempfile
+
+    # not under pytest's tmp folder: that is private to root, and the server runs as user postgres
+    root = Path(tempfile.mkdtemp(prefix="mstl-postgres-"))
+    data = root / "data"
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_user:
+        shutil.chown(root, "postgres")
+        os.chmod(root, 0o700)
+    port = free_port()
+
+    def run(*cmd):
+        done = subprocess.run([*as_user, *cmd], capture_output=True, text=True)
+        if done.returncode:
+            pytest.fail(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}")
+
+    run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust")
+    run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "start", "-o", f"-h 127.0.0.1 -p {port} -k {root}")
+    try:
+        run(postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
