@@ -28,6 +28,7 @@ class CompareParams:
     """Parameters of `-e compare`."""
 
     search_experiment: str = defaults.EXPERIMENT_NAME
+    parent_run: str = ""  # only Target runs under this run (e.g. one experiment grid), at any depth
     target_recall: float = 0.95
     out_dir: str = "exports/report"
     experiment: str = defaults.EXPERIMENT_NAME
@@ -37,15 +38,27 @@ class CompareParams:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
 
 
-def collect(client, experiment_name: str, tmp: Path) -> pd.DataFrame:
-    """One row per finished Target run: its tags, seed, metrics and its val/test predictions."""
+def descends_from(run, ancestor: str, parents: dict[str, str]) -> bool:
+    current = run.data.tags.get("mlflow.parentRunId")
+    while current:
+        if current == ancestor:
+            return True
+        current = parents.get(current)
+    return False
+
+
+def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd.DataFrame:
+    """One row per finished Target run (under ``parent_run`` when given): tags, seed, metrics, val/test predictions."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"no experiment named {experiment_name!r} on {tracking_uri()}")
-    runs = client.search_runs([experiment.experiment_id], "tags.stage = 'target' and attributes.status = 'FINISHED'",
-                              max_results=10_000)
+    everything = client.search_runs([experiment.experiment_id], max_results=50_000)
+    parents = {r.info.run_id: r.data.tags.get("mlflow.parentRunId", "") for r in everything}
+    runs = [r for r in everything if r.data.tags.get("stage") == "target" and r.info.status == "FINISHED"
+            and (not parent_run or descends_from(r, parent_run, parents))]
     if not runs:
-        raise ValueError(f"no finished Target run in experiment {experiment_name!r}")
+        where = f"under run {parent_run}" if parent_run else f"in experiment {experiment_name!r}"
+        raise ValueError(f"no finished Target run {where}")
     rows = []
     for run in runs:
         folder = tmp / run.info.run_id
@@ -148,10 +161,15 @@ def markdown_report(table: pd.DataFrame, paired: pd.DataFrame, best: pd.DataFram
         for _, r in paired.iterrows():
             lines.append(f"| {r['backbone']} | {r['split']} | {r['seed']} | {r['strategy']} | {r['metric']} | "
                          f"{r['difference']:+.3f} | {r['test']} | {r['p_value']:.3g} | {'yes' if r['significant'] else 'no'} |")
-        n_sig = int(paired["significant"].sum())
-        lines += ["", f"{n_sig} of {len(paired)} paired differences are significant at 0.05 (no correction for "
-                      "multiple comparisons)." + ("" if n_sig else " None of the differences is significant: on these "
-                                                  "test images MSTL and the ImageNet baseline cannot be told apart.")]
+        significant = paired[paired["significant"]]
+        n_sig, better = len(significant), int((significant["difference"] > 0).sum())
+        bonferroni = paired[paired["p_value"] < ALPHA / len(paired)]
+        lines += ["", f"{n_sig} of {len(paired)} paired differences are significant at 0.05 without correction for "
+                      f"multiple comparisons: {better} favour MSTL, {n_sig - better} favour the ImageNet baseline. "
+                      f"With a Bonferroni correction (p < {ALPHA / len(paired):.2g}) {len(bonferroni)} remain "
+                      f"({int((bonferroni['difference'] > 0).sum())} favouring MSTL)."
+                  + ("" if n_sig else " None of the differences is significant: on these test images MSTL and the "
+                                      "ImageNet baseline cannot be told apart.")]
     lines += ["", "## Figures", "", "![ROC per architecture](fig5_roc_per_architecture.png)", "",
               "![ROC per strategy](fig6_roc_per_strategy.png)", "",
               "Two best models (highest validation recall, ties by validation AUC): " +
@@ -166,7 +184,7 @@ def run_compare(params: CompareParams) -> str:
     with tempfile.TemporaryDirectory() as tmp, start_stage_run(params.experiment, "compare") as run:
         mlflow.set_tag("stage", "compare")
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
-        runs = collect(client, params.search_experiment, Path(tmp))
+        runs = collect(client, params.search_experiment, Path(tmp), params.parent_run)
         out = Path(params.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         table = table_iii(runs, params.target_recall)

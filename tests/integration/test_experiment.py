@@ -37,3 +37,15 @@ def test_grid_nests_stages_and_reuses_finished_cells(mlflow_server, data_root, k
         assert transitions[strategy].data.tags["mlflow.parentRunId"] == parents[1].info.run_id
     assert targets["imagenet"].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert transitions["soft"].data.params["labels"] == by_stage["soft_labels"][0].info.run_id
+
+
+def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    grids = sorted(client.search_runs([exp.experiment_id], "tags.stage = 'experiment'"), key=lambda r: r.info.start_time)
+    result = run_entry_point("compare", {"search_experiment": EXPERIMENT, "parent_run": grids[1].info.run_id,
+                                         "out_dir": tmp_path / "report"}, mlflow_server, EXPERIMENT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compare: 2 Target runs" in result.stdout  # hard and soft; the imagenet run belongs to the first grid
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "Bonferroni" in report or "nothing to compare" in report
