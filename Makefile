@@ -21,7 +21,7 @@ EXPERIMENT ?= mstl
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv weights target server test integration check bench clean
+.PHONY: venv weights target experiment server test integration check bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..." >&2; exit 1; }
@@ -41,6 +41,15 @@ target: weights
 	$(VENV)/bin/mlflow run . -e target --env-manager local --experiment-name $(EXPERIMENT) \
 	  -P data_root=$(DATA_ROOT) -P backbone=$(BACKBONE) -P split=$(SPLIT) \
 	  -P image_size=$(IMAGE_SIZE) -P epochs=$(EPOCHS) -P seed=$(SEED)
+
+# The MSTL grid (backbones x imagenet/hard/soft x seeds) in its cpu profile, then the report.
+GRID_EXPERIMENT ?= cpu-profile
+experiment: weights
+	$(PY) -m mstl.tracking ensure-experiment $(GRID_EXPERIMENT)
+	$(VENV)/bin/mlflow run . -e experiment --env-manager local --experiment-name $(GRID_EXPERIMENT) \
+	  -P profile=cpu -P data_root=$(DATA_ROOT) -P split=$(SPLIT) -P seeds=0,1,2
+	$(VENV)/bin/mlflow run . -e compare --env-manager local --experiment-name $(GRID_EXPERIMENT) \
+	  -P search_experiment=$(GRID_EXPERIMENT)
 
 server: venv
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \

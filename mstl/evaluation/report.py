@@ -20,6 +20,8 @@ from mstl.evaluation.stats import paired_tests, threshold_for_recall
 from mstl.tracking import log_params, start_stage_run, tracking_uri
 
 BASELINE = "imagenet"
+# Runs are grouped (and paired with their baseline) only with the same setting; a seed is a replicate.
+SETTING = ["backbone", "strategy", "split", "image_size", "epochs"]
 ALPHA = 0.05
 
 
@@ -68,6 +70,7 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
         rows.append({
             "run_id": run.info.run_id, "backbone": run.data.tags.get("backbone"), "strategy": run.data.tags.get("strategy"),
             "split": run.data.tags.get("split"), "seed": int(run.data.params.get("seed", 0)),
+            "image_size": int(run.data.params.get("image_size", 0)), "epochs": int(run.data.params.get("epochs", 0)),
             "threshold": float(run.data.params.get("threshold", defaults.THRESHOLD)),
             "metrics": run.data.metrics, "val": predictions["val"], "test": predictions["test"],
         })
@@ -77,8 +80,9 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
 def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
     """Per backbone x strategy x split: each metric as value [CI] (one seed) or mean ± SD (several)."""
     out = []
-    for (backbone, strategy, split), group in runs.groupby(["backbone", "strategy", "split"]):
-        row = {"backbone": backbone, "strategy": strategy, "split": split, "seeds": len(group)}
+    for (backbone, strategy, split, size, epochs), group in runs.groupby(SETTING):
+        row = {"backbone": backbone, "strategy": strategy, "split": split, "image_size": size, "epochs": epochs,
+               "seeds": len(group)}
         for name in METRIC_NAMES:
             values = [m[f"test_{name}"] for m in group["metrics"] if f"test_{name}" in m]
             row[name] = float(np.mean(values)) if values else float("nan")
@@ -98,11 +102,11 @@ def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
 
 
 def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each MSTL run against the ImageNet baseline of the same backbone, split and seed, on the same test images."""
+    """Each MSTL run against the ImageNet baseline of the same setting and seed, on the same test images."""
     out = []
     for _, run in runs[runs["strategy"] != BASELINE].iterrows():
-        base = runs[(runs["strategy"] == BASELINE) & (runs["backbone"] == run["backbone"])
-                    & (runs["split"] == run["split"]) & (runs["seed"] == run["seed"])]
+        same = np.logical_and.reduce([runs[k] == run[k] for k in SETTING if k != "strategy"] + [runs["seed"] == run["seed"]])
+        base = runs[same & (runs["strategy"] == BASELINE)]
         if base.empty:
             continue
         base = base.iloc[0]
@@ -122,7 +126,7 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    first = runs.sort_values("seed").groupby(["backbone", "strategy", "split"]).head(1)
+    first = runs.sort_values("seed").groupby(SETTING).head(1)
     groups = list(first.groupby(key))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), dpi=110, squeeze=False)
     for ax, (name, group) in zip(axes[0], groups):
@@ -130,7 +134,7 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
             y, p = run["test"]["label"], run["test"]["probability"]
             fpr, tpr, _ = roc_curve(y, p)
             other = run["strategy"] if key == "backbone" else run["backbone"]
-            ax.plot(fpr, tpr, label=f"{other} ({run['split']}) AUC {roc_auc_score(y, p):.3f}")
+            ax.plot(fpr, tpr, label=f"{other} ({run['split']}, {run['image_size']} px) AUC {roc_auc_score(y, p):.3f}")
         ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
         ax.set(title=f"{name}", xlabel="1 - specificity", ylabel="sensitivity")
         ax.legend(fontsize=7, loc="lower right")
@@ -141,10 +145,10 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
 
 def markdown_report(table: pd.DataFrame, paired: pd.DataFrame, best: pd.DataFrame, target_recall: float) -> str:
     lines = ["# MSTL against the ImageNet baseline", "", "## Table III (test split)", ""]
-    header = ["backbone", "strategy", "split", "seeds"] + list(METRIC_NAMES)
+    header = ["backbone", "strategy", "split", "image size", "epochs", "seeds"] + list(METRIC_NAMES)
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for _, r in table.iterrows():
-        cells = [r["backbone"], r["strategy"], r["split"], str(r["seeds"])]
+        cells = [r["backbone"], r["strategy"], r["split"], str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
         cells += [f"{r[m]:.3f} {r[f'{m}_ci']}" for m in METRIC_NAMES]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"## Operating point: threshold chosen on validation for sensitivity ≥ {target_recall}", "",
