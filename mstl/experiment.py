@@ -51,10 +51,10 @@ class ExperimentParams:
     transition_label_map: str = ""
     transition_group_by: str = ""
     soft_feature_backbone: str = ""
-    soft_k_values: str = "2,4,8,16"
+    soft_k_values: str = defaults.K_VALUES
     soft_folds: int = 0
-    export_dir: str = ".cache/exports"
-    cache_dir: str = ".cache"
+    export_dir: str = defaults.EXPORT_DIR
+    cache_dir: str = defaults.CACHE_DIR
     experiment: str = defaults.EXPERIMENT_NAME
 
     def resolved(self) -> "ExperimentParams":

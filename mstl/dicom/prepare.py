@@ -64,7 +64,7 @@ class PrepareParams:
     image_format: str = "png"
     group_near_duplicates: bool = True
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
-    export_dir: str = ".cache/exports"
+    export_dir: str = defaults.EXPORT_DIR
     log_slices: bool = True
     experiment: str = defaults.EXPERIMENT_NAME
 

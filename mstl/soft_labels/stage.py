@@ -38,7 +38,7 @@ class SoftLabelParams:
     feature_backbone: str = "inceptionv3"
     weights: str = defaults.WEIGHTS
     image_size: int = defaults.IMAGE_SIZE
-    k_values: str = "2,4,8,16"
+    k_values: str = defaults.K_VALUES
     k_range: str = ""
     n_trials: int = 20
     criterion: str = "silhouette"
@@ -46,7 +46,7 @@ class SoftLabelParams:
     reduce: str = "none"
     reduce_dim: int = 256
     storage: str = ""
-    cache_dir: str = ".cache"
+    cache_dir: str = defaults.CACHE_DIR
     batch_size: int = defaults.BATCH_SIZE
     seed: int = defaults.SEED
     log_features: bool = True
