@@ -11,12 +11,13 @@ import argparse
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
@@ -97,6 +98,46 @@ def verify_files(folder: str | os.PathLike, checksums: dict[str, str]) -> int:
     return len(checksums)
 
 
+class UnsafeArchiveError(ValueError):
+    """An archive member that would land outside the extraction folder; the message names it."""
+
+
+def member_path(member: zipfile.ZipInfo, target: Path) -> Path | None:
+    """Where a zip member goes under ``target``, None for folders and macOS/dot files; refuses
+    absolute paths, drive letters, ``..`` and symbolic links (zip-slip), naming the member."""
+    name = member.filename
+    if (member.external_attr >> 16) & 0o170000 == stat.S_IFLNK:
+        raise UnsafeArchiveError(f"refusing archive member {name!r}: it is a symbolic link")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or (pure.parts and ":" in pure.parts[0]):
+        raise UnsafeArchiveError(f"refusing archive member {name!r}: absolute path")
+    if ".." in pure.parts:
+        raise UnsafeArchiveError(f"refusing archive member {name!r}: it climbs out of the folder with '..'")
+    if member.is_dir() or "__MACOSX" in pure.parts or pure.name.startswith("."):
+        return None
+    out = (target / Path(*pure.parts)).resolve()
+    if not out.is_relative_to(target.resolve()):
+        raise UnsafeArchiveError(f"refusing archive member {name!r}: it resolves outside {target}")
+    return out
+
+
+def extract_zip(archive_path: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
+    """Extract regular files only inside ``target``. Every member is checked before anything is
+    written, so an unsafe archive leaves nothing behind."""
+    target = Path(target)
+    with zipfile.ZipFile(archive_path) as archive:
+        plan = [(member, member_path(member, target)) for member in archive.infolist()]
+        written = []
+        for member, out in plan:
+            if out is None:
+                continue
+            out.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(member) as src, open(out, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            written.append(out)
+    return written
+
+
 def fetch_dataset(name: str, data_root: str | os.PathLike, base_url: str | None = None) -> Path:
     """Download, extract and verify a dataset into ``data_root/<name>``.
 
@@ -111,15 +152,7 @@ def fetch_dataset(name: str, data_root: str | os.PathLike, base_url: str | None 
         url = source.url if base_url is None else base_url.rstrip("/") + source.url[len(UCSD) :]
         path = download(url, target / source.dest, source.sha256)
         if path.suffix == ".zip":
-            with zipfile.ZipFile(path) as archive:
-                for member in archive.infolist():
-                    parts = Path(member.filename).parts
-                    if member.is_dir() or "__MACOSX" in parts or Path(member.filename).name.startswith("."):
-                        continue
-                    out = target / Path(*parts)
-                    out.parent.mkdir(parents=True, exist_ok=True)
-                    with archive.open(member) as src, open(out, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
+            extract_zip(path, target)
             path.unlink()
     count = verify_files(target, read_checksums(checksum_file))
     print(f"{name}: {count} files verified under {target}")

@@ -25,6 +25,7 @@ from mstl.models.backbones import check_image_size, get_backbone
 from mstl.soft_labels.features import cached_features
 from mstl.soft_labels.search import CRITERIA, check_counts, check_features, fold_scores, parse_k_range, parse_k_values
 from mstl.tracking import log_figure, log_params, log_table, start_stage_run, tracking_uri
+from mstl.tracking.work import HEARTBEAT_SECONDS, claim, heartbeat_storage, run_shared
 from mstl.training.transition import load_manifest
 
 REDUCTIONS = ("none", "pca", "random")
@@ -50,6 +51,7 @@ class SoftLabelParams:
     batch_size: int = defaults.BATCH_SIZE
     seed: int = defaults.SEED
     log_features: bool = True
+    heartbeat_seconds: int = HEARTBEAT_SECONDS
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
@@ -111,27 +113,19 @@ def log_trial_run(client, parent, k: int, criterion: str, scores: list[float]) -
 
 
 def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: str, parent) -> optuna.Study:
-    """Run (or resume) the Optuna study; every finished trial is logged as a nested MLflow run."""
-    grid, k_range = params.search_space()
-    sampler = (optuna.samplers.GridSampler({"k": grid}, seed=params.seed) if grid
-               else optuna.samplers.TPESampler(seed=params.seed))
-    study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, direction="maximize", load_if_exists=True)
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # a trial left RUNNING by a killed search: mark it failed and run its k again
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
-    done = {t.params["k"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
-    if grid:
-        remaining = [k for k in grid if k not in done]
-        for k in remaining:
-            study.enqueue_trial({"k": k}, skip_if_exists=False)
-        n_trials = len(remaining)
-    else:
-        n_trials = max(0, params.n_trials - len(done))
-    client = mlflow.MlflowClient(tracking_uri())
-    low, high = (min(grid), max(grid)) if grid else k_range
+    """Run (or resume, or join) the Optuna study; every evaluated k is logged as a nested MLflow run.
 
-    def objective(trial: optuna.Trial) -> float:
-        k = trial.suggest_categorical("k", grid) if grid else trial.suggest_int("k", low, high)
+    Several workers may share one study (``storage`` on PostgreSQL or one sqlite file): on the grid of
+    k values each k is evaluated once by one of them (``mstl.tracking.work``), a dead worker's k is
+    retried once, and every worker returns with the whole grid complete.
+    """
+    grid, k_range = params.search_space()
+    study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, params.heartbeat_seconds),
+                                sampler=optuna.samplers.TPESampler(seed=params.seed), direction="maximize",
+                                load_if_exists=True)
+    client = mlflow.MlflowClient(tracking_uri())
+
+    def evaluate(trial: optuna.Trial, k: int) -> float:
         scores = fold_scores(features, k, params.criterion, params.folds, params.seed)
         trial.set_user_attr("fold_scores", scores)
         log_trial_run(client, parent, k, params.criterion, scores)
@@ -139,9 +133,28 @@ def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: 
             raise optuna.TrialPruned(f"criterion {params.criterion} undefined on every fold for k={k}")
         return float(np.nanmean(scores))
 
+    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            print(f"  k={trial.params.get('k')}: {trial.value}", flush=True)
+
+    if grid:
+        done = {t.params["k"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        print(f"searching k over {grid}: {len(set(grid) - done)} to evaluate, shared through study {name}")
+        run_shared(study, "k", grid, evaluate, callbacks=[report])
+        return study
+
+    low, high = k_range
+
+    def objective(trial: optuna.Trial) -> float:
+        k = trial.suggest_int("k", low, high)
+        claim(study, trial, "k", k)  # TPE may propose a k it has seen: prune, do not evaluate twice
+        return evaluate(trial, k)
+
+    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    n_trials = max(0, params.n_trials - done)
     if n_trials:
-        print(f"searching k: {n_trials} trial(s) to run, {len(done)} already done (study {name})")
-        study.optimize(objective, n_trials=n_trials, callbacks=[lambda s, t: print(f"  k={t.params.get('k')}: {t.value}")])
+        print(f"searching k in [{low}, {high}]: {n_trials} trial(s) to run, {done} already done (study {name})")
+        study.optimize(objective, n_trials=n_trials, catch=(), callbacks=[report])
     return study
 
 

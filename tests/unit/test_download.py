@@ -1,12 +1,22 @@
 """The dataset download path, exercised with file:// URLs built from the real data."""
 
 import hashlib
+import stat
 import zipfile
+from pathlib import Path
 
 import pytest
 
 from mstl.data import covid_ct
-from mstl.data.download import COVID_CT_SOURCES, UCSD, ChecksumError, download, fetch_dataset
+from mstl.data.download import (
+    COVID_CT_SOURCES,
+    UCSD,
+    ChecksumError,
+    UnsafeArchiveError,
+    download,
+    extract_zip,
+    fetch_dataset,
+)
 
 
 def test_download_checks_sha256_and_leaves_nothing_on_mismatch(tmp_path):
@@ -66,3 +76,39 @@ def test_fetch_detects_an_altered_image(mirror, tmp_path):
 def test_unknown_dataset_is_named(tmp_path):
     with pytest.raises(ValueError, match="'lidc'"):
         fetch_dataset("lidc", tmp_path)
+
+
+def crafted_zip(path, members: dict[str, bytes], symlinks: dict[str, str] = {}):
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+        for name, target in symlinks.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(info, target)
+    return path
+
+
+@pytest.mark.parametrize("evil, reason", [
+    ({"members": {"../evil.txt": b"x"}}, "'..'"),
+    ({"members": {"/abs/evil.txt": b"x"}}, "absolute"),
+    ({"members": {}, "symlinks": {"CT_COVID/link.png": "/etc/passwd"}}, "symbolic link"),
+])
+def test_unsafe_zip_members_are_refused_by_name_and_nothing_is_written(tmp_path, evil, reason):
+    target = tmp_path / "data" / "covid-ct"
+    archive = crafted_zip(tmp_path / "a.zip", {"CT_COVID/ok.png": b"fine", **evil["members"]}, evil.get("symlinks", {}))
+    with pytest.raises(UnsafeArchiveError, match=reason) as error:
+        extract_zip(archive, target)
+    bad = next(iter({**evil["members"], **evil.get("symlinks", {})}))
+    assert repr(bad) in str(error.value)
+    written = [p for p in tmp_path.rglob("*") if p.name not in ("a.zip",) and p.is_file()]
+    assert written == []  # not even the good member: the archive is checked before anything is written
+    assert not Path("/abs/evil.txt").exists()
+
+
+def test_safe_zip_extracts_regular_files_and_skips_macos_metadata(tmp_path):
+    archive = crafted_zip(tmp_path / "a.zip", {"CT_COVID/a.png": b"1", "__MACOSX/CT_COVID/._a.png": b"junk",
+                                               "CT_COVID/sub/b.png": b"2"})
+    written = extract_zip(archive, tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["CT_COVID/a.png", "CT_COVID/sub/b.png"]
+    assert (tmp_path / "out" / "CT_COVID" / "sub" / "b.png").read_bytes() == b"2"

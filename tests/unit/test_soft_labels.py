@@ -94,3 +94,29 @@ def test_a_killed_search_resumes_where_it_stopped(blobs, local_tracking, tmp_pat
     assert sorted(complete) == [2, 4, 8]
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert children["params.k"].tolist() == [str(first[2])]
+
+
+def test_two_processes_share_one_search_each_k_once(tmp_path):
+    """Two workers on one sqlite study at once, as docs/scaling.md runs them: each k is evaluated (and
+    logged as a trial run) by exactly one of them, no trial fails, and both end with the same best k."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    optuna.create_study(study_name="two-workers", storage=storage, direction="maximize")
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.workers.soft_search", storage,
+                                 f"sqlite:///{tmp_path / f'mlflow{i}.db'}", str(tmp_path / f"w{i}.json"), "2"],
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=300)
+        assert w.returncode == 0, err[-3000:]
+    results = [json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2)]
+    assert sorted(results[0]["evaluated"] + results[1]["evaluated"]) == [2, 4, 8, 16]
+    assert results[0]["evaluated"] and results[1]["evaluated"]  # both worked: they really shared the search
+    assert results[0]["best_k"] == results[1]["best_k"] == 4
+    trials = optuna.load_study(study_name="two-workers", storage=storage).get_trials()
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    print("evaluated per worker:", [r["evaluated"] for r in results])

@@ -1,0 +1,121 @@
+"""Work shared by several processes through an Optuna study on an RDB storage (sqlite, PostgreSQL).
+
+Each item of work (a cluster count k of the soft-label search, a cell of the experiment grid) is an
+Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs only:
+
+- items are enqueued and popped from the study's queue (the RDB pop is atomic), so each worker takes
+  different items;
+- a trial keeps a heartbeat; a worker that dies (SIGKILL, power loss) stops beating, and after the
+  grace period any worker's ``fail_stale_trials`` marks its trial FAIL, exactly once, and
+  ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` enqueues one retry;
+- two trials of one item that slipped through at the same moment are resolved by trial number: the
+  later one is PRUNED unevaluated ("claimed"), never FAILED.
+
+A worker returns when every item is COMPLETE (by itself or by others), so all workers agree on the result.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Hashable, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+HEARTBEAT_SECONDS = 30
+MAX_FAILURES = 2  # an item that failed this often (errors, not dead workers) stops the search
+
+
+def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
+    """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that, they are stale."""
+    if heartbeat_seconds < 1:
+        raise ValueError(f"heartbeat_seconds must be at least 1, got {heartbeat_seconds}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=2 * heartbeat_seconds,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+        )
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, param: str, item: Hashable) -> None:
+    """Prune ``trial`` unevaluated when an earlier trial of the same item is queued, running or complete."""
+    for other in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
+        if other.number != trial.number and other.params.get(param) == item and (
+            other.state == TrialState.COMPLETE or other.number < trial.number
+        ):
+            trial.set_user_attr("claimed_by", other.number)
+            raise optuna.TrialPruned(f"{param}={item} is already taken by trial {other.number}")
+
+
+def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
+    """The stored record of a live trial (its system attributes: queue origin, retry history)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def trials_by_item(study: optuna.Study, param: str) -> dict[Hashable, list[FrozenTrial]]:
+    out: dict[Hashable, list[FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        if param in trial.params:
+            out.setdefault(trial.params[param], []).append(trial)
+    return out
+
+
+def run_shared(
+    study: optuna.Study,
+    param: str,
+    items: Sequence[Hashable],
+    evaluate: Callable[[optuna.Trial, Hashable], float],
+    ready: Callable[[Hashable, dict[Hashable, FrozenTrial]], bool] | None = None,
+    poll_seconds: float = 2.0,
+    max_failures: int = MAX_FAILURES,
+    callbacks: Sequence[Callable] = (),
+) -> dict[Hashable, FrozenTrial]:
+    """Evaluate every item exactly once across all workers of ``study``; return each item's COMPLETE trial.
+
+    ``ready(item, done)`` says whether an item's prerequisites are complete (default: always), so a
+    worker only queues what can run now and waits while others finish the rest.
+    """
+    choices = list(items)
+
+    def objective(trial: optuna.Trial) -> float:
+        if "fixed_params" not in frozen(study, trial).system_attrs:  # the queue emptied between our look and our pop
+            raise optuna.TrialPruned("no queued item left when this trial started")
+        item = trial.suggest_categorical(param, choices)
+        claim(study, trial, param, item)
+        return evaluate(trial, item)
+
+    waited = False
+    while True:
+        with warnings.catch_warnings():  # a dead worker's trial: FAIL once, one retry queued
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        by_item = trials_by_item(study, param)
+        done = {item: t for item in choices for t in by_item.get(item, []) if t.state == TrialState.COMPLETE}
+        if len(done) == len(choices):
+            return done
+        queued = False
+        for item in choices:
+            trials = by_item.get(item, [])
+            if item in done or any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
+                queued |= any(t.state == TrialState.WAITING for t in trials)
+                continue
+            failures = sum(t.state == TrialState.FAIL for t in trials)
+            if failures > max_failures:
+                raise RuntimeError(f"{param}={item} failed {failures} times in study {study.study_name!r}; "
+                                   "see the failed trials' errors above or in the study")
+            if ready is None or ready(item, done):
+                study.enqueue_trial({param: item})
+                queued = True
+        if queued:
+            waited = False
+            study.optimize(objective, n_trials=1, catch=(), callbacks=list(callbacks))
+        else:
+            if not waited:
+                print(f"waiting for other workers of study {study.study_name!r} "
+                      f"({len(done)}/{len(choices)} complete)", flush=True)
+                waited = True
+            time.sleep(poll_seconds)

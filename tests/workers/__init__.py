@@ -1,0 +1,1 @@
+"""Small programs the tests start as separate processes (workers sharing one study)."""

@@ -1,0 +1,40 @@
+"""A worker of `mstl.tracking.work.run_shared` over items a..d; each evaluation sleeps, so workers overlap.
+
+python -m tests.workers.shared_items STORAGE STUDY OUT.json [--die-on ITEM]
+"""
+
+import json
+import os
+import sys
+import time
+
+import optuna
+
+from mstl.tracking.work import heartbeat_storage, run_shared
+
+ITEMS = ["a", "b", "c", "d"]
+
+
+def main() -> None:
+    storage, name, out = sys.argv[1:4]
+    die_on = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--die-on" else None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, 1), load_if_exists=True)
+    evaluated = []
+
+    def evaluate(trial, item):
+        evaluated.append(item)
+        with open(out + ".log", "a") as log:
+            log.write(f"{os.getpid()} {item}\n")
+        if item == die_on:
+            os.kill(os.getpid(), 9)  # SIGKILL mid-item: no cleanup, the trial is left RUNNING
+        time.sleep(0.6)
+        return float(ITEMS.index(item))
+
+    done = run_shared(study, "item", ITEMS, evaluate, poll_seconds=0.3)
+    with open(out, "w") as f:
+        json.dump({"evaluated": evaluated, "done": sorted(done)}, f)
+
+
+if __name__ == "__main__":
+    main()
