@@ -2,23 +2,31 @@
 nested MLflow run under one experiment run, finished work reused.
 
 As in MLflow's multistep_workflow example, a stage whose params, code version and inputs match a run
-that already FINISHED on the server is not run again, so a killed grid picks up where it stopped.
-Hard and soft Target runs stay nested under their Transition runs.
+that already FINISHED on the server is not run again. Each cell (a stage run) is an item of one Optuna
+study on an RDB storage (``mstl.tracking.work``), so several workers, on one machine or many, share a grid
+without running a cell twice, and a grid killed with SIGKILL resumes on rerun: its orphaned runs are
+marked KILLED and never reused. Hard and soft Target runs stay nested under their Transition runs.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
+import optuna
+import pandas as pd
 
 from mstl import defaults
 from mstl.data import covid_ct
 from mstl.dicom.prepare import PrepareParams, export_key, run_prepare
 from mstl.models import PAPER_BACKBONES, get_backbone
 from mstl.soft_labels.stage import SoftLabelParams, run_soft_labels
-from mstl.tracking import find_finished_run, log_params, start_stage_run
+from mstl.tracking import code_version, find_finished_run, log_params, log_table, run_tags, start_stage_run, tracking_uri
+from mstl.tracking.work import HEARTBEAT_SECONDS, heartbeat_storage, run_shared, trials_by_item
 from mstl.training.target import TargetParams, run_target
 from mstl.training.transition import TransitionParams, run_transition
 
@@ -55,6 +63,9 @@ class ExperimentParams:
     soft_folds: int = 0
     export_dir: str = defaults.EXPORT_DIR
     cache_dir: str = defaults.CACHE_DIR
+    storage: str = ""  # Optuna RDB URL shared by the grid's workers (default: sqlite in cache_dir)
+    heartbeat_seconds: int = HEARTBEAT_SECONDS
+    deterministic: bool = True
     experiment: str = defaults.EXPERIMENT_NAME
 
     def resolved(self) -> "ExperimentParams":
@@ -100,62 +111,134 @@ class ExperimentParams:
             raise ValueError(f"seeds must be whole numbers separated by commas, got {self.seeds!r}") from None
 
 
-class Grid:
-    """Runs (or reuses) stage runs in order, printing which cell is running and how many are done."""
+@dataclass(frozen=True)
+class Cell:
+    """One stage run of the grid: its key, the cells whose runs it needs, and how to make its parameters."""
 
-    def __init__(self, total: int, experiment_id: str):
-        self.total, self.done, self.reused, self.experiment_id = total, 0, 0, experiment_id
+    key: str
+    stage: str
+    needs: tuple[str, ...]
+    make: Callable[[dict[str, str]], tuple[object, Callable, dict]]  # run IDs of needs -> (params, runner, inputs)
 
-    def step(self, stage: str, what: str, params, runner, inputs: dict | None = None) -> str:
-        self.done += 1
-        match = {k: v for k, v in asdict(params).items() if k != "experiment"} | (inputs or {})
-        found = find_finished_run(stage, match, self.experiment_id)
-        if found:
-            self.reused += 1
-            print(f"[{self.done}/{self.total}] {stage} {what}: reusing finished run {found}", flush=True)
-            return found
-        print(f"[{self.done}/{self.total}] {stage} {what}: running", flush=True)
-        return runner(params)
+
+def plan(p: "ExperimentParams", data_hash: str) -> list[Cell]:
+    """Every cell of the grid, each after the cells it needs (the order one worker would run them in)."""
+    strategies, seeds = p.strategy_list(), p.seed_list()
+    cells: list[Cell] = []
+    if any(s != "imagenet" for s in strategies):
+        prepare = PrepareParams(dicom_root=p.transition_dicom_root, slices_root=p.transition_slices_root,
+                                labels_csv=p.transition_labels_csv, label_map=p.transition_label_map,
+                                export_dir=p.export_dir)
+        prepare.validate()
+        key = export_key(prepare)
+        cells.append(Cell("prepare_transition", "prepare_transition", (), lambda ids: (prepare, run_prepare, {"export_key": key})))
+    for seed in seeds:
+        if "soft" in strategies:
+            cells.append(Cell(f"soft_labels/s{seed}", "soft_labels", ("prepare_transition",), lambda ids, seed=seed: (
+                SoftLabelParams(manifest=ids["prepare_transition"], feature_backbone=p.soft_feature_backbone,
+                                k_values=p.soft_k_values, folds=p.soft_folds, seed=seed, cache_dir=p.cache_dir,
+                                log_features=False, storage=p.storage, heartbeat_seconds=p.heartbeat_seconds),
+                run_soft_labels, {})))
+        for backbone in p.backbone_list():
+            common = dict(backbone=backbone, image_size=p.image_size, epochs=p.epochs, seed=seed,
+                          deterministic=p.deterministic)
+            for strategy in strategies:
+                name = f"{backbone}/{strategy}/s{seed}"
+                needs: tuple[str, ...] = ()
+                if strategy != "imagenet":
+                    transition_needs = ("prepare_transition",) + ((f"soft_labels/s{seed}",) if strategy == "soft" else ())
+                    cells.append(Cell(f"transition/{name}", "transition", transition_needs,
+                                      lambda ids, strategy=strategy, seed=seed, common=common: (
+                                          TransitionParams(manifest=ids["prepare_transition"], strategy=strategy,
+                                                           labels=ids.get(f"soft_labels/s{seed}", ""),
+                                                           group_by=p.transition_group_by, **common),
+                                          run_transition, {})))
+                    needs = (f"transition/{name}",)
+                cells.append(Cell(f"target/{name}", "target", needs, lambda ids, needs=needs, common=common: (
+                    TargetParams(data_root=p.data_root, split=p.split, init_from=ids[needs[0]] if needs else "", **common),
+                    run_target, {"data_sha256": data_hash})))
+    return cells
+
+
+def grid_study_name(p: "ExperimentParams", experiment_id: str) -> str:
+    """One study per grid, experiment and code version: workers that agree on all three share the work."""
+    shaping = {k: v for k, v in asdict(p).items() if k not in ("storage", "heartbeat_seconds", "experiment")}
+    digest = hashlib.sha256(json.dumps([shaping, experiment_id, code_version()], sort_keys=True, default=str).encode())
+    return f"grid-{digest.hexdigest()[:16]}"
+
+
+def kill_orphans(client, experiment_id: str, study_name: str, cell: str, trial_number: int) -> list[str]:
+    """Runs of ``cell`` left RUNNING by a dead worker (an earlier trial of it), and their RUNNING ancestors
+    (the dead worker's experiment run), are marked KILLED: visible as such in the UI, never reused."""
+    found = client.search_runs([experiment_id], f"tags.`mstl.grid` = '{study_name}' and tags.`mstl.grid_cell` = '{cell}' "
+                                                "and attributes.status = 'RUNNING'")
+    killed = []
+    for run in found:
+        if run.data.tags.get("mstl.grid_trial") == str(trial_number):
+            continue
+        current = run
+        while current is not None and current.info.status == "RUNNING":
+            client.set_terminated(current.info.run_id, "KILLED")
+            killed.append(current.info.run_id)
+            parent = current.data.tags.get("mlflow.parentRunId")
+            current = client.get_run(parent) if parent else None
+    if killed:
+        print(f"marked {len(killed)} orphaned run(s) of {cell} KILLED: {', '.join(killed)}", flush=True)
+    return killed
 
 
 def run_experiment(params: ExperimentParams) -> str:
+    """One worker of the grid. Any number of workers (here or on other machines, sharing ``storage``
+    and the tracking server) split the cells between them: each cell is an item of one Optuna study."""
     p = params.resolved()
-    strategies, backbones, seeds = p.strategy_list(), p.backbone_list(), p.seed_list()
-    mstl_strategies = [s for s in strategies if s != "imagenet"]
-    total = (1 if mstl_strategies else 0) + len(seeds) * (
-        ("soft" in strategies) + len(backbones) * (len(strategies) + len(mstl_strategies)))
+    data_hash = covid_ct.files_sha256(covid_ct.index_images(p.data_root)["path"])
     with start_stage_run(p.experiment, f"experiment-{p.profile}") as parent:
-        mlflow.set_tags({"stage": "experiment", "profile": p.profile})
-        log_params({k: v for k, v in asdict(p).items() if k != "experiment"})
-        grid = Grid(total, parent.info.experiment_id)
-        manifest = None
-        if mstl_strategies:
-            prepare = PrepareParams(dicom_root=p.transition_dicom_root, slices_root=p.transition_slices_root,
-                                    labels_csv=p.transition_labels_csv, label_map=p.transition_label_map,
-                                    export_dir=p.export_dir)
-            prepare.validate()
-            manifest = grid.step("prepare_transition", "(shared)", prepare, run_prepare,
-                                 {"export_key": export_key(prepare)})
-        data_hash = covid_ct.files_sha256(covid_ct.index_images(p.data_root)["path"])
-        targets = []
-        for seed in seeds:
-            labels = None
-            if "soft" in strategies:
-                soft = SoftLabelParams(manifest=manifest, feature_backbone=p.soft_feature_backbone,
-                                       k_values=p.soft_k_values, folds=p.soft_folds, seed=seed,
-                                       cache_dir=p.cache_dir, log_features=False)
-                labels = grid.step("soft_labels", f"seed {seed}", soft, run_soft_labels)
-            for backbone in backbones:
-                common = dict(backbone=backbone, image_size=p.image_size, epochs=p.epochs, seed=seed)
-                for strategy in strategies:
-                    init_from = ""
-                    if strategy != "imagenet":
-                        transition = TransitionParams(manifest=manifest, strategy=strategy, labels=labels or "",
-                                                      group_by=p.transition_group_by, **common)
-                        init_from = grid.step("transition", f"{backbone} {strategy} seed {seed}", transition, run_transition)
-                    target = TargetParams(data_root=p.data_root, split=p.split, init_from=init_from, **common)
-                    targets.append(grid.step("target", f"{backbone} {strategy} seed {seed}", target, run_target,
-                                             {"data_sha256": data_hash}))
-        mlflow.log_metrics({"cells": total, "cells_reused": grid.reused, "target_runs": len(targets)})
-        print(f"experiment: {total} cells, {grid.reused} reused; Target runs: {', '.join(t[:8] for t in targets)}")
+        cells = {cell.key: cell for cell in plan(p, data_hash)}
+        experiment_id = parent.info.experiment_id
+        name = grid_study_name(p, experiment_id)
+        storage = p.storage or f"sqlite:///{(Path(p.cache_dir) / 'optuna.db').resolve()}"
+        Path(p.cache_dir).mkdir(parents=True, exist_ok=True)
+        mlflow.set_tags({"stage": "experiment", "profile": p.profile, "mstl.grid": name})
+        log_params({k: v for k, v in asdict(p).items() if k not in ("experiment", "storage")}
+                   | {"optuna_storage": storage.split("@")[-1], "grid_study": name, "n_cells": len(cells)})
+        study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, p.heartbeat_seconds),
+                                    load_if_exists=True)
+        client = mlflow.MlflowClient(tracking_uri())
+        counts = {"run": 0, "reused": 0}
+
+        def run_ids() -> dict[str, str]:
+            return {key: trials[0].user_attrs["run_id"] for key, trials in trials_by_item(study, "cell").items()
+                    for trials in [[t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]] if trials}
+
+        def evaluate(trial: optuna.Trial, key: str) -> float:
+            cell = cells[key]
+            kill_orphans(client, experiment_id, name, key, trial.number)
+            ids = run_ids()
+            cell_params, runner, inputs = cell.make(ids)
+            match = {k: v for k, v in asdict(cell_params).items() if k != "experiment"} | inputs
+            found = find_finished_run(cell.stage, match, experiment_id)
+            position = f"[{len(ids) + 1}/{len(cells)}]"
+            if found:
+                print(f"{position} {key}: reusing finished run {found}", flush=True)
+                run_id, counts["reused"] = found, counts["reused"] + 1
+            else:
+                print(f"{position} {key}: running", flush=True)
+                with run_tags({"mstl.grid": name, "mstl.grid_cell": key, "mstl.grid_trial": str(trial.number)}):
+                    run_id = runner(cell_params)
+                counts["run"] += 1
+            trial.set_user_attr("run_id", run_id)
+            trial.set_user_attr("reused", bool(found))
+            return 0.0
+
+        done = run_shared(study, "cell", list(cells), evaluate, ready=lambda key, done: set(cells[key].needs) <= set(done),
+                          poll_seconds=min(10.0, p.heartbeat_seconds))
+        table = pd.DataFrame([{"cell": key, "stage": cells[key].stage, "run_id": done[key].user_attrs["run_id"],
+                               "reused": done[key].user_attrs.get("reused", False), "trial": done[key].number}
+                              for key in cells])
+        log_table(table, "grid/cells.csv")
+        targets = table.loc[table["stage"] == "target", "run_id"].tolist()
+        mlflow.log_metrics({"cells": len(cells), "cells_run": counts["run"], "cells_reused": counts["reused"],
+                            "target_runs": len(targets)})
+        print(f"experiment: {len(cells)} cells, this worker ran {counts['run']} and reused {counts['reused']}; "
+              f"Target runs: {', '.join(t[:8] for t in targets)}")
         return parent.info.run_id

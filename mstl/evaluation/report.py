@@ -49,6 +49,14 @@ def descends_from(run, ancestor: str, parents: dict[str, str]) -> bool:
     return False
 
 
+def grid_members(client, run_id: str, tmp: Path) -> set[str] | None:
+    """The run IDs of an experiment grid's cells, whichever worker ran them and whether reused
+    (its ``grid/cells.csv``); None for a run that is not a grid."""
+    if "grid/cells.csv" not in {a.path for a in client.list_artifacts(run_id, "grid")}:
+        return None
+    return set(pd.read_csv(client.download_artifacts(run_id, "grid/cells.csv", str(tmp)))["run_id"])
+
+
 def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd.DataFrame:
     """One row per finished Target run (under ``parent_run`` when given): tags, seed, metrics, val/test predictions."""
     experiment = client.get_experiment_by_name(experiment_name)
@@ -56,8 +64,10 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
         raise ValueError(f"no experiment named {experiment_name!r} on {tracking_uri()}")
     everything = client.search_runs([experiment.experiment_id], max_results=50_000)
     parents = {r.info.run_id: r.data.tags.get("mlflow.parentRunId", "") for r in everything}
+    members = grid_members(client, parent_run, tmp) if parent_run else None
     runs = [r for r in everything if r.data.tags.get("stage") == "target" and r.info.status == "FINISHED"
-            and (not parent_run or descends_from(r, parent_run, parents))]
+            and (not parent_run or (r.info.run_id in members if members is not None
+                                    else descends_from(r, parent_run, parents)))]
     if not runs:
         where = f"under run {parent_run}" if parent_run else f"in experiment {experiment_name!r}"
         raise ValueError(f"no finished Target run {where}")

@@ -7,6 +7,8 @@ with artifacts under ``./mlartifacts``; any URI that is set (an http server, Pos
 from __future__ import annotations
 
 import argparse
+import contextlib
+import contextvars
 import hashlib
 import os
 import tempfile
@@ -51,14 +53,27 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
+_RUN_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("mstl_run_tags", default={})
+
+
+@contextlib.contextmanager
+def run_tags(tags: dict):
+    """Tags that every stage run started inside this block carries (the experiment grid marks its cells)."""
+    token = _RUN_TAGS.set({**_RUN_TAGS.get(), **tags})
+    try:
+        yield
+    finally:
+        _RUN_TAGS.reset(token)
+
+
 def start_stage_run(experiment: str, run_name: str, tags: dict | None = None, experiment_id: str | None = None):
-    """Start a stage's run, tagged with the code version.
+    """Start a stage's run, tagged with the code version (and any ``run_tags`` in force).
 
     Under `mlflow run` it resumes the run MLflow created (MLFLOW_RUN_ID). Inside another stage's run
     (the experiment grid) it is a nested child of that run, in its experiment. Otherwise it goes to
     ``experiment_id`` when given, else the named experiment.
     """
-    tags = {"mstl.code_version": code_version(), **(tags or {})}
+    tags = {"mstl.code_version": code_version(), **_RUN_TAGS.get(), **(tags or {})}
     if mlflow.active_run() is not None:
         return mlflow.start_run(run_name=run_name, tags=tags, nested=True)
     if not os.environ.get("MLFLOW_RUN_ID"):

@@ -31,14 +31,24 @@ def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> o
     """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that, they are stale."""
     if heartbeat_seconds < 1:
         raise ValueError(f"heartbeat_seconds must be at least 1, got {heartbeat_seconds}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=2 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-        )
+    import sqlalchemy.exc
+
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=2 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                )
+        except sqlalchemy.exc.SQLAlchemyError:
+            # workers that start together on a new database race to create its tables: the loser retries
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, param: str, item: Hashable) -> None:

@@ -23,10 +23,13 @@ from mstl.data.images import grey_to_input
 from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 
 
-def set_seed(seed: int) -> None:
-    """Seed Python, NumPy and TensorFlow and make TF ops deterministic, so a CPU run repeats exactly."""
+def set_seed(seed: int, deterministic: bool = True) -> None:
+    """Seed Python, NumPy and TensorFlow; with ``deterministic`` (the default) also make TF ops
+    deterministic, so a run repeats exactly. On a GPU that is slower, and an op without a deterministic
+    kernel raises; ``deterministic=false`` keeps the seeds and lets such ops run (runs then vary slightly)."""
     keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class FitSettings:
     seed: int = defaults.SEED
     augment: bool = False
     cache_frozen: bool = True
+    deterministic: bool = True
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):

@@ -131,7 +131,7 @@ def model_from_transition(parent, params: TargetParams, output: OutputSpec):
 def run_target(params: TargetParams) -> str:
     """Run the whole Target stage inside one MLflow run; returns the run ID."""
     params.validate()
-    set_seed(params.seed)
+    set_seed(params.seed, params.deterministic)
     spec = get_backbone(params.backbone)
     parent = transition_parent(params)
     strategy = parent.data.tags.get("strategy", "transition") if parent else strategy_of(params.weights)

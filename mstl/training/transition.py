@@ -161,7 +161,7 @@ def class_weights_from(text: str, y: np.ndarray) -> dict[int, float] | None:
 def run_transition(params: TransitionParams) -> str:
     """Run the Transition stage inside one MLflow run; returns the run ID."""
     params.validate()
-    set_seed(params.seed)
+    set_seed(params.seed, params.deterministic)
     spec = get_backbone(params.backbone)
     manifest, folder = load_manifest(params.manifest)
     table, output, unlabelled = attach_labels(manifest, params)

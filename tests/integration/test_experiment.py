@@ -1,25 +1,35 @@
-"""`-e experiment` on the cpu profile against a real `mlflow server`: the grid's nesting, and a second
-run that reuses the finished cells and runs only what is missing (a killed grid picks up)."""
+"""`-e experiment` on the cpu profile against a real `mlflow server`: the grid's nesting, finished cells
+reused, two workers sharing one grid, and a grid killed with SIGKILL that resumes on rerun."""
 
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import run_entry_point
+from tests.conftest import REPO, VENV_BIN, run_entry_point
 
 pytestmark = pytest.mark.integration
 EXPERIMENT = "mstl-grid"
+TINY = {"profile": "cpu", "epochs": 1, "image_size": 64, "soft_k_values": "2,4"}
+
+
+def grid_cells(client, run_id, tmp_path) -> pd.DataFrame:
+    return pd.read_csv(client.download_artifacts(run_id, "grid/cells.csv", str(tmp_path)))
 
 
 def test_grid_nests_stages_and_reuses_finished_cells(mlflow_server, data_root, keras_home, tmp_path):
-    common = {"profile": "cpu", "data_root": data_root, "epochs": 1, "image_size": 64, "soft_k_values": "2,4",
-              "export_dir": tmp_path / "exports", "cache_dir": tmp_path / "cache"}
+    common = {**TINY, "data_root": data_root, "export_dir": tmp_path / "exports", "cache_dir": tmp_path / "cache"}
     first = run_entry_point("experiment", {**common, "strategies": "imagenet"}, mlflow_server, EXPERIMENT)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "[1/1] target mobilenet_025 imagenet seed 0: running" in first.stdout
+    assert "[1/1] target/mobilenet_025/imagenet/s0: running" in first.stdout
     second = run_entry_point("experiment", common, mlflow_server, EXPERIMENT)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "[3/7] target mobilenet_025 imagenet seed 0: reusing finished run" in second.stdout
-    assert "[7/7] target mobilenet_025 soft seed 0: running" in second.stdout
+    assert "target/mobilenet_025/imagenet/s0: reusing finished run" in second.stdout
+    assert "[7/7] target/mobilenet_025/soft/s0: running" in second.stdout  # the last cell waits for its Transition
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -29,14 +39,19 @@ def test_grid_nests_stages_and_reuses_finished_cells(mlflow_server, data_root, k
         by_stage.setdefault(run.data.tags.get("stage"), []).append(run)
     parents = sorted(by_stage["experiment"], key=lambda r: r.info.start_time)
     assert len(parents) == 2 and parents[1].data.metrics["cells_reused"] == 1
+    assert parents[1].data.metrics["cells_run"] == 6
     targets = {r.data.tags["strategy"]: r for r in by_stage["target"]}
     assert sorted(targets) == ["hard", "imagenet", "soft"]  # the imagenet cell was not run twice
     transitions = {r.data.tags["strategy"]: r for r in by_stage["transition"]}
     for strategy in ("hard", "soft"):
         assert targets[strategy].data.tags["mlflow.parentRunId"] == transitions[strategy].info.run_id
         assert transitions[strategy].data.tags["mlflow.parentRunId"] == parents[1].info.run_id
+        assert transitions[strategy].data.tags["mstl.grid"] == parents[1].data.tags["mstl.grid"]
     assert targets["imagenet"].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert transitions["soft"].data.params["labels"] == by_stage["soft_labels"][0].info.run_id
+    cells = grid_cells(client, parents[1].info.run_id, tmp_path)
+    assert len(cells) == 7 and cells.set_index("cell").loc["target/mobilenet_025/imagenet/s0", "reused"]
+    assert set(cells.loc[cells["stage"] == "target", "run_id"]) == {r.info.run_id for r in targets.values()}
 
 
 def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
@@ -46,6 +61,70 @@ def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
     result = run_entry_point("compare", {"search_experiment": EXPERIMENT, "parent_run": grids[1].info.run_id,
                                          "out_dir": tmp_path / "report"}, mlflow_server, EXPERIMENT)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compare: 2 Target runs" in result.stdout  # hard and soft; the imagenet run belongs to the first grid
+    assert "compare: 3 Target runs" in result.stdout  # the grid's cells, the reused imagenet run included
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "Bonferroni" in report or "nothing to compare" in report
+    assert "Bonferroni" in report or "Holm" in report
+
+
+def start_experiment(params: dict, tracking_uri: str, experiment: str) -> subprocess.Popen:
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", "experiment", "--env-manager", "local",
+           "--experiment-name", experiment]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(leaked, None)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_two_workers_share_a_grid_and_run_each_cell_once(mlflow_server, data_root, keras_home, tmp_path):
+    params = {**TINY, "strategies": "imagenet", "seeds": "0,1", "data_root": data_root, "cache_dir": tmp_path / "cache",
+              "heartbeat_seconds": 5}
+    workers = [start_experiment(params, mlflow_server, "mstl-two-workers") for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("mstl-two-workers")
+    targets = client.search_runs([exp.experiment_id], "tags.stage = 'target'")
+    assert sorted(r.data.params["seed"] for r in targets) == ["0", "1"]  # each cell once, no duplicate
+    assert all(r.info.status == "FINISHED" for r in targets)
+    workers_runs = client.search_runs([exp.experiment_id], "tags.stage = 'experiment'")
+    assert len(workers_runs) == 2 and len({r.data.tags["mstl.grid"] for r in workers_runs}) == 1
+    assert sum(r.data.metrics["cells_run"] for r in workers_runs) == 2
+    for run in workers_runs:  # both workers end knowing every cell's run
+        assert set(grid_cells(client, run.info.run_id, tmp_path / run.info.run_id)["run_id"]) == {
+            r.info.run_id for r in targets}
+    print("cells run per worker:", [r.data.metrics["cells_run"] for r in workers_runs])
+
+
+def test_a_grid_killed_mid_cell_resumes_and_never_reuses_the_orphan(mlflow_server, data_root, keras_home, tmp_path):
+    params = {**TINY, "epochs": 30, "strategies": "imagenet", "data_root": data_root, "cache_dir": tmp_path / "cache",
+              "heartbeat_seconds": 2}
+    client = MlflowClient(mlflow_server)
+    victim = start_experiment(params, mlflow_server, "mstl-killed")
+    deadline, orphan = time.time() + 300, None
+    while time.time() < deadline and orphan is None:
+        exp = client.get_experiment_by_name("mstl-killed")
+        found = client.search_runs([exp.experiment_id], "tags.stage = 'target'") if exp else []
+        running = [r for r in found if r.info.status == "RUNNING" and
+                   client.get_metric_history(r.info.run_id, "epoch_train_loss")]
+        orphan = running[0] if running else None
+        time.sleep(0.5)
+    assert orphan is not None, "the Target cell never started training"
+    os.killpg(victim.pid, signal.SIGKILL)  # the whole `mlflow run` process group, mid-cell
+    victim.communicate(timeout=60)
+    assert client.get_run(orphan.info.run_id).info.status == "RUNNING"
+
+    rerun = run_entry_point("experiment", {**params, "epochs": 30}, mlflow_server, "mstl-killed")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"KILLED: {orphan.info.run_id}" in rerun.stdout
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+    dead_parent = orphan.data.tags["mlflow.parentRunId"]
+    assert client.get_run(dead_parent).info.status == "KILLED"  # the dead worker's experiment run too
+    exp = client.get_experiment_by_name("mstl-killed")
+    targets = client.search_runs([exp.experiment_id], "tags.stage = 'target'")
+    finished = [r for r in targets if r.info.status == "FINISHED"]
+    assert len(finished) == 1 and finished[0].info.run_id != orphan.info.run_id  # run again, orphan not reused
+    assert "reusing" not in rerun.stdout
