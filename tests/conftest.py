@@ -22,7 +22,25 @@ VENV_BIN = Path(sys.executable).parent
 os.environ.setdefault("KERAS_HOME", str(REPO / ".cache" / "keras"))
 
 
+# Unit tests need neither ../shared nor a trained network: a test that reaches for ../shared must be
+# marked integration (tests using these fixtures are marked automatically), or need_shared fails it.
+INTEGRATION_FIXTURES = {"data_root", "keras_home", "mlflow_server", "postgres_uri"}
+_current = {"integration": True}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_runtest_setup(item):
+    _current["integration"] = item.get_closest_marker("integration") is not None
+
+
 def need_shared(path: Path) -> Path:
+    if not _current["integration"]:
+        pytest.fail(f"a unit test reached for {path}: tests that use ../shared are marked integration")
     if not path.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{path} is missing: CI must have ../shared beside the clone")

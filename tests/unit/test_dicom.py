@@ -16,6 +16,7 @@ def real():
     return scan(need_shared(LUNG))
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_real_series_are_grouped_and_ordered_along_the_normal(real):
     assert real.files == 85 and real.non_dicom == 25 and real.skipped == []
     assert len(real.series) == 2
@@ -31,6 +32,7 @@ def test_real_series_are_grouped_and_ordered_along_the_normal(real):
     }
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_hu_is_stored_value_times_slope_plus_intercept(real):
     header = real.series[0].slices[15]
     raw = pydicom.dcmread(header.path).pixel_array
@@ -50,6 +52,7 @@ def test_lung_window_maps_w1500_l600_to_eight_bits():
         window(hu, 0, -600)
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_selection_keeps_mid_lung_and_drops_apex_and_abdomen(real):
     for series in real.series:
         areas = np.array([lung_area(read_hu(h)) for h in series.slices])

@@ -17,6 +17,7 @@ def dicom_params(tmp_path, **kw):
     return PrepareParams(dicom_root=str(LUNG), export_dir=str(tmp_path / "exports"), **kw)
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_slice_labels_join_the_selected_slices(tmp_path):
     export = build_export(dicom_params(tmp_path, labels_csv=str(LUNG / "slice_labels.csv"), label_map="tumour=1,no_tumour=0"))
     m = export.manifest
@@ -32,16 +33,19 @@ def test_slice_labels_join_the_selected_slices(tmp_path):
     assert (export.folder / "montages" / "s000.png").is_file()
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_patient_labels_of_one_class_are_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="hard task has a single class.*'?1'?.*patient_labels.csv"):
         build_export(dicom_params(tmp_path, labels_csv=str(LUNG / "patient_labels.csv")))
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_label_outside_the_map_is_named(tmp_path):
     with pytest.raises(ValueError, match="'no_tumour'.*not in label_map"):
         build_export(dicom_params(tmp_path, labels_csv=str(LUNG / "slice_labels.csv")))
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_rerun_reuses_the_finished_export(tmp_path):
     params = dicom_params(tmp_path)
     first = build_export(params)
@@ -51,6 +55,7 @@ def test_rerun_reuses_the_finished_export(tmp_path):
     assert changed.folder != first.folder and len(changed.manifest) < len(first.manifest)
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_interrupted_export_leaves_no_manifest(tmp_path, monkeypatch):
     calls = {"n": 0}
     real_save = prepare.save_slice
@@ -108,6 +113,7 @@ def iq_export(tmp_path_factory):
     return build_export(params)
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_slice_folder_duplicates_are_kept_once_and_reported(iq_export):
     m = iq_export.manifest
     assert len(m) == 1097 - 42
@@ -117,6 +123,7 @@ def test_slice_folder_duplicates_are_kept_once_and_reported(iq_export):
     assert m["source_sha256"].is_unique
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_near_duplicates_are_grouped_into_pseudo_patients_within_a_class(iq_export):
     m = iq_export.manifest
     groups = m.groupby("patient_id")
@@ -126,6 +133,7 @@ def test_near_duplicates_are_grouped_into_pseudo_patients_within_a_class(iq_expo
     assert mixed <= 3  # near-duplicates almost never cross classes
 
 
+@pytest.mark.integration  # the real ../shared data
 def test_label_map_can_drop_a_class_or_keep_three(tmp_path):
     need_shared(IQ)
     dropped = build_export(PrepareParams(slices_root=str(IQ), label_map="Malignant cases=1,Bengin cases=0,Normal cases=drop",

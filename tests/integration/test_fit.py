@@ -7,6 +7,8 @@ import pytest
 from mstl.models import TARGET_OUTPUT, build_classifier, get_backbone
 from mstl.training.fit import FitConfig, fit_classifier, image_dataset, predict_in_batches, set_seed
 
+pytestmark = pytest.mark.integration  # trains a network
+
 SPEC = get_backbone("mobilenet_025")
 
 

@@ -8,6 +8,8 @@ from mstl.evaluation.gradcam import gradcam, last_conv_layer, overlay
 from mstl.models import TARGET_OUTPUT, build_classifier, get_backbone
 from mstl.training.fit import FitConfig, fit_classifier, set_seed
 
+pytestmark = pytest.mark.integration  # trains a network
+
 
 @pytest.fixture(scope="module")
 def patch_model():

@@ -6,6 +6,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.integration  # trains a network
+
 SCRIPT = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
