@@ -1,13 +1,15 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make target   runs the main job (Target stage, MobileNet-0.25, COVID-CT, embedded MLflow store)
-#   make test     runs the unit tests;  make integration  the slower ones;  make check  both
+#   make test     runs the unit tests;  make integration  the slower ones;  make check  both;  make lint
 SHELL := /bin/bash
+# Python 3.11, 3.12 or 3.13; another venv for another Python: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3.11
-VENV := .venv
+VENV ?= .venv
+# TensorFlow's CPU build; on a CUDA machine: make venv EXTRAS=gpu,test (never both builds)
+EXTRAS ?= cpu,test
 PY := $(VENV)/bin/python
 SHARED ?= $(abspath ../shared)
 DATA_ROOT ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data,data)
-export KERAS_HOME ?= $(abspath .cache/keras)
 export MSTL_SHARED := $(SHARED)
 # `mlflow run --env-manager local` runs `python` from PATH: make it the venv's.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
@@ -21,18 +23,19 @@ EXPERIMENT ?= mstl
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv weights target experiment server test integration check bench clean
+.PHONY: venv weights target experiment server test integration check lint bench clean
 
 $(VENV)/.installed: pyproject.toml
-	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH, or set PYTHON=..." >&2; exit 1; }
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11-3.13) on PATH, or set PYTHON=..." >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-# Seed Keras's own cache from ../shared so weights=imagenet works offline (users download as usual).
+# Seed Keras's own cache (~/.keras, or $$KERAS_HOME when set) from ../shared, so weights=imagenet works
+# offline for `make` and for `mlflow run` from the activated venv alike (users download as usual).
 weights: venv
 	@if [ -d "$(SHARED)/weights" ]; then $(PY) -m mstl.models prefetch mobilenet_025 --base-url "file://$(SHARED)/weights"; fi
 
@@ -63,6 +66,10 @@ integration: weights
 
 check: weights
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # Benchmarks (minutes; the soft-label scale run about 15): results are recorded in docs/benchmarks.md.
 bench: weights

@@ -47,8 +47,7 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
 
     set_seed(0)
     spec = get_backbone("mobilenet_025")
-    model = build_classifier("mobilenet_025", "imagenet", image_size, TARGET_OUTPUT,
-                             train_batchnorm=(variant != VARIANTS[3]))
+    model = build_classifier("mobilenet_025", "imagenet", image_size, TARGET_OUTPUT, train_batchnorm=(variant != VARIANTS[3]))
     index = covid_ct.load_split(data_root, "official")
     train, val = index[index["split"] == "train"], index[index["split"] == "val"]
     start = time.perf_counter()
@@ -57,14 +56,20 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
 
         links = Path(tempfile.mkdtemp(prefix="peer-"))
         for part, table in (("train", train), ("val", val)):
-            for path, cls in zip(table["path"], table["class"]):
+            for path, cls in zip(table["path"], table["class"], strict=False):
                 (links / part / cls).mkdir(parents=True, exist_ok=True)
                 os.symlink(os.path.abspath(path), links / part / cls / Path(path).name)
 
         def folder(part, shuffle):
             ds = keras.utils.image_dataset_from_directory(
-                links / part, class_names=["NonCOVID", "COVID"], label_mode="binary",
-                image_size=(image_size, image_size), batch_size=batch_size, shuffle=shuffle, seed=0, verbose=False,
+                links / part,
+                class_names=["NonCOVID", "COVID"],
+                label_mode="binary",
+                image_size=(image_size, image_size),
+                batch_size=batch_size,
+                shuffle=shuffle,
+                seed=0,
+                verbose=False,
             )
             return ds.map(lambda x, y: (spec.preprocess_input(x), y)).prefetch(tf.data.AUTOTUNE)
 
@@ -77,8 +82,14 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
         y = index["label"].to_numpy().astype("float32")
         is_train, is_val = (index["split"] == "train").to_numpy(), (index["split"] == "val").to_numpy()
         config = FitConfig(epochs=epochs, batch_size=batch_size, log_to_mlflow=False, cache_frozen=(variant != VARIANTS[1]))
-        result = fit_classifier(model, (decoded.pixels[is_train], y[is_train]), (decoded.pixels[is_val], y[is_val]),
-                                spec.preprocess_input, TARGET_OUTPUT, config)
+        result = fit_classifier(
+            model,
+            (decoded.pixels[is_train], y[is_train]),
+            (decoded.pixels[is_val], y[is_val]),
+            spec.preprocess_input,
+            TARGET_OUTPUT,
+            config,
+        )
         epoch_seconds = result.epoch_seconds
     n = len(train)
     total = time.perf_counter() - start
@@ -110,8 +121,20 @@ def main() -> None:
         return
     rows = []
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, "--variant", variant, "--data-root", args.data_root,
-               "--epochs", str(args.epochs), "--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--data-root",
+            args.data_root,
+            "--epochs",
+            str(args.epochs),
+            "--image-size",
+            str(args.image_size),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{variant}: {rows[-1]}", flush=True)
@@ -124,8 +147,10 @@ def main() -> None:
     print("\n| variant | first epoch (s) | later epochs (s, median) | images/s | speed-up vs peer | peak RSS (MB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['variant']} | {r['first_epoch_s']:.1f} | {r['later_epoch_s']:.2f} | {r['later_images_per_s']:.0f} "
-              f"| {r['speedup_vs_peer']:.1f}x | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['variant']} | {r['first_epoch_s']:.1f} | {r['later_epoch_s']:.2f} | {r['later_images_per_s']:.0f} "
+            f"| {r['speedup_vs_peer']:.1f}x | {r['peak_rss_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,13 @@ def measure(root: str, export_dir: str) -> dict:
     export = build_export(PrepareParams(dicom_root=root, export_dir=export_dir))
     seconds = time.perf_counter() - start
     n = export.summary["n_slices"]
-    return {"slices": n, "kept": export.summary["n_kept"], "seconds": seconds, "slices_per_s": n / seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "slices": n,
+        "kept": export.summary["n_kept"],
+        "seconds": seconds,
+        "slices_per_s": n / seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def write_synthetic(folder: Path, n: int) -> None:
@@ -63,17 +68,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         synthetic = Path(tmp) / "synthetic"
         write_synthetic(synthetic, args.slices)
-        for name, root in (("real Lung-PET-CT-Dx (2 x 30)", Path(args.shared) / "data" / "lung-pet-ct-dx"),
-                           (f"synthetic ({args.slices} in one series)", synthetic)):
-            out = subprocess.run([sys.executable, __file__, "--measure", str(root), "--export-dir", str(Path(tmp) / "exports" / name[:4])],
-                                 capture_output=True, text=True, check=True).stdout
+        for name, root in (
+            ("real Lung-PET-CT-Dx (2 x 30)", Path(args.shared) / "data" / "lung-pet-ct-dx"),
+            (f"synthetic ({args.slices} in one series)", synthetic),
+        ):
+            out = subprocess.run(
+                [sys.executable, __file__, "--measure", str(root), "--export-dir", str(Path(tmp) / "exports" / name[:4])],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             row = json.loads(out.strip().splitlines()[-1])
             rows.append({"input": name, **row})
             print(rows[-1], flush=True)
     print("\n| input | slices | kept | seconds | slices/s | peak RSS (MB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['input']} | {r['slices']} | {r['kept']} | {r['seconds']:.1f} | {r['slices_per_s']:.0f} | {r['peak_rss_mb']:.0f} |")
+        print(
+            f"| {r['input']} | {r['slices']} | {r['kept']} | {r['seconds']:.1f} | {r['slices_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

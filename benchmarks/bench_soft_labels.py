@@ -19,8 +19,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,9 +52,18 @@ def scale(n: int, d: int, clusters: int, folds: int, k_values: str) -> dict:
             study = search_k(features, params, f"sqlite:///{tmp}/optuna.db", "bench", parent)
         seconds = time.perf_counter() - start
     scores = {t.params["k"]: t.value for t in study.trials}
-    return {"slices": n, "dim": d, "gigabytes": features.nbytes / 1e9, "folds": folds, "k_values": k_values,
-            "search_seconds": seconds, "best_k": study.best_trial.params["k"], "scores": scores,
-            "peak_rss_mb": peak_mb(), "rss_after_data_mb": made}
+    return {
+        "slices": n,
+        "dim": d,
+        "gigabytes": features.nbytes / 1e9,
+        "folds": folds,
+        "k_values": k_values,
+        "search_seconds": seconds,
+        "best_k": study.best_trial.params["k"],
+        "scores": scores,
+        "peak_rss_mb": peak_mb(),
+        "rss_after_data_mb": made,
+    }
 
 
 def throughput(shared: str, n: int) -> list[dict]:
@@ -70,8 +77,16 @@ def throughput(shared: str, n: int) -> list[dict]:
         start = time.perf_counter()
         features = extract_features(files, backbone, weights, 224)
         seconds = time.perf_counter() - start
-        rows.append({"backbone": backbone, "weights": weights, "slices": len(files), "dim": features.shape[1],
-                     "seconds": seconds, "slices_per_s": len(files) / seconds})
+        rows.append(
+            {
+                "backbone": backbone,
+                "weights": weights,
+                "slices": len(files),
+                "dim": features.shape[1],
+                "seconds": seconds,
+                "slices_per_s": len(files) / seconds,
+            }
+        )
     return rows
 
 

@@ -34,8 +34,15 @@ def measure(backbone: str, image_size: int, batch: int, steps: int, policy: str)
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
     seconds = time.perf_counter() - start
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
-    return {"backbone": backbone, "policy": policy, "device": device, "image_size": image_size, "batch": batch,
-            "steps": steps, "images_per_s": batch * steps / seconds}
+    return {
+        "backbone": backbone,
+        "policy": policy,
+        "device": device,
+        "image_size": image_size,
+        "batch": batch,
+        "steps": steps,
+        "images_per_s": batch * steps / seconds,
+    }
 
 
 def main() -> None:
@@ -55,9 +62,23 @@ def main() -> None:
     rows = []
     for backbone in args.backbones.split(","):
         for policy in policies:
-            out = subprocess.run([sys.executable, __file__, "--one", f"{backbone}:{policy}", "--image-size", str(args.image_size),
-                                  "--batch", str(args.batch), "--steps", str(args.steps)],
-                                 capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    f"{backbone}:{policy}",
+                    "--image-size",
+                    str(args.image_size),
+                    "--batch",
+                    str(args.batch),
+                    "--steps",
+                    str(args.steps),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             rows.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     print("\n| backbone | device | policy | images/s |\n| --- | --- | --- | --- |")

@@ -40,8 +40,9 @@ def main() -> None:
     from mstl.soft_labels.stage import reduce_features
 
     with tempfile.TemporaryDirectory() as tmp:
-        export = build_export(PrepareParams(slices_root=str(Path(args.shared) / "data" / "iq-oth-nccd"),
-                                            export_dir=str(Path(tmp) / "exports")))
+        export = build_export(
+            PrepareParams(slices_root=str(Path(args.shared) / "data" / "iq-oth-nccd"), export_dir=str(Path(tmp) / "exports"))
+        )
         files = [export.folder / f for f in export.manifest["file"]]
         features, _, _ = cached_features(files, "mobilenet_025", "imagenet", 224, Path(tmp) / "features")
         features = np.asarray(features)
@@ -55,10 +56,12 @@ def main() -> None:
     for method, dim in (("pca", 256), ("pca", 64), ("random", 1024), ("random", 256)):
         reduced = reduce_features(features, method, dim, 0)
         labels = KMeans(n_clusters=chosen, n_init=10, random_state=0).fit_predict(reduced)
-        print(json.dumps({"reduce": method, "dim": dim, "k": chosen, "ari_vs_none": adjusted_rand_score(base, labels)}), flush=True)
+        print(
+            json.dumps({"reduce": method, "dim": dim, "k": chosen, "ari_vs_none": adjusted_rand_score(base, labels)}), flush=True
+        )
 
     fig, axes = plt.subplots(1, len(CRITERIA), figsize=(3.2 * len(CRITERIA), 3), dpi=110)
-    for ax, criterion in zip(axes, CRITERIA):
+    for ax, criterion in zip(axes, CRITERIA, strict=False):
         ax.plot(ks, curves[criterion], marker="o")
         best = ks[int(np.argmax(curves[criterion]))]
         ax.axvline(best, color="tab:red", ls="--", lw=1)

@@ -33,11 +33,23 @@ from mstl.training.transition import TransitionParams, run_transition
 STRATEGIES = ("imagenet", "hard", "soft")
 PROFILES = {
     # the paper's settings, for a GPU machine
-    "paper": {"backbones": ",".join(PAPER_BACKBONES), "image_size": 224, "epochs": 60, "group_by": "patient",
-              "soft_backbone": "inceptionv3", "soft_folds": 10},
+    "paper": {
+        "backbones": ",".join(PAPER_BACKBONES),
+        "image_size": 224,
+        "epochs": 60,
+        "group_by": "patient",
+        "soft_backbone": "inceptionv3",
+        "soft_folds": 10,
+    },
     # a complete, honest miniature for a laptop CPU: MobileNet-0.25 (the ImageNet weights here), small images
-    "cpu": {"backbones": "mobilenet_025", "image_size": 96, "epochs": 10, "group_by": "series",
-            "soft_backbone": "mobilenet_025", "soft_folds": 5},
+    "cpu": {
+        "backbones": "mobilenet_025",
+        "image_size": 96,
+        "epochs": 10,
+        "group_by": "series",
+        "soft_backbone": "mobilenet_025",
+        "soft_folds": 5,
+    },
 }
 
 
@@ -68,7 +80,7 @@ class ExperimentParams:
     deterministic: bool = True
     experiment: str = defaults.EXPERIMENT_NAME
 
-    def resolved(self) -> "ExperimentParams":
+    def resolved(self) -> ExperimentParams:
         """Fill what the profile decides; on the cpu profile the transition source defaults to the
         Lung-PET-CT-Dx sample under data_root with its slice labels."""
         if self.profile not in PROFILES:
@@ -88,8 +100,12 @@ class ExperimentParams:
             if self.profile != "cpu":
                 raise ValueError("hard/soft strategies need transition_dicom_root or transition_slices_root")
             sample = Path(out.data_root) / "lung-pet-ct-dx"
-            out = replace(out, transition_dicom_root=str(sample), transition_labels_csv=str(sample / "slice_labels.csv"),
-                          transition_label_map="tumour=1,no_tumour=0")
+            out = replace(
+                out,
+                transition_dicom_root=str(sample),
+                transition_labels_csv=str(sample / "slice_labels.csv"),
+                transition_label_map="tumour=1,no_tumour=0",
+            )
         for name in out.backbone_list():
             get_backbone(name)
         return out
@@ -121,46 +137,91 @@ class Cell:
     make: Callable[[dict[str, str]], tuple[object, Callable, dict]]  # run IDs of needs -> (params, runner, inputs)
 
 
-def plan(p: "ExperimentParams", data_hash: str) -> list[Cell]:
+def plan(p: ExperimentParams, data_hash: str) -> list[Cell]:
     """Every cell of the grid, each after the cells it needs (the order one worker would run them in)."""
     strategies, seeds = p.strategy_list(), p.seed_list()
     cells: list[Cell] = []
     if any(s != "imagenet" for s in strategies):
-        prepare = PrepareParams(dicom_root=p.transition_dicom_root, slices_root=p.transition_slices_root,
-                                labels_csv=p.transition_labels_csv, label_map=p.transition_label_map,
-                                export_dir=p.export_dir)
+        prepare = PrepareParams(
+            dicom_root=p.transition_dicom_root,
+            slices_root=p.transition_slices_root,
+            labels_csv=p.transition_labels_csv,
+            label_map=p.transition_label_map,
+            export_dir=p.export_dir,
+        )
         prepare.validate()
         key = export_key(prepare)
-        cells.append(Cell("prepare_transition", "prepare_transition", (), lambda ids: (prepare, run_prepare, {"export_key": key})))
+        cells.append(
+            Cell("prepare_transition", "prepare_transition", (), lambda ids: (prepare, run_prepare, {"export_key": key}))
+        )
     for seed in seeds:
         if "soft" in strategies:
-            cells.append(Cell(f"soft_labels/s{seed}", "soft_labels", ("prepare_transition",), lambda ids, seed=seed: (
-                SoftLabelParams(manifest=ids["prepare_transition"], feature_backbone=p.soft_feature_backbone,
-                                k_values=p.soft_k_values, folds=p.soft_folds, seed=seed, cache_dir=p.cache_dir,
-                                log_features=False, storage=p.storage, heartbeat_seconds=p.heartbeat_seconds),
-                run_soft_labels, {})))
+            cells.append(
+                Cell(
+                    f"soft_labels/s{seed}",
+                    "soft_labels",
+                    ("prepare_transition",),
+                    lambda ids, seed=seed: (
+                        SoftLabelParams(
+                            manifest=ids["prepare_transition"],
+                            feature_backbone=p.soft_feature_backbone,
+                            k_values=p.soft_k_values,
+                            folds=p.soft_folds,
+                            seed=seed,
+                            cache_dir=p.cache_dir,
+                            log_features=False,
+                            storage=p.storage,
+                            heartbeat_seconds=p.heartbeat_seconds,
+                        ),
+                        run_soft_labels,
+                        {},
+                    ),
+                )
+            )
         for backbone in p.backbone_list():
-            common = dict(backbone=backbone, image_size=p.image_size, epochs=p.epochs, seed=seed,
-                          deterministic=p.deterministic)
+            common = dict(backbone=backbone, image_size=p.image_size, epochs=p.epochs, seed=seed, deterministic=p.deterministic)
             for strategy in strategies:
                 name = f"{backbone}/{strategy}/s{seed}"
                 needs: tuple[str, ...] = ()
                 if strategy != "imagenet":
                     transition_needs = ("prepare_transition",) + ((f"soft_labels/s{seed}",) if strategy == "soft" else ())
-                    cells.append(Cell(f"transition/{name}", "transition", transition_needs,
-                                      lambda ids, strategy=strategy, seed=seed, common=common: (
-                                          TransitionParams(manifest=ids["prepare_transition"], strategy=strategy,
-                                                           labels=ids.get(f"soft_labels/s{seed}", ""),
-                                                           group_by=p.transition_group_by, **common),
-                                          run_transition, {})))
+                    cells.append(
+                        Cell(
+                            f"transition/{name}",
+                            "transition",
+                            transition_needs,
+                            lambda ids, strategy=strategy, seed=seed, common=common: (
+                                TransitionParams(
+                                    manifest=ids["prepare_transition"],
+                                    strategy=strategy,
+                                    labels=ids.get(f"soft_labels/s{seed}", ""),
+                                    group_by=p.transition_group_by,
+                                    **common,
+                                ),
+                                run_transition,
+                                {},
+                            ),
+                        )
+                    )
                     needs = (f"transition/{name}",)
-                cells.append(Cell(f"target/{name}", "target", needs, lambda ids, needs=needs, common=common: (
-                    TargetParams(data_root=p.data_root, split=p.split, init_from=ids[needs[0]] if needs else "", **common),
-                    run_target, {"data_sha256": data_hash})))
+                cells.append(
+                    Cell(
+                        f"target/{name}",
+                        "target",
+                        needs,
+                        lambda ids, needs=needs, common=common: (
+                            TargetParams(
+                                data_root=p.data_root, split=p.split, init_from=ids[needs[0]] if needs else "", **common
+                            ),
+                            run_target,
+                            {"data_sha256": data_hash},
+                        ),
+                    )
+                )
     return cells
 
 
-def grid_study_name(p: "ExperimentParams", experiment_id: str) -> str:
+def grid_study_name(p: ExperimentParams, experiment_id: str) -> str:
     """One study per grid, experiment and code version: workers that agree on all three share the work."""
     shaping = {k: v for k, v in asdict(p).items() if k not in ("storage", "heartbeat_seconds", "experiment")}
     digest = hashlib.sha256(json.dumps([shaping, experiment_id, code_version()], sort_keys=True, default=str).encode())
@@ -170,8 +231,10 @@ def grid_study_name(p: "ExperimentParams", experiment_id: str) -> str:
 def kill_orphans(client, experiment_id: str, study_name: str, cell: str, trial_number: int) -> list[str]:
     """Runs of ``cell`` left RUNNING by a dead worker (an earlier trial of it), and their RUNNING ancestors
     (the dead worker's experiment run), are marked KILLED: visible as such in the UI, never reused."""
-    found = client.search_runs([experiment_id], f"tags.`mstl.grid` = '{study_name}' and tags.`mstl.grid_cell` = '{cell}' "
-                                                "and attributes.status = 'RUNNING'")
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.`mstl.grid` = '{study_name}' and tags.`mstl.grid_cell` = '{cell}' and attributes.status = 'RUNNING'",
+    )
     killed = []
     for run in found:
         if run.data.tags.get("mstl.grid_trial") == str(trial_number):
@@ -199,16 +262,21 @@ def run_experiment(params: ExperimentParams) -> str:
         storage = p.storage or f"sqlite:///{(Path(p.cache_dir) / 'optuna.db').resolve()}"
         Path(p.cache_dir).mkdir(parents=True, exist_ok=True)
         mlflow.set_tags({"stage": "experiment", "profile": p.profile, "mstl.grid": name})
-        log_params({k: v for k, v in asdict(p).items() if k not in ("experiment", "storage")}
-                   | {"optuna_storage": storage.split("@")[-1], "grid_study": name, "n_cells": len(cells)})
-        study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, p.heartbeat_seconds),
-                                    load_if_exists=True)
+        log_params(
+            {k: v for k, v in asdict(p).items() if k not in ("experiment", "storage")}
+            | {"optuna_storage": storage.split("@")[-1], "grid_study": name, "n_cells": len(cells)}
+        )
+        study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, p.heartbeat_seconds), load_if_exists=True)
         client = mlflow.MlflowClient(tracking_uri())
         counts = {"run": 0, "reused": 0}
 
         def run_ids() -> dict[str, str]:
-            return {key: trials[0].user_attrs["run_id"] for key, trials in trials_by_item(study, "cell").items()
-                    for trials in [[t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]] if trials}
+            return {
+                key: trials[0].user_attrs["run_id"]
+                for key, trials in trials_by_item(study, "cell").items()
+                for trials in [[t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]]
+                if trials
+            }
 
         def evaluate(trial: optuna.Trial, key: str) -> float:
             cell = cells[key]
@@ -230,15 +298,33 @@ def run_experiment(params: ExperimentParams) -> str:
             trial.set_user_attr("reused", bool(found))
             return 0.0
 
-        done = run_shared(study, "cell", list(cells), evaluate, ready=lambda key, done: set(cells[key].needs) <= set(done),
-                          poll_seconds=min(10.0, p.heartbeat_seconds))
-        table = pd.DataFrame([{"cell": key, "stage": cells[key].stage, "run_id": done[key].user_attrs["run_id"],
-                               "reused": done[key].user_attrs.get("reused", False), "trial": done[key].number}
-                              for key in cells])
+        done = run_shared(
+            study,
+            "cell",
+            list(cells),
+            evaluate,
+            ready=lambda key, done: set(cells[key].needs) <= set(done),
+            poll_seconds=min(10.0, p.heartbeat_seconds),
+        )
+        table = pd.DataFrame(
+            [
+                {
+                    "cell": key,
+                    "stage": cells[key].stage,
+                    "run_id": done[key].user_attrs["run_id"],
+                    "reused": done[key].user_attrs.get("reused", False),
+                    "trial": done[key].number,
+                }
+                for key in cells
+            ]
+        )
         log_table(table, "grid/cells.csv")
         targets = table.loc[table["stage"] == "target", "run_id"].tolist()
-        mlflow.log_metrics({"cells": len(cells), "cells_run": counts["run"], "cells_reused": counts["reused"],
-                            "target_runs": len(targets)})
-        print(f"experiment: {len(cells)} cells, this worker ran {counts['run']} and reused {counts['reused']}; "
-              f"Target runs: {', '.join(t[:8] for t in targets)}")
+        mlflow.log_metrics(
+            {"cells": len(cells), "cells_run": counts["run"], "cells_reused": counts["reused"], "target_runs": len(targets)}
+        )
+        print(
+            f"experiment: {len(cells)} cells, this worker ran {counts['run']} and reused {counts['reused']}; "
+            f"Target runs: {', '.join(t[:8] for t in targets)}"
+        )
         return parent.info.run_id

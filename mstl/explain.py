@@ -39,11 +39,11 @@ def image_files(spec: str) -> list[Path]:
 
 
 def run_explain(params: ExplainParams) -> str:
+    from mstl.data.images import grey_to_input
     from mstl.evaluation.gradcam import gradcam, overlay
     from mstl.evaluation.montage import montage
     from mstl.models import get_backbone
     from mstl.serving import request_grey
-    from mstl.data.images import grey_to_input
 
     files = image_files(params.images)
     classifier = mlflow.pyfunc.load_model(params.model_uri).unwrap_python_model()
@@ -51,20 +51,26 @@ def run_explain(params: ExplainParams) -> str:
     with start_stage_run(params.experiment, "explain") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tag("stage", "explain")
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"} | {"n_images": len(files)})
-        grey = np.stack([request_grey(f.read_bytes(), config["image_size"], config["window_width"], config["window_level"])
-                         for f in files])
+        grey = np.stack(
+            [request_grey(f.read_bytes(), config["image_size"], config["window_width"], config["window_level"]) for f in files]
+        )
         x = np.asarray(grey_to_input(grey, get_backbone(config["backbone"]).preprocess_input))
         prob = np.asarray(classifier.model(x, training=False))[:, 0]
         heatmaps = gradcam(classifier.model, x)
         out = Path(tmp)
         captions = []
-        for i, (f, g, h, p) in enumerate(zip(files, grey, heatmaps, prob)):
+        for i, (f, g, h, p) in enumerate(zip(files, grey, heatmaps, prob, strict=False)):
             from PIL import Image
 
             Image.fromarray(overlay(g, h)).save(out / f"{i:03d}_{f.stem[:40]}.png")
             captions.append(f"{i:03d} p={p:.2f}")
-        montage([overlay(g, h) for g, h in zip(grey, heatmaps)], captions, columns=min(6, len(files)),
-                title=f"Grad-CAM, {params.model_uri}", side=160).save(out / "sheet.png")
+        montage(
+            [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)],
+            captions,
+            columns=min(6, len(files)),
+            title=f"Grad-CAM, {params.model_uri}",
+            side=160,
+        ).save(out / "sheet.png")
         mlflow.log_artifacts(tmp, "explanations")
         print(f"explain: {len(files)} image(s); probabilities {np.round(prob, 3).tolist()}")
         return run.info.run_id

@@ -110,8 +110,13 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
 
 
 def serving_config(backbone: str, image_size: int, threshold: float) -> dict:
-    return {"backbone": backbone, "image_size": image_size, "threshold": threshold,
-            "window_width": defaults.WINDOW_WIDTH, "window_level": defaults.WINDOW_LEVEL}
+    return {
+        "backbone": backbone,
+        "image_size": image_size,
+        "threshold": threshold,
+        "window_width": defaults.WINDOW_WIDTH,
+        "window_level": defaults.WINDOW_LEVEL,
+    }
 
 
 def log_serving_model(model, config: dict, example_file: str | Path, name: str = "classifier"):
@@ -132,7 +137,7 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
             signature = infer_signature(example, loaded.predict(None, example))
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=CTClassifier(),
+            python_model=str(PACKAGE_DIR / "serving_model.py"),
             artifacts=artifacts,
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,

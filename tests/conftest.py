@@ -75,15 +75,25 @@ def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` on 127.0.0.1 with a sqlite backend in a temp folder."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "w")  # noqa: SIM115 - the server writes to it until the session ends
     proc = subprocess.Popen(
         [
-            str(VENV_BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            str(VENV_BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
         ],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=root,
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -112,8 +122,7 @@ MLFLOW_RUN_STATE = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_
 
 def run_entry_point(entry: str, params: dict, tracking_uri: str, experiment: str, timeout: int = 900):
     """`mlflow run . -e ENTRY --env-manager local` in the repo, as a user would type it."""
-    cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local",
-           "--experiment-name", experiment]
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local", "--experiment-name", experiment]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
@@ -148,8 +157,6 @@ def copy_or_link_tree(src: Path, dst: Path) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(path, target)
-
-
 
 
 def postgres_bin(name: str) -> str | None:

@@ -77,8 +77,16 @@ def write_series(folder: Path, n: int = 12, series_uid: str | None = None, **kwa
     order = np.random.default_rng(0).permutation(n)
     paths = []
     for k in order:
-        paths.append(write_slice(folder / f"IM{k:05d}", series_uid, z=5.0 * k, instance=int(k) + 1,
-                                 pixels=phantom(lungs=float(lung_profile[k])), **kwargs))
+        paths.append(
+            write_slice(
+                folder / f"IM{k:05d}",
+                series_uid,
+                z=5.0 * k,
+                instance=int(k) + 1,
+                pixels=phantom(lungs=float(lung_profile[k])),
+                **kwargs,
+            )
+        )
     return series_uid, paths
 
 

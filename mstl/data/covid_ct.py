@@ -48,7 +48,7 @@ def read_patient_ids(root: Path) -> dict[str, str]:
         covid = pd.read_csv(csv, dtype=str)
     else:
         raise FileNotFoundError(f"COVID-CT metadata not found: neither {xlsx} nor {csv} exists")
-    for name, patient in zip(covid["File name"], covid["Patient ID"]):
+    for name, patient in zip(covid["File name"], covid["Patient ID"], strict=False):
         if isinstance(name, str) and isinstance(patient, str) and name.strip():
             name = name.strip()
             if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
@@ -58,7 +58,7 @@ def read_patient_ids(root: Path) -> dict[str, str]:
     if not noncovid_csv.is_file():
         raise FileNotFoundError(f"COVID-CT metadata not found: {noncovid_csv}")
     noncovid = pd.read_csv(noncovid_csv, dtype=str)
-    for name, patient in zip(noncovid["image name"], noncovid["patient id"]):
+    for name, patient in zip(noncovid["image name"], noncovid["patient id"], strict=False):
         ids[f"NonCOVID/{name.strip()}"] = patient.strip()
     return ids
 
@@ -97,7 +97,7 @@ def index_images(data_root: str | Path, require_patients: bool = False) -> pd.Da
 def official_split(index: pd.DataFrame, root: Path) -> pd.Series:
     split = pd.Series("", index=index.index, dtype=object)
     for cls in CLASSES:
-        by_name = {Path(f).name: i for i, f in zip(index.index, index["file"]) if index.at[i, "class"] == cls}
+        by_name = {Path(f).name: i for i, f in zip(index.index, index["file"], strict=False) if index.at[i, "class"] == cls}
         for part in SPLITS:
             list_file = root / "splits" / cls / f"{part}CT_{cls}.txt"
             if not list_file.is_file():
@@ -179,9 +179,19 @@ def split_sha256(index: pd.DataFrame) -> str:
     return hashlib.sha256(split_table(index).to_csv(index=False).encode()).hexdigest()
 
 
+def file_sha256s(paths) -> list[str]:
+    """The SHA-256 of each file's bytes, in the given order."""
+    return [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
+
+
+def combined_sha256(hashes) -> str:
+    """One hash over per-file hashes, in order (what ``files_sha256`` computes from the files)."""
+    total = hashlib.sha256()
+    for digest in hashes:
+        total.update(bytes.fromhex(digest))
+    return total.hexdigest()
+
+
 def files_sha256(paths) -> str:
     """One hash over the bytes of every file, in the given order: the data a run actually saw."""
-    total = hashlib.sha256()
-    for path in paths:
-        total.update(hashlib.sha256(Path(path).read_bytes()).digest())
-    return total.hexdigest()
+    return combined_sha256(file_sha256s(paths))

@@ -44,8 +44,18 @@ IMAGE_FORMATS = ("png", "jpg")
 DEFAULT_LABEL_MAP = {"benign": "0", "malignant": "1", "0": "0", "1": "1"}
 LABEL_KEYS = ("sop_instance_uid", "series_instance_uid", "patient_id")  # most specific first
 MANIFEST_COLUMNS = [
-    "file", "patient_id", "study_instance_uid", "series_instance_uid", "sop_instance_uid",
-    "instance_number", "slice_position", "lung_fraction", "lung_area", "source_sha256", "label", "label_name",
+    "file",
+    "patient_id",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "instance_number",
+    "slice_position",
+    "lung_fraction",
+    "lung_area",
+    "source_sha256",
+    "label",
+    "label_name",
 ]
 
 
@@ -105,7 +115,11 @@ def export_key(params: PrepareParams) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f"{'dicom_root' if params.dicom_root else 'slices_root'} is not a folder: {root}")
     digest = hashlib.sha256(EXPORT_VERSION.encode())
-    shaping = {k: v for k, v in asdict(params).items() if k not in ("export_dir", "log_slices", "experiment", "dicom_root", "slices_root", "labels_csv")}
+    shaping = {
+        k: v
+        for k, v in asdict(params).items()
+        if k not in ("export_dir", "log_slices", "experiment", "dicom_root", "slices_root", "labels_csv")
+    }
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     files = sorted(p for p in root.rglob("*") if p.is_file())
     for path in tqdm(files, desc="hashing input", unit="file", mininterval=2):
@@ -123,15 +137,16 @@ def read_labels(params: PrepareParams) -> tuple[str, dict[str, tuple[int | None,
     table = pd.read_csv(params.labels_csv, dtype=str)
     key = next((k for k in LABEL_KEYS if k in table.columns), None)
     if key is None or "label" not in table.columns:
-        raise ValueError(f"labels_csv {params.labels_csv} needs a 'label' column and one of {LABEL_KEYS}; has {list(table.columns)}")
+        raise ValueError(
+            f"labels_csv {params.labels_csv} needs a 'label' column and one of {LABEL_KEYS}; has {list(table.columns)}"
+        )
     mapping = {**DEFAULT_LABEL_MAP, **parse_label_map(params.label_map)}
     out: dict[str, tuple[int | None, str]] = {}
-    for k, name in zip(table[key].str.strip(), table["label"].str.strip()):
+    for k, name in zip(table[key].str.strip(), table["label"].str.strip(), strict=False):
         value = mapping.get(name.lower())
         if value is None:
             raise ValueError(
-                f"label {name!r} in {params.labels_csv} is not in label_map; known: {sorted(mapping)} "
-                f"(e.g. label_map='{name}=1')"
+                f"label {name!r} in {params.labels_csv} is not in label_map; known: {sorted(mapping)} (e.g. label_map='{name}=1')"
             )
         out[k] = (None if value == DROP else int(value), name)
     return key, out
@@ -166,7 +181,9 @@ def save_slice(pixels: np.ndarray, path: Path, image_format: str) -> None:
 
 
 def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dict]:
-    scanned: ScanResult = scan(params.dicom_root, progress=lambda it: tqdm(it, desc="reading DICOM headers", unit="file", mininterval=2))
+    scanned: ScanResult = scan(
+        params.dicom_root, progress=lambda it: tqdm(it, desc="reading DICOM headers", unit="file", mininterval=2)
+    )
     labels = read_labels(params)
     rows, series_rows = [], []
     total = sum(len(s.slices) for s in scanned.series)
@@ -182,30 +199,48 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
             windowed.append(window(hu, params.window_width, params.window_level))
             bar.update(1)
         keep, relative = select_slices(np.asarray(areas), params.min_lung_fraction)
-        for i, (header, pixels) in enumerate(zip(series.slices, windowed)):
+        for i, (header, pixels) in enumerate(zip(series.slices, windowed, strict=False)):
             if not keep[i]:
                 continue
             label, name = None, ""
             if labels is not None:
-                key = {"sop_instance_uid": header.sop_uid, "series_instance_uid": header.series_uid,
-                       "patient_id": header.patient_id}[labels[0]]
+                key = {
+                    "sop_instance_uid": header.sop_uid,
+                    "series_instance_uid": header.series_uid,
+                    "patient_id": header.patient_id,
+                }[labels[0]]
                 if key in labels[1]:
                     label, name = labels[1][key]
                     if label is None:
                         continue  # label_map says drop
             rel = f"slices/s{k:03d}/{i:04d}.{params.image_format}"
             pending.append(writer.submit(save_slice, pixels, folder / rel, params.image_format))
-            rows.append({
-                "file": rel, "patient_id": header.patient_id, "study_instance_uid": header.study_uid,
-                "series_instance_uid": header.series_uid, "sop_instance_uid": header.sop_uid,
-                "instance_number": header.instance_number, "slice_position": series.positions[i],
-                "lung_fraction": round(float(relative[i]), 4), "lung_area": round(float(areas[i]), 5),
-                "source_sha256": sha256_bytes(Path(header.path)), "label": label, "label_name": name,
-            })
-        series_rows.append({
-            "series": f"s{k:03d}", "series_instance_uid": series.uid, "patient_id": series.patient_id,
-            "n_slices": len(series.slices), "n_kept": int(keep.sum()), "ordering": series.ordering,
-        })
+            rows.append(
+                {
+                    "file": rel,
+                    "patient_id": header.patient_id,
+                    "study_instance_uid": header.study_uid,
+                    "series_instance_uid": header.series_uid,
+                    "sop_instance_uid": header.sop_uid,
+                    "instance_number": header.instance_number,
+                    "slice_position": series.positions[i],
+                    "lung_fraction": round(float(relative[i]), 4),
+                    "lung_area": round(float(areas[i]), 5),
+                    "source_sha256": sha256_bytes(Path(header.path)),
+                    "label": label,
+                    "label_name": name,
+                }
+            )
+        series_rows.append(
+            {
+                "series": f"s{k:03d}",
+                "series_instance_uid": series.uid,
+                "patient_id": series.patient_id,
+                "n_slices": len(series.slices),
+                "n_kept": int(keep.sum()),
+                "ordering": series.ordering,
+            }
+        )
         shown = np.unique(np.linspace(0, len(windowed) - 1, min(len(windowed), MONTAGE_MAX)).round().astype(int))
         sheet = montage(
             [windowed[i] for i in shown],
@@ -235,8 +270,12 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
     pd.DataFrame(series_rows).to_csv(folder / "series.csv", index=False)
     write_skipped(scanned.skipped, folder)
     summary = {
-        "n_files": scanned.files, "n_non_dicom": scanned.non_dicom, "n_skipped": len(scanned.skipped),
-        "n_series": len(scanned.series), "n_slices": total, "n_kept": len(manifest),
+        "n_files": scanned.files,
+        "n_non_dicom": scanned.non_dicom,
+        "n_skipped": len(scanned.skipped),
+        "n_series": len(scanned.series),
+        "n_slices": total,
+        "n_kept": len(manifest),
         "n_labelled": int(manifest["label"].notna().sum()),
     }
     return manifest, summary
@@ -248,7 +287,9 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
     numeric = all(n.lstrip("-").isdigit() for n in names)
     to_int = {n: (int(n) if numeric else i) for i, n in enumerate(names)}
     rows, hashes, skipped, thumbs = [], [], list(found.skipped), {}
-    for path, name in tqdm(list(zip(found.files, found.labels)), desc="grey, hash, export", unit="slice", mininterval=2):
+    for path, name in tqdm(
+        list(zip(found.files, found.labels, strict=False)), desc="grey, hash, export", unit="slice", mininterval=2
+    ):
         try:
             grey = open_grey(path)
         except ImageReadError as exc:
@@ -271,7 +312,8 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
     else:
         warnings.warn(
             f"{params.slices_root} has no patient IDs and group_near_duplicates is off: each slice is its own "
-            "group, so near-identical neighbouring slices can fall on both sides of the split"
+            "group, so near-identical neighbouring slices can fall on both sides of the split",
+            stacklevel=2,
         )
         manifest["patient_id"] = [f"slice-{i:05d}" for i in range(len(manifest))]
     for column in MANIFEST_COLUMNS:
@@ -290,8 +332,11 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
         sheet = montage(images, [""] * len(images), columns=8, title=f"class {name!r} (label {to_int[name]}): sample slices")
         sheet.save(folder / "montages" / f"class_{to_int[name]}.png")
     summary = {
-        "n_files": len(found.files) + len(found.duplicates) + len(found.skipped), "n_duplicates": len(found.duplicates),
-        "n_skipped": len(skipped), "n_kept": len(manifest), "n_groups": int(manifest["patient_id"].nunique()),
+        "n_files": len(found.files) + len(found.duplicates) + len(found.skipped),
+        "n_duplicates": len(found.duplicates),
+        "n_skipped": len(skipped),
+        "n_kept": len(manifest),
+        "n_groups": int(manifest["patient_id"].nunique()),
         "n_classes": len(names),
     }
     return manifest, summary
@@ -329,7 +374,9 @@ def run_prepare(params: PrepareParams) -> str:
         mlflow.set_tags({"stage": "prepare_transition", "source": params.source})
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         export = build_export(params)
-        log_params({"export_key": export.summary["export_key"], "export_path": str(export.folder), "reused_export": export.reused})
+        log_params(
+            {"export_key": export.summary["export_key"], "export_path": str(export.folder), "reused_export": export.reused}
+        )
         mlflow.log_metrics({k: v for k, v in export.summary.items() if isinstance(v, (int, float))})
         for name in ("manifest.csv", "summary.json", "series.csv", "skipped.csv", "duplicates.csv"):
             if (export.folder / name).is_file():

@@ -55,5 +55,6 @@ def explanation_sheet(model, grey: np.ndarray, preprocess_input, captions: list[
     from mstl.evaluation.montage import montage
 
     heatmaps = gradcam(model, np.asarray(grey_to_input(grey, preprocess_input)))
-    return montage([overlay(g, h) for g, h in zip(grey, heatmaps)], captions, columns=min(len(grey), 6),
-                   title=title, side=160)
+    return montage(
+        [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)], captions, columns=min(len(grey), 6), title=title, side=160
+    )

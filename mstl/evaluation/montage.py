@@ -24,7 +24,7 @@ def montage(
     draw = ImageDraw.Draw(sheet)
     if title:
         draw.text((pad, 4), title, fill="black")
-    for k, (image, caption, color) in enumerate(zip(images, captions, colors)):
+    for k, (image, caption, color) in enumerate(zip(images, captions, colors, strict=False)):
         x = (k % columns) * cell_w + pad
         y = title_h + (k // columns) * cell_h + pad
         thumb = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((side, side), Image.Resampling.BILINEAR)

@@ -18,8 +18,9 @@ def roc_figure(y_true, y_prob, auc: Estimate | None = None, title: str = "ROC") 
     label = "model" if auc is None else f"AUC {auc.value:.3f} [{auc.low:.3f}, {auc.high:.3f}]"
     ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="chance")
-    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (recall)", title=title,
-           xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(
+        xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (recall)", title=title, xlim=(0, 1), ylim=(0, 1.01)
+    )
     ax.legend(loc="lower right")
     fig.tight_layout()
     return fig

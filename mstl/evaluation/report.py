@@ -65,9 +65,13 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
     everything = client.search_runs([experiment.experiment_id], max_results=50_000)
     parents = {r.info.run_id: r.data.tags.get("mlflow.parentRunId", "") for r in everything}
     members = grid_members(client, parent_run, tmp) if parent_run else None
-    runs = [r for r in everything if r.data.tags.get("stage") == "target" and r.info.status == "FINISHED"
-            and (not parent_run or (r.info.run_id in members if members is not None
-                                    else descends_from(r, parent_run, parents)))]
+    runs = [
+        r
+        for r in everything
+        if r.data.tags.get("stage") == "target"
+        and r.info.status == "FINISHED"
+        and (not parent_run or (r.info.run_id in members if members is not None else descends_from(r, parent_run, parents)))
+    ]
     if not runs:
         where = f"under run {parent_run}" if parent_run else f"in experiment {experiment_name!r}"
         raise ValueError(f"no finished Target run {where}")
@@ -75,15 +79,25 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
     for run in runs:
         folder = tmp / run.info.run_id
         folder.mkdir()
-        predictions = {part: pd.read_csv(client.download_artifacts(run.info.run_id, f"predictions/{part}.csv", str(folder)))
-                       for part in ("val", "test")}
-        rows.append({
-            "run_id": run.info.run_id, "backbone": run.data.tags.get("backbone"), "strategy": run.data.tags.get("strategy"),
-            "split": run.data.tags.get("split"), "seed": int(run.data.params.get("seed", 0)),
-            "image_size": int(run.data.params.get("image_size", 0)), "epochs": int(run.data.params.get("epochs", 0)),
-            "threshold": float(run.data.params.get("threshold", defaults.THRESHOLD)),
-            "metrics": run.data.metrics, "val": predictions["val"], "test": predictions["test"],
-        })
+        predictions = {
+            part: pd.read_csv(client.download_artifacts(run.info.run_id, f"predictions/{part}.csv", str(folder)))
+            for part in ("val", "test")
+        }
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "backbone": run.data.tags.get("backbone"),
+                "strategy": run.data.tags.get("strategy"),
+                "split": run.data.tags.get("split"),
+                "seed": int(run.data.params.get("seed", 0)),
+                "image_size": int(run.data.params.get("image_size", 0)),
+                "epochs": int(run.data.params.get("epochs", 0)),
+                "threshold": float(run.data.params.get("threshold", defaults.THRESHOLD)),
+                "metrics": run.data.metrics,
+                "val": predictions["val"],
+                "test": predictions["test"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -91,8 +105,14 @@ def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
     """Per backbone x strategy x split: each metric as value [CI] (one seed) or mean ± SD (several)."""
     out = []
     for (backbone, strategy, split, size, epochs), group in runs.groupby(SETTING):
-        row = {"backbone": backbone, "strategy": strategy, "split": split, "image_size": size, "epochs": epochs,
-               "seeds": len(group)}
+        row = {
+            "backbone": backbone,
+            "strategy": strategy,
+            "split": split,
+            "image_size": size,
+            "epochs": epochs,
+            "seeds": len(group),
+        }
         for name in METRIC_NAMES:
             values = [m[f"test_{name}"] for m in group["metrics"] if f"test_{name}" in m]
             row[name] = float(np.mean(values)) if values else float("nan")
@@ -125,10 +145,21 @@ def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
             raise ValueError(f"runs {run['run_id']} and {base['run_id']} were tested on different images")
         tests = paired_tests(joined["label"], joined["probability"], joined["probability_base"], run["threshold"])
         for metric, result in tests.items():
-            out.append({"backbone": run["backbone"], "split": run["split"], "seed": run["seed"], "strategy": run["strategy"],
-                        "metric": metric, "difference": result.difference, "p_value": result.p_value,
-                        "test": "DeLong" if metric == "auc" else "McNemar (exact)",
-                        "significant": result.p_value < ALPHA, "run_id": run["run_id"], "baseline_run_id": base["run_id"]})
+            out.append(
+                {
+                    "backbone": run["backbone"],
+                    "split": run["split"],
+                    "seed": run["seed"],
+                    "strategy": run["strategy"],
+                    "metric": metric,
+                    "difference": result.difference,
+                    "p_value": result.p_value,
+                    "test": "DeLong" if metric == "auc" else "McNemar (exact)",
+                    "significant": result.p_value < ALPHA,
+                    "run_id": run["run_id"],
+                    "baseline_run_id": base["run_id"],
+                }
+            )
     return pd.DataFrame(out)
 
 
@@ -139,7 +170,7 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
     first = runs.sort_values("seed").groupby(SETTING).head(1)
     groups = list(first.groupby(key))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), dpi=110, squeeze=False)
-    for ax, (name, group) in zip(axes[0], groups):
+    for ax, (name, group) in zip(axes[0], groups, strict=False):
         for _, run in group.iterrows():
             y, p = run["test"]["label"], run["test"]["probability"]
             fpr, tpr, _ = roc_curve(y, p)
@@ -161,33 +192,59 @@ def markdown_report(table: pd.DataFrame, paired: pd.DataFrame, best: pd.DataFram
         cells = [r["backbone"], r["strategy"], r["split"], str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
         cells += [f"{r[m]:.3f} {r[f'{m}_ci']}" for m in METRIC_NAMES]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"## Operating point: threshold chosen on validation for sensitivity ≥ {target_recall}", "",
-              "| backbone | strategy | split | threshold | test sensitivity | test specificity |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"## Operating point: threshold chosen on validation for sensitivity ≥ {target_recall}",
+        "",
+        "| backbone | strategy | split | threshold | test sensitivity | test specificity |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for _, r in table.iterrows():
-        lines.append(f"| {r['backbone']} | {r['strategy']} | {r['split']} | {r['val_threshold']:.3f} | "
-                     f"{r['test_recall_at_threshold']:.3f} | {r['test_specificity_at_threshold']:.3f} |")
+        lines.append(
+            f"| {r['backbone']} | {r['strategy']} | {r['split']} | {r['val_threshold']:.3f} | "
+            f"{r['test_recall_at_threshold']:.3f} | {r['test_specificity_at_threshold']:.3f} |"
+        )
     lines += ["", "## Paired comparisons with the ImageNet baseline (same test images)", ""]
     if paired.empty:
         lines.append("No MSTL run has an ImageNet baseline of the same backbone, split and seed: nothing to compare.")
     else:
-        lines += ["| backbone | split | seed | strategy | metric | difference (MSTL - baseline) | test | p | significant at 0.05 |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "| backbone | split | seed | strategy | metric | difference (MSTL - baseline) | test | p | significant at 0.05 |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for _, r in paired.iterrows():
-            lines.append(f"| {r['backbone']} | {r['split']} | {r['seed']} | {r['strategy']} | {r['metric']} | "
-                         f"{r['difference']:+.3f} | {r['test']} | {r['p_value']:.3g} | {'yes' if r['significant'] else 'no'} |")
+            lines.append(
+                f"| {r['backbone']} | {r['split']} | {r['seed']} | {r['strategy']} | {r['metric']} | "
+                f"{r['difference']:+.3f} | {r['test']} | {r['p_value']:.3g} | {'yes' if r['significant'] else 'no'} |"
+            )
         significant = paired[paired["significant"]]
         n_sig, better = len(significant), int((significant["difference"] > 0).sum())
         bonferroni = paired[paired["p_value"] < ALPHA / len(paired)]
-        lines += ["", f"{n_sig} of {len(paired)} paired differences are significant at 0.05 without correction for "
-                      f"multiple comparisons: {better} favour MSTL, {n_sig - better} favour the ImageNet baseline. "
-                      f"With a Bonferroni correction (p < {ALPHA / len(paired):.2g}) {len(bonferroni)} remain "
-                      f"({int((bonferroni['difference'] > 0).sum())} favouring MSTL)."
-                  + ("" if n_sig else " None of the differences is significant: on these test images MSTL and the "
-                                      "ImageNet baseline cannot be told apart.")]
-    lines += ["", "## Figures", "", "![ROC per architecture](fig5_roc_per_architecture.png)", "",
-              "![ROC per strategy](fig6_roc_per_strategy.png)", "",
-              "Two best models (highest validation recall, ties by validation AUC): " +
-              ", ".join(f"{r['backbone']}/{r['strategy']} ({r['run_id'][:8]})" for _, r in best.iterrows()), ""]
+        lines += [
+            "",
+            f"{n_sig} of {len(paired)} paired differences are significant at 0.05 without correction for "
+            f"multiple comparisons: {better} favour MSTL, {n_sig - better} favour the ImageNet baseline. "
+            f"With a Bonferroni correction (p < {ALPHA / len(paired):.2g}) {len(bonferroni)} remain "
+            f"({int((bonferroni['difference'] > 0).sum())} favouring MSTL)."
+            + (
+                ""
+                if n_sig
+                else " None of the differences is significant: on these test images MSTL and the "
+                "ImageNet baseline cannot be told apart."
+            ),
+        ]
+    lines += [
+        "",
+        "## Figures",
+        "",
+        "![ROC per architecture](fig5_roc_per_architecture.png)",
+        "",
+        "![ROC per strategy](fig6_roc_per_strategy.png)",
+        "",
+        "Two best models (highest validation recall, ties by validation AUC): "
+        + ", ".join(f"{r['backbone']}/{r['strategy']} ({r['run_id'][:8]})" for _, r in best.iterrows()),
+        "",
+    ]
     lines += [f"![confusion matrix {i + 1}](fig7_confusion_{i + 1}.png)" for i in range(len(best))]
     return "\n".join(lines) + "\n"
 
@@ -207,13 +264,18 @@ def run_compare(params: CompareParams) -> str:
         paired.to_csv(out / "paired_tests.csv", index=False)
         roc_panel(runs, "backbone", "Figure 5: ROC per architecture").savefig(out / "fig5_roc_per_architecture.png")
         roc_panel(runs, "strategy", "Figure 6: ROC per strategy").savefig(out / "fig6_roc_per_strategy.png")
-        ranked = runs.assign(
-            val_recall=[m.get("val_recall", np.nan) for m in runs["metrics"]],
-            val_auc=[m.get("val_roc_auc", np.nan) for m in runs["metrics"]],
-        ).sort_values(["val_recall", "val_auc"], ascending=False).head(2)
+        ranked = (
+            runs.assign(
+                val_recall=[m.get("val_recall", np.nan) for m in runs["metrics"]],
+                val_auc=[m.get("val_roc_auc", np.nan) for m in runs["metrics"]],
+            )
+            .sort_values(["val_recall", "val_auc"], ascending=False)
+            .head(2)
+        )
         for i, (_, r) in enumerate(ranked.iterrows()):
-            confusion_figure(r["test"]["label"], r["test"]["probability"], r["threshold"],
-                             title=f"{r['backbone']} / {r['strategy']} (test)").savefig(out / f"fig7_confusion_{i + 1}.png")
+            confusion_figure(
+                r["test"]["label"], r["test"]["probability"], r["threshold"], title=f"{r['backbone']} / {r['strategy']} (test)"
+            ).savefig(out / f"fig7_confusion_{i + 1}.png")
         (out / "report.md").write_text(markdown_report(table, paired, ranked, params.target_recall))
         import matplotlib.pyplot as plt
 

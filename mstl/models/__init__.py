@@ -1,5 +1,9 @@
 """Backbones by name, the paper's heads, and freezing of the shallower half of conv layers."""
 
+from mstl import tensorflow_build
+
+tensorflow_build()  # one TensorFlow build, or an error that says how to install it
+
 from mstl.models.backbones import (
     BACKBONES,
     PAPER_BACKBONES,

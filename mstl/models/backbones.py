@@ -6,9 +6,9 @@ Each entry is the one place that knows a backbone's constructor, its own
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import keras
 
@@ -85,9 +85,7 @@ def get_backbone(name: str) -> BackboneSpec:
 
 def check_image_size(spec: BackboneSpec, image_size: int) -> None:
     if image_size < spec.min_size:
-        raise ValueError(
-            f"image_size={image_size} is below the minimum of {spec.min_size} px for backbone {spec.name!r}"
-        )
+        raise ValueError(f"image_size={image_size} is below the minimum of {spec.min_size} px for backbone {spec.name!r}")
 
 
 def resolve_weights(weights: str | None) -> str | None:

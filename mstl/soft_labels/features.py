@@ -25,9 +25,7 @@ def features_key(files: list[Path], backbone: str, weights: str, image_size: int
     return digest.hexdigest()[:32]
 
 
-def extract_features(
-    files: list[Path], backbone: str, weights: str, image_size: int, batch_size: int = 32
-) -> np.ndarray:
+def extract_features(files: list[Path], backbone: str, weights: str, image_size: int, batch_size: int = 32) -> np.ndarray:
     """(n, d) float32: each slice decoded to grey, replicated to 3 channels, the backbone's own
     preprocessing, the conv base, flattened."""
     import tensorflow as tf

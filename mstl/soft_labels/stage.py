@@ -16,7 +16,6 @@ import numpy as np
 import optuna
 import pandas as pd
 from sklearn.cluster import KMeans
-from tqdm.auto import tqdm
 
 from mstl import defaults
 from mstl.data.images import load_grey
@@ -26,7 +25,7 @@ from mstl.soft_labels.features import cached_features
 from mstl.soft_labels.search import CRITERIA, check_counts, check_features, fold_scores, parse_k_range, parse_k_values
 from mstl.tracking import log_figure, log_params, log_table, start_stage_run, tracking_uri
 from mstl.tracking.work import HEARTBEAT_SECONDS, claim, heartbeat_storage, run_shared
-from mstl.training.transition import load_manifest
+from mstl.training.transition import load_manifest, log_export_input
 
 REDUCTIONS = ("none", "pca", "random")
 
@@ -98,8 +97,11 @@ def study_name(features_path: Path, params: SoftLabelParams) -> str:
 
 def log_trial_run(client, parent, k: int, criterion: str, scores: list[float]) -> None:
     """A nested run per trial (what optuna-integration's MLflowCallback does, with the parent link explicit)."""
-    child = client.create_run(parent.info.experiment_id, run_name=f"k={k}",
-                              tags={"mlflow.parentRunId": parent.info.run_id, "stage": "soft_labels_trial"})
+    child = client.create_run(
+        parent.info.experiment_id,
+        run_name=f"k={k}",
+        tags={"mlflow.parentRunId": parent.info.run_id, "stage": "soft_labels_trial"},
+    )
     run_id = child.info.run_id
     client.log_param(run_id, "k", k)
     client.log_param(run_id, "criterion", criterion)
@@ -120,9 +122,13 @@ def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: 
     retried once, and every worker returns with the whole grid complete.
     """
     grid, k_range = params.search_space()
-    study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, params.heartbeat_seconds),
-                                sampler=optuna.samplers.TPESampler(seed=params.seed), direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name,
+        storage=heartbeat_storage(storage, params.heartbeat_seconds),
+        sampler=optuna.samplers.TPESampler(seed=params.seed),
+        direction="maximize",
+        load_if_exists=True,
+    )
     client = mlflow.MlflowClient(tracking_uri())
 
     def evaluate(trial: optuna.Trial, k: int) -> float:
@@ -167,8 +173,9 @@ def criterion_figure(study: optuna.Study, criterion: str, folds: int):
     spread = [np.nanstd(t.user_attrs.get("fold_scores", [np.nan])) for t in trials]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.errorbar(ks, means, yerr=spread, marker="o", capsize=3)
-    ax.set(xlabel="k (clusters)", ylabel=f"{criterion} (held-out, mean ± SD over {folds} folds)",
-           title=f"choosing k by {criterion}")
+    ax.set(
+        xlabel="k (clusters)", ylabel=f"{criterion} (held-out, mean ± SD over {folds} folds)", title=f"choosing k by {criterion}"
+    )
     if len(ks) > 1 and max(ks) / min(ks) >= 4:
         ax.set_xscale("log", base=2)
     ax.set_xticks(ks, [str(k) for k in ks])
@@ -189,11 +196,24 @@ def run_soft_labels(params: SoftLabelParams) -> str:
     with start_stage_run(params.experiment, f"soft-labels-{params.feature_backbone}-{params.criterion}") as run:
         mlflow.set_tags({"stage": "soft_labels", "feature_backbone": params.feature_backbone, "criterion": params.criterion})
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
-        raw, features_path, reused = cached_features(files, params.feature_backbone, params.weights, params.image_size,
-                                                     Path(params.cache_dir) / "features", params.batch_size)
-        log_params({"features_reused": reused, "n_slices": len(files), "feature_dim": raw.shape[1],
-                    "features_sha256": features_path.stem})
+        raw, features_path, reused = cached_features(
+            files,
+            params.feature_backbone,
+            params.weights,
+            params.image_size,
+            Path(params.cache_dir) / "features",
+            params.batch_size,
+        )
+        log_params(
+            {
+                "features_reused": reused,
+                "n_slices": len(files),
+                "feature_dim": raw.shape[1],
+                "features_sha256": features_path.stem,
+            }
+        )
         check_features(raw, params.folds, k_max)
+        log_export_input(params.manifest, manifest[["file"]], "clustering")
         if params.log_features:
             mlflow.log_artifact(str(features_path), "features")
         features = reduce_features(raw, params.reduce, params.reduce_dim, params.seed)
@@ -216,11 +236,15 @@ def run_soft_labels(params: SoftLabelParams) -> str:
             for cluster in sizes.index:
                 members = labels.index[labels["cluster"] == cluster]
                 picked = members[np.linspace(0, len(members) - 1, min(24, len(members))).round().astype(int)]
-                sheet = montage([load_grey(files[i], 128) for i in picked], [""] * len(picked), columns=8,
-                                title=f"cluster {cluster}: {sizes[cluster]} slices (k={best_k}, {params.criterion})")
+                sheet = montage(
+                    [load_grey(files[i], 128) for i in picked],
+                    [""] * len(picked),
+                    columns=8,
+                    title=f"cluster {cluster}: {sizes[cluster]} slices (k={best_k}, {params.criterion})",
+                )
                 sheet.save(Path(tmp) / f"cluster_{cluster:02d}.png")
             mlflow.log_artifacts(tmp, "montages")
         if str(storage).startswith("sqlite:///"):
-            mlflow.log_artifact(str(storage)[len("sqlite:///"):], "optuna")
+            mlflow.log_artifact(str(storage)[len("sqlite:///") :], "optuna")
         print(f"soft labels: k={best_k} ({params.criterion}={study.best_value:.4f}); sizes {sizes.to_dict()}")
         return run.info.run_id

@@ -53,32 +53,35 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-_RUN_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("mstl_run_tags", default={})
+_RUN_TAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mstl_run_tags", default=None)
 
 
 @contextlib.contextmanager
 def run_tags(tags: dict):
     """Tags that every stage run started inside this block carries (the experiment grid marks its cells)."""
-    token = _RUN_TAGS.set({**_RUN_TAGS.get(), **tags})
+    token = _RUN_TAGS.set({**(_RUN_TAGS.get() or {}), **tags})
     try:
         yield
     finally:
         _RUN_TAGS.reset(token)
 
 
-def start_stage_run(experiment: str, run_name: str, tags: dict | None = None, experiment_id: str | None = None):
+def start_stage_run(
+    experiment: str, run_name: str, tags: dict | None = None, experiment_id: str | None = None, log_system_metrics: bool = False
+):
     """Start a stage's run, tagged with the code version (and any ``run_tags`` in force).
 
     Under `mlflow run` it resumes the run MLflow created (MLFLOW_RUN_ID). Inside another stage's run
     (the experiment grid) it is a nested child of that run, in its experiment. Otherwise it goes to
     ``experiment_id`` when given, else the named experiment.
     """
-    tags = {"mstl.code_version": code_version(), **_RUN_TAGS.get(), **(tags or {})}
+    tags = {"mstl.code_version": code_version(), **(_RUN_TAGS.get() or {}), **(tags or {})}
+    system = {"log_system_metrics": True} if log_system_metrics else {}  # opt-in (MLflow's default stays off)
     if mlflow.active_run() is not None:
-        return mlflow.start_run(run_name=run_name, tags=tags, nested=True)
+        return mlflow.start_run(run_name=run_name, tags=tags, nested=True, **system)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_id=experiment_id or ensure_experiment(experiment))
-    return mlflow.start_run(run_name=run_name, tags=tags)
+    return mlflow.start_run(run_name=run_name, tags=tags, **system)
 
 
 def find_finished_run(stage: str, params: dict, experiment_id: str) -> str | None:
@@ -123,6 +126,19 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
         path = Path(tmp) / Path(artifact_file).name
         df.to_csv(path, index=False)
         mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+
+
+def log_dataset(df: pd.DataFrame, name: str, source: str, digest: str, context: str, targets: str | None = None):
+    """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and return it,
+    so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the table)."""
+    dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
+    mlflow.log_input(dataset, context=context)
+    return dataset
+
+
+# The run tag naming a stage's logged model (a Target's served model, a Transition's checkpoint record).
+MODEL_ID_TAG = "mstl.model_id"
+DIGEST_CHARS = 16  # MLflow stores a data set digest in at most 36 characters
 
 
 def log_figure(fig, artifact_file: str) -> None:

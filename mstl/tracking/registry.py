@@ -48,17 +48,25 @@ def candidates(client, experiment_name: str, select_on: str) -> list:
     usable = [r for r in runs if f"{select_on}_recall" in r.data.metrics and r.data.params.get("log_model", "true") == "true"]
     if not usable:
         raise ValueError(f"no finished Target run with {select_on}_recall and a logged model in experiment {experiment_name!r}")
-    return sorted(usable, key=lambda r: (-r.data.metrics[f"{select_on}_recall"],
-                                          -r.data.metrics.get(f"{select_on}_roc_auc", float("-inf")),
-                                          r.info.start_time))
+    return sorted(
+        usable,
+        key=lambda r: (
+            -r.data.metrics[f"{select_on}_recall"],
+            -r.data.metrics.get(f"{select_on}_roc_auc", float("-inf")),
+            r.info.start_time,
+        ),
+    )
 
 
 def promote(params: PromoteParams):
     """Register the best run's served model and point the alias at the new version."""
     params.validate()
     if params.select_on == "test":
-        warnings.warn("select_on=test chooses the model on the test split: the test metrics of the champion "
-                      "are then optimistically biased (leakage); prefer select_on=val")
+        warnings.warn(
+            "select_on=test chooses the model on the test split: the test metrics of the champion "
+            "are then optimistically biased (leakage); prefer select_on=val",
+            stacklevel=2,
+        )
     client = mlflow.MlflowClient(tracking_uri())
     best = candidates(client, params.search_experiment, params.select_on)[0]
     m, p, tags = best.data.metrics, best.data.params, best.data.tags
@@ -72,8 +80,11 @@ def promote(params: PromoteParams):
         "split": tags.get("split", ""),
         "parent_run_id": tags.get("mlflow.parentRunId", ""),
         **{f"test_{name}": f"{m[f'test_{name}']:.4f}" for name in REPORTED if f"test_{name}" in m},
-        **{f"{params.select_on}_{name}": f"{m[f'{params.select_on}_{name}']:.4f}" for name in ("recall", "roc_auc")
-           if f"{params.select_on}_{name}" in m},
+        **{
+            f"{params.select_on}_{name}": f"{m[f'{params.select_on}_{name}']:.4f}"
+            for name in ("recall", "roc_auc")
+            if f"{params.select_on}_{name}" in m
+        },
     }
     for key, value in version_tags.items():
         client.set_model_version_tag(params.model_name, version.version, key, value)

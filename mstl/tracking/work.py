@@ -54,8 +54,10 @@ def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> o
 def claim(study: optuna.Study, trial: optuna.Trial, param: str, item: Hashable) -> None:
     """Prune ``trial`` unevaluated when an earlier trial of the same item is queued, running or complete."""
     for other in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
-        if other.number != trial.number and other.params.get(param) == item and (
-            other.state == TrialState.COMPLETE or other.number < trial.number
+        if (
+            other.number != trial.number
+            and other.params.get(param) == item
+            and (other.state == TrialState.COMPLETE or other.number < trial.number)
         ):
             trial.set_user_attr("claimed_by", other.number)
             raise optuna.TrialPruned(f"{param}={item} is already taken by trial {other.number}")
@@ -115,8 +117,10 @@ def run_shared(
                 continue
             failures = sum(t.state == TrialState.FAIL for t in trials)
             if failures > max_failures:
-                raise RuntimeError(f"{param}={item} failed {failures} times in study {study.study_name!r}; "
-                                   "see the failed trials' errors above or in the study")
+                raise RuntimeError(
+                    f"{param}={item} failed {failures} times in study {study.study_name!r}; "
+                    "see the failed trials' errors above or in the study"
+                )
             if ready is None or ready(item, done):
                 study.enqueue_trial({param: item})
                 queued = True
@@ -125,7 +129,8 @@ def run_shared(
             study.optimize(objective, n_trials=1, catch=(), callbacks=list(callbacks))
         else:
             if not waited:
-                print(f"waiting for other workers of study {study.study_name!r} "
-                      f"({len(done)}/{len(choices)} complete)", flush=True)
+                print(
+                    f"waiting for other workers of study {study.study_name!r} ({len(done)}/{len(choices)} complete)", flush=True
+                )
                 waited = True
             time.sleep(poll_seconds)

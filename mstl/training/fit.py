@@ -207,8 +207,10 @@ def fit_classifier(
         per_image = 4 * int(np.prod(model.layers[cut].output.shape[1:]))
         needed = per_image * (len(train[0]) + len(val[0]))
         if needed > defaults.FROZEN_CACHE_MAX_BYTES:
-            print(f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit "
-                  f"{defaults.FROZEN_CACHE_MAX_BYTES / 1024**3:.1f}); running the full network every step instead")
+            print(
+                f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit "
+                f"{defaults.FROZEN_CACHE_MAX_BYTES / 1024**3:.1f}); running the full network every step instead"
+            )
             cut = None
     if cut is not None:
         bottom, trained = split_at_cut(model, cut)

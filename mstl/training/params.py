@@ -24,6 +24,7 @@ class ClassifierParams(FitSettings):
     pool_size: int = defaults.POOL_SIZE
     train_batchnorm: bool = defaults.TRAIN_BATCHNORM
     distribute: str = "none"
+    log_system_metrics: bool = False  # CPU, memory (and GPU) use of the run, sampled by MLflow (psutil)
 
     def validate_network(self) -> None:
         """Fail on an unknown backbone, a too-small image or an unknown distribution before any data is read."""
@@ -38,6 +39,12 @@ class ClassifierParams(FitSettings):
     def build(self, output: OutputSpec, weights: str | None = None) -> keras.Model:
         """The paper's network for this stage (``weights`` overrides the parameter, e.g. ``none``)."""
         return build_classifier(
-            self.backbone, self.weights if weights is None else weights, self.image_size, output,
-            self.dense_units, self.dense_activation, self.pool_size, self.train_batchnorm,
+            self.backbone,
+            self.weights if weights is None else weights,
+            self.image_size,
+            output,
+            self.dense_units,
+            self.dense_activation,
+            self.pool_size,
+            self.train_batchnorm,
         )

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.entities import LoggedModelInput
 
 from mstl import defaults
 from mstl.data import covid_ct
@@ -20,7 +21,7 @@ from mstl.data.images import decode_images
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
 from mstl.serving import log_serving_model, serving_config
-from mstl.tracking import log_figure, log_params, log_table, resolve_run, start_stage_run
+from mstl.tracking import MODEL_ID_TAG, log_dataset, log_figure, log_params, log_table, resolve_run, start_stage_run
 from mstl.training.fit import distribution_scope, fit_classifier, image_dataset, predict_in_batches, set_seed
 from mstl.training.params import ClassifierParams
 
@@ -49,14 +50,20 @@ class TargetParams(ClassifierParams):
         OutputSpec("binary", 1, self.dropout)
 
 
+DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
+
+
 def strategy_of(weights: str) -> str:
     """The run's ``strategy`` tag: where the starting weights came from."""
     w = str(weights).lower()
     return "imagenet" if w == "imagenet" else "scratch" if w in ("none", "", "null") else "weights_file"
 
 
-def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams, name: str, strategy: str) -> pd.DataFrame:
-    """Predict one split, log its metrics with CIs, pictures and predictions CSV."""
+def evaluate_split(
+    model, grey, table: pd.DataFrame, spec, params: TargetParams, name: str, strategy: str, model_id=None, dataset=None
+) -> pd.DataFrame:
+    """Predict one split, log its metrics with CIs (linked to the logged model and the split's data set),
+    pictures and predictions CSV."""
     prob = predict_in_batches(model, image_dataset(grey, None, spec.preprocess_input, params.batch_size))[:, 0]
     labels = table["label"].to_numpy()
     estimates = bootstrap_metrics(labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed)
@@ -65,7 +72,7 @@ def evaluate_split(model, grey, table: pd.DataFrame, spec, params: TargetParams,
         values[f"{name}_{metric}"] = est.value
         values[f"{name}_{metric}_ci_low"] = est.low
         values[f"{name}_{metric}_ci_high"] = est.high
-    mlflow.log_metrics({k: v for k, v in values.items() if np.isfinite(v)})
+    mlflow.log_metrics({k: v for k, v in values.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset)
     title = f"{params.backbone} ({strategy}), {name} split"
     log_figure(roc_figure(labels, prob, estimates["roc_auc"], title=title), f"plots/roc_{name}.png")
     log_figure(confusion_figure(labels, prob, params.threshold, title=title), f"plots/confusion_{name}.png")
@@ -84,14 +91,22 @@ def log_explanations(model, grey, labels, prob, spec, params: TargetParams, per_
 
     predicted = prob >= params.threshold
     picks, captions = [], []
-    for kind, mask, order in (("TP", predicted & (labels == 1), -prob), ("FN", ~predicted & (labels == 1), prob),
-                              ("FP", predicted & (labels == 0), -prob)):
+    for kind, mask, order in (
+        ("TP", predicted & (labels == 1), -prob),
+        ("FN", ~predicted & (labels == 1), prob),
+        ("FP", predicted & (labels == 0), -prob),
+    ):
         chosen = [i for i in np.argsort(order) if mask[i]][:per_kind]
         picks += chosen
         captions += [f"{kind} p={prob[i]:.2f}" for i in chosen]
     if picks:
-        sheet = explanation_sheet(model, grey[picks], spec.preprocess_input, captions,
-                                  "Grad-CAM on test slices: true positives, false negatives, false positives")
+        sheet = explanation_sheet(
+            model,
+            grey[picks],
+            spec.preprocess_input,
+            captions,
+            "Grad-CAM on test slices: true positives, false negatives, false positives",
+        )
         with tempfile.TemporaryDirectory() as tmp:
             sheet.save(Path(tmp) / "gradcam_test.png")
             mlflow.log_artifact(str(Path(tmp) / "gradcam_test.png"), "explanations")
@@ -117,14 +132,25 @@ def model_from_transition(parent, params: TargetParams, output: OutputSpec):
     kind = source["output"]
     source_output = OutputSpec(kind, 1 if kind == "binary" else int(source["n_classes"]))
     model = build_classifier(
-        params.backbone, "none", params.image_size, source_output,
-        int(source["dense_units"]), source["dense_activation"], int(source["pool_size"]), params.train_batchnorm,
+        params.backbone,
+        "none",
+        params.image_size,
+        source_output,
+        int(source["dense_units"]),
+        source["dense_activation"],
+        int(source["pool_size"]),
+        params.train_batchnorm,
     )  # the parent's head, so that its checkpoint loads
     checkpoint = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="checkpoints/best.weights.h5")
     model.load_weights(checkpoint)
     return reinitialise_head(
-        model, output, get_backbone(params.backbone), params.train_batchnorm,
-        dense_units=params.dense_units, dense_activation=params.dense_activation, pool_size=params.pool_size,
+        model,
+        output,
+        get_backbone(params.backbone),
+        params.train_batchnorm,
+        dense_units=params.dense_units,
+        dense_activation=params.dense_activation,
+        pool_size=params.pool_size,
     )
 
 
@@ -141,12 +167,16 @@ def run_target(params: TargetParams) -> str:
     # start_run's parent_run_id (MLflow issue #15713), and a finished parent cannot be "active".
     nesting = {"mlflow.parentRunId": parent.info.run_id} if parent else None
     experiment = parent.info.experiment_id if parent else None
-    with start_stage_run(params.experiment, run_name, tags=nesting, experiment_id=experiment) as run:
+    with start_stage_run(
+        params.experiment, run_name, tags=nesting, experiment_id=experiment, log_system_metrics=params.log_system_metrics
+    ) as run:
         if parent:
             mlflow.set_tag("mlflow.parentRunId", parent.info.run_id)
             if run.info.experiment_id != parent.info.experiment_id:
-                print(f"warning: this run's experiment {run.info.experiment_id} differs from its Transition parent's "
-                      f"({parent.info.experiment_id}); the MLflow UI nests runs only within one experiment")
+                print(
+                    f"warning: this run's experiment {run.info.experiment_id} differs from its Transition parent's "
+                    f"({parent.info.experiment_id}); the MLflow UI nests runs only within one experiment"
+                )
         mlflow.set_tags({"stage": "target", "backbone": params.backbone, "strategy": strategy, "split": params.split})
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         log_table(covid_ct.split_table(index), "data/split.csv")
@@ -157,15 +187,29 @@ def run_target(params: TargetParams) -> str:
             print(f"skipped {len(decoded.unreadable)} unreadable image(s); see data/unreadable.csv")
         index = index.iloc[decoded.kept].reset_index(drop=True)
         grey = decoded.pixels
+        hashes = np.asarray(covid_ct.file_sha256s(index["path"]))
         log_params(
             {
                 "split_sha256": covid_ct.split_sha256(index),
-                "data_sha256": covid_ct.files_sha256(index["path"]),
+                "data_sha256": covid_ct.combined_sha256(hashes),
                 "n_unreadable": len(decoded.unreadable),
                 **{f"n_{part}": int((index["split"] == part).sum()) for part in covid_ct.SPLITS},
             }
         )
         parts = {part: (index["split"] == part).to_numpy() for part in covid_ct.SPLITS}
+        datasets = {
+            part: log_dataset(
+                index.loc[parts[part], ["file", "label", "patient_id"]].reset_index(drop=True),
+                name=f"covid-ct-{params.split}-{part}",
+                source=str(covid_ct.dataset_dir(params.data_root)),
+                digest=covid_ct.combined_sha256(hashes[parts[part]]),
+                context=DATASET_CONTEXT[part],
+                targets="label",
+            )
+            for part in covid_ct.SPLITS
+        }
+        if parent and parent.data.tags.get(MODEL_ID_TAG):
+            mlflow.log_input(model=LoggedModelInput(parent.data.tags[MODEL_ID_TAG]))
 
         output = OutputSpec("binary", 1, params.dropout)
         labels = index["label"].to_numpy().astype("float32")
@@ -184,13 +228,18 @@ def run_target(params: TargetParams) -> str:
         mlflow.log_metrics(
             {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy, "fit_seconds": result.seconds}
         )
-        log_checkpoint(model)
+        model_id = None
+        if params.log_model:  # the weights are stored once: in the served model, else as a checkpoint
+            model_id = log_serving_model(
+                model,
+                serving_config(params.backbone, params.image_size, params.threshold),
+                index.loc[parts["test"], "path"].iloc[0],
+            ).model_id
+            mlflow.set_tag(MODEL_ID_TAG, model_id)
+        else:
+            log_checkpoint(model)
         for part in ("val", "test"):
-            evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part, strategy)
-        if params.log_model:
-            log_keras_model(model, grey[parts["test"]][:2], spec.preprocess_input)
-            log_serving_model(model, serving_config(params.backbone, params.image_size, params.threshold),
-                              index.loc[parts["test"], "path"].iloc[0])
+            evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part, strategy, model_id, datasets[part])
         return run.info.run_id
 
 
@@ -198,9 +247,7 @@ def log_model_structure(model) -> None:
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
     first_trainable = next(layer.name for layer in model.layers if layer.trainable)
-    log_params(
-        {"trainable_params": trainable, "frozen_params": frozen, "first_trainable_layer": first_trainable}
-    )
+    log_params({"trainable_params": trainable, "frozen_params": frozen, "first_trainable_layer": first_trainable})
 
 
 def log_checkpoint(model) -> None:
@@ -209,12 +256,3 @@ def log_checkpoint(model) -> None:
         path = Path(tmp) / "best.weights.h5"
         model.save_weights(path)
         mlflow.log_artifact(str(path), "checkpoints")
-
-
-def log_keras_model(model, example_grey: np.ndarray, preprocess_input) -> None:
-    """The model in MLflow's Keras flavour, with a signature, loadable by ``mlflow.pyfunc.load_model``."""
-    from mlflow.models import infer_signature
-
-    example = np.asarray(image_dataset(example_grey, None, preprocess_input, len(example_grey)).get_single_element())
-    signature = infer_signature(example, np.asarray(model(example, training=False)))
-    mlflow.keras.log_model(model, name="model", signature=signature)

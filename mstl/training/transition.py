@@ -17,7 +17,7 @@ from mstl import defaults
 from mstl.data.images import decode_images
 from mstl.dicom.prepare import check_two_classes
 from mstl.models import OutputSpec, get_backbone
-from mstl.tracking import log_params, log_table, resolve_run, start_stage_run
+from mstl.tracking import MODEL_ID_TAG, log_dataset, log_params, log_table, resolve_run, start_stage_run
 from mstl.training.fit import distribution_scope, fit_classifier, set_seed
 from mstl.training.params import ClassifierParams
 from mstl.training.target import log_checkpoint, log_model_structure
@@ -77,6 +77,21 @@ def load_manifest(run_ref: str) -> tuple[pd.DataFrame, Path]:
     return pd.read_csv(folder / "manifest.csv"), folder
 
 
+def log_export_input(manifest_run: str, table: pd.DataFrame, context: str, targets: str | None = None) -> None:
+    """Record a prepare_transition export as this run's data set: named and digested by its export key
+    (a hash of every input file and the selection parameters), sourced from the prepare run's manifest."""
+    run = resolve_run(manifest_run, stage="prepare_transition")
+    key = run.data.params.get("export_key", "")
+    log_dataset(
+        table,
+        name=f"transition-export-{key[:8]}",
+        source=f"runs:/{run.info.run_id}/manifest.csv",
+        digest=key,
+        context=context,
+        targets=targets,
+    )
+
+
 def load_soft_labels(ref: str) -> pd.DataFrame:
     """(file, cluster) from a CSV path or a soft_labels run's labels.csv artifact."""
     path = Path(ref)
@@ -93,7 +108,9 @@ def attach_labels(manifest: pd.DataFrame, params: TransitionParams) -> tuple[pd.
     """Rows with a label in column ``y``, the output the task needs, and how many rows had no label."""
     if params.strategy == "hard":
         if "label" not in manifest or manifest["label"].isna().all():
-            raise ValueError("the manifest has no labels: run prepare_transition with labels_csv (or slices_root class folders), or use strategy=soft")
+            raise ValueError(
+                "the manifest has no labels: run prepare_transition with labels_csv (or slices_root class folders), or use strategy=soft"
+            )
         check_two_classes(manifest["label"], "the manifest")
         table = manifest.assign(y=manifest["label"])
     else:
@@ -147,7 +164,7 @@ def class_weights_from(text: str, y: np.ndarray) -> dict[int, float] | None:
         return None
     classes, counts = np.unique(y, return_counts=True)
     if text == "balanced":
-        return {int(c): float(len(y) / (len(classes) * n)) for c, n in zip(classes, counts)}
+        return {int(c): float(len(y) / (len(classes) * n)) for c, n in zip(classes, counts, strict=False)}
     weights = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
@@ -167,27 +184,48 @@ def run_transition(params: TransitionParams) -> str:
     table, output, unlabelled = attach_labels(manifest, params)
     is_val = grouped_split(table, params.group_by, params.val_fraction, params.seed)
     run_name = f"transition-{params.backbone}-{params.strategy}-s{params.seed}"
-    with start_stage_run(params.experiment, run_name) as run:
+    with start_stage_run(params.experiment, run_name, log_system_metrics=params.log_system_metrics) as run:
         mlflow.set_tags({"stage": "transition", "backbone": params.backbone, "strategy": params.strategy})
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         weights = class_weights_from(params.class_weights, table.loc[~is_val, "y"].to_numpy())
-        log_params({
-            "n_train": int((~is_val).sum()), "n_val": int(is_val.sum()), "n_unlabelled": unlabelled,
-            "n_classes": output.n_classes if output.kind == "categorical" else 2, "output": output.kind,
-            "class_weight_values": weights,
-        })
-        log_table(table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]], "data/split.csv")
+        log_params(
+            {
+                "n_train": int((~is_val).sum()),
+                "n_val": int(is_val.sum()),
+                "n_unlabelled": unlabelled,
+                "n_classes": output.n_classes if output.kind == "categorical" else 2,
+                "output": output.kind,
+                "class_weight_values": weights,
+            }
+        )
+        split_table = table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]]
+        log_table(split_table, "data/split.csv")
+        log_export_input(params.manifest, split_table, "training", targets="y")
         decoded = decode_images([str(folder / f) for f in table["file"]], params.image_size)
         y = table["y"].to_numpy().astype("float32" if output.kind == "binary" else "int32")
         with distribution_scope(params.distribute):
             model = params.build(output)
             log_model_structure(model)
-            result = fit_classifier(model, (decoded.pixels[~is_val], y[~is_val]), (decoded.pixels[is_val], y[is_val]),
-                                    spec.preprocess_input, output, params.fit_config(weights))
+            result = fit_classifier(
+                model,
+                (decoded.pixels[~is_val], y[~is_val]),
+                (decoded.pixels[is_val], y[is_val]),
+                spec.preprocess_input,
+                output,
+                params.fit_config(weights),
+            )
         log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-                            "fit_seconds": result.seconds})
+        mlflow.log_metrics(
+            {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy, "fit_seconds": result.seconds}
+        )
         log_checkpoint(model)
         if params.log_model:
-            mlflow.keras.log_model(model, name="model")
+            model_id = mlflow.keras.log_model(model, name="model").model_id
+        else:  # a model record for the checkpoint, so a Target run can name this model as its input
+            model_id = mlflow.create_external_model(
+                name=f"transition-{params.backbone}-{params.strategy}",
+                source_run_id=run.info.run_id,
+                tags={"weights": "checkpoints/best.weights.h5", "backbone": params.backbone, "strategy": params.strategy},
+            ).model_id
+        mlflow.set_tag(MODEL_ID_TAG, model_id)
         return run.info.run_id

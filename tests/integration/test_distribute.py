@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
 def test_mirrored_training_runs_on_two_logical_cpus(cache):
     out = subprocess.run([sys.executable, "-c", SCRIPT.format(cache=cache)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("REPLICAS"))
+    line = next(text for text in out.stdout.splitlines() if text.startswith("REPLICAS"))
     assert line.split()[1] == "2" and line.split()[3] == str(cache)
 
 

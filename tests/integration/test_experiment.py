@@ -58,8 +58,12 @@ def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(EXPERIMENT)
     grids = sorted(client.search_runs([exp.experiment_id], "tags.stage = 'experiment'"), key=lambda r: r.info.start_time)
-    result = run_entry_point("compare", {"search_experiment": EXPERIMENT, "parent_run": grids[1].info.run_id,
-                                         "out_dir": tmp_path / "report"}, mlflow_server, EXPERIMENT)
+    result = run_entry_point(
+        "compare",
+        {"search_experiment": EXPERIMENT, "parent_run": grids[1].info.run_id, "out_dir": tmp_path / "report"},
+        mlflow_server,
+        EXPERIMENT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compare: 3 Target runs" in result.stdout  # the grid's cells, the reused imagenet run included
     report = (tmp_path / "report" / "report.md").read_text()
@@ -67,23 +71,39 @@ def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
 
 
 def start_experiment(params: dict, tracking_uri: str, experiment: str) -> subprocess.Popen:
-    cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", "experiment", "--env-manager", "local",
-           "--experiment-name", experiment]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        "experiment",
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
     for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(leaked, None)
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def test_two_workers_share_a_grid_and_run_each_cell_once(mlflow_server, data_root, keras_home, tmp_path):
-    params = {**TINY, "strategies": "imagenet", "seeds": "0,1", "data_root": data_root, "cache_dir": tmp_path / "cache",
-              "heartbeat_seconds": 5}
+    params = {
+        **TINY,
+        "strategies": "imagenet",
+        "seeds": "0,1",
+        "data_root": data_root,
+        "cache_dir": tmp_path / "cache",
+        "heartbeat_seconds": 5,
+    }
     workers = [start_experiment(params, mlflow_server, "mstl-two-workers") for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
-    for w, (_, err) in zip(workers, outputs):
+    for w, (_, err) in zip(workers, outputs, strict=False):
         assert w.returncode == 0, err[-3000:]
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("mstl-two-workers")
@@ -94,22 +114,28 @@ def test_two_workers_share_a_grid_and_run_each_cell_once(mlflow_server, data_roo
     assert len(workers_runs) == 2 and len({r.data.tags["mstl.grid"] for r in workers_runs}) == 1
     assert sum(r.data.metrics["cells_run"] for r in workers_runs) == 2
     for run in workers_runs:  # both workers end knowing every cell's run
-        assert set(grid_cells(client, run.info.run_id, tmp_path / run.info.run_id)["run_id"]) == {
-            r.info.run_id for r in targets}
+        assert set(grid_cells(client, run.info.run_id, tmp_path / run.info.run_id)["run_id"]) == {r.info.run_id for r in targets}
     print("cells run per worker:", [r.data.metrics["cells_run"] for r in workers_runs])
 
 
 def test_a_grid_killed_mid_cell_resumes_and_never_reuses_the_orphan(mlflow_server, data_root, keras_home, tmp_path):
-    params = {**TINY, "epochs": 30, "strategies": "imagenet", "data_root": data_root, "cache_dir": tmp_path / "cache",
-              "heartbeat_seconds": 2}
+    params = {
+        **TINY,
+        "epochs": 30,
+        "strategies": "imagenet",
+        "data_root": data_root,
+        "cache_dir": tmp_path / "cache",
+        "heartbeat_seconds": 2,
+    }
     client = MlflowClient(mlflow_server)
     victim = start_experiment(params, mlflow_server, "mstl-killed")
     deadline, orphan = time.time() + 300, None
     while time.time() < deadline and orphan is None:
         exp = client.get_experiment_by_name("mstl-killed")
         found = client.search_runs([exp.experiment_id], "tags.stage = 'target'") if exp else []
-        running = [r for r in found if r.info.status == "RUNNING" and
-                   client.get_metric_history(r.info.run_id, "epoch_train_loss")]
+        running = [
+            r for r in found if r.info.status == "RUNNING" and client.get_metric_history(r.info.run_id, "epoch_train_loss")
+        ]
         orphan = running[0] if running else None
         time.sleep(0.5)
     assert orphan is not None, "the Target cell never started training"

@@ -34,7 +34,7 @@ def test_same_seed_gives_identical_weights():
     wa = [w.copy() for w in a.get_weights()]
     keras.backend.clear_session()
     b, _ = fit_once(seed=3)
-    for x, y in zip(wa, b.get_weights()):
+    for x, y in zip(wa, b.get_weights(), strict=False):
         np.testing.assert_array_equal(x, y)
 
 
@@ -70,8 +70,14 @@ def test_frozen_layers_do_not_change():
     model = build_classifier("mobilenet_025", weights=None, image_size=32)
     before = model.get_layer("conv1").get_weights()[0].copy()
     grey, y = tiny_data()
-    fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]), SPEC.preprocess_input, TARGET_OUTPUT,
-                   FitConfig(epochs=1, batch_size=16, log_to_mlflow=False, cache_frozen=False))
+    fit_classifier(
+        model,
+        (grey[:32], y[:32]),
+        (grey[32:], y[32:]),
+        SPEC.preprocess_input,
+        TARGET_OUTPUT,
+        FitConfig(epochs=1, batch_size=16, log_to_mlflow=False, cache_frozen=False),
+    )
     np.testing.assert_array_equal(before, model.get_layer("conv1").get_weights()[0])
 
 

@@ -21,8 +21,14 @@ def patch_model():
     y = (np.arange(n) % 2).astype("float32")
     grey[y == 1, 8:40, 8:40] = 250
     model = build_classifier("mobilenet_025", weights="none", image_size=size, train_batchnorm=False)
-    fit_classifier(model, (grey[:64], y[:64]), (grey[64:], y[64:]), get_backbone("mobilenet_025").preprocess_input,
-                   TARGET_OUTPUT, FitConfig(epochs=8, batch_size=16, learning_rate=0.05, log_to_mlflow=False, cache_frozen=False))
+    fit_classifier(
+        model,
+        (grey[:64], y[:64]),
+        (grey[64:], y[64:]),
+        get_backbone("mobilenet_025").preprocess_input,
+        TARGET_OUTPUT,
+        FitConfig(epochs=8, batch_size=16, learning_rate=0.05, log_to_mlflow=False, cache_frozen=False),
+    )
     return model, grey, y
 
 

@@ -11,8 +11,12 @@ pytestmark = pytest.mark.integration
 def test_target_run_on_a_postgresql_backend(postgres_uri, data_root, keras_home, tmp_path):
     client = MlflowClient(postgres_uri)
     client.create_experiment("pg", artifact_location=(tmp_path / "artifacts").as_uri())
-    result = run_entry_point("target", {"data_root": data_root, "image_size": 32, "epochs": 1, "n_bootstrap": 50,
-                                        "log_model": "false"}, postgres_uri, "pg")
+    result = run_entry_point(
+        "target",
+        {"data_root": data_root, "image_size": 32, "epochs": 1, "n_bootstrap": 50, "log_model": "false"},
+        postgres_uri,
+        "pg",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = client.search_runs([client.get_experiment_by_name("pg").experiment_id], "tags.stage = 'target'")
     assert run.info.status == "FINISHED"

@@ -15,14 +15,28 @@ EXPERIMENT = "mstl-soft"
 def soft_run(mlflow_server, data_root, keras_home, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("soft")
     client = MlflowClient(mlflow_server)
-    result = run_entry_point("prepare_transition", {"dicom_root": data_root / "lung-pet-ct-dx", "export_dir": tmp / "exports"},
-                             mlflow_server, EXPERIMENT)
+    result = run_entry_point(
+        "prepare_transition",
+        {"dicom_root": data_root / "lung-pet-ct-dx", "export_dir": tmp / "exports"},
+        mlflow_server,
+        EXPERIMENT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     exp = client.get_experiment_by_name(EXPERIMENT)
     prepared = client.search_runs([exp.experiment_id], "tags.stage = 'prepare_transition'")[0]
-    result = run_entry_point("soft_labels", {"manifest": prepared.info.run_id, "feature_backbone": "mobilenet_025",
-                                             "image_size": 224, "k_values": "2,4,8", "folds": 5,
-                                             "cache_dir": tmp / "cache"}, mlflow_server, EXPERIMENT)
+    result = run_entry_point(
+        "soft_labels",
+        {
+            "manifest": prepared.info.run_id,
+            "feature_backbone": "mobilenet_025",
+            "image_size": 224,
+            "k_values": "2,4,8",
+            "folds": 5,
+            "cache_dir": tmp / "cache",
+        },
+        mlflow_server,
+        EXPERIMENT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     soft = client.search_runs([exp.experiment_id], "tags.stage = 'soft_labels'")[0]
     return client, prepared, soft, tmp
@@ -48,7 +62,8 @@ def test_labels_join_the_manifest_and_pictures_are_logged(soft_run):
     assert joined["cluster"].notna().all() and len(labels) == len(manifest)
     assert labels["cluster"].nunique() == int(soft.data.metrics["best_k"])
     paths = {a.path for a in client.list_artifacts(soft.info.run_id)} | {
-        a.path for folder in ("plots", "montages", "features") for a in client.list_artifacts(soft.info.run_id, folder)}
+        a.path for folder in ("plots", "montages", "features") for a in client.list_artifacts(soft.info.run_id, folder)
+    }
     assert "plots/criterion_vs_k.png" in paths and "cluster_sizes.csv" in paths
     assert sum(p.startswith("montages/cluster_") for p in paths) == int(soft.data.metrics["best_k"])
     assert any(p.startswith("features/") and p.endswith(".npy") for p in paths)
@@ -57,9 +72,20 @@ def test_labels_join_the_manifest_and_pictures_are_logged(soft_run):
 
 def test_soft_transition_trains_on_the_labels(soft_run, mlflow_server):
     client, prepared, soft, _ = soft_run
-    result = run_entry_point("transition", {"manifest": prepared.info.run_id, "strategy": "soft", "labels": soft.info.run_id,
-                                            "group_by": "series", "image_size": 64, "epochs": 1, "batch_size": 16},
-                             mlflow_server, EXPERIMENT)
+    result = run_entry_point(
+        "transition",
+        {
+            "manifest": prepared.info.run_id,
+            "strategy": "soft",
+            "labels": soft.info.run_id,
+            "group_by": "series",
+            "image_size": 64,
+            "epochs": 1,
+            "batch_size": 16,
+        },
+        mlflow_server,
+        EXPERIMENT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     exp = client.get_experiment_by_name(EXPERIMENT)
     run = client.search_runs([exp.experiment_id], "tags.stage = 'transition'")[0]
@@ -70,9 +96,21 @@ def test_soft_transition_trains_on_the_labels(soft_run, mlflow_server):
 
 def test_rerun_reuses_the_features(soft_run, mlflow_server):
     client, prepared, _, tmp = soft_run
-    result = run_entry_point("soft_labels", {"manifest": prepared.info.run_id, "feature_backbone": "mobilenet_025",
-                                             "image_size": 224, "k_values": "2,4,8", "folds": 5, "criterion": "inertia",
-                                             "cache_dir": tmp / "cache", "log_features": "false"}, mlflow_server, EXPERIMENT)
+    result = run_entry_point(
+        "soft_labels",
+        {
+            "manifest": prepared.info.run_id,
+            "feature_backbone": "mobilenet_025",
+            "image_size": 224,
+            "k_values": "2,4,8",
+            "folds": 5,
+            "criterion": "inertia",
+            "cache_dir": tmp / "cache",
+            "log_features": "false",
+        },
+        mlflow_server,
+        EXPERIMENT,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     exp = client.get_experiment_by_name(EXPERIMENT)
     rerun = client.search_runs([exp.experiment_id], "tags.stage = 'soft_labels'", order_by=["attributes.start_time DESC"])[0]

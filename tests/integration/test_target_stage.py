@@ -2,6 +2,7 @@
 on the real COVID-CT and the genuine MobileNet-0.25 ImageNet weights, read back through the client."""
 
 import os
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -20,8 +21,7 @@ TINY = {"image_size": 64, "epochs": 2, "n_bootstrap": 200, "batch_size": 32}
 
 @pytest.fixture(scope="module")
 def target_run(mlflow_server, data_root, keras_home):
-    result = run_entry_point("target", {"data_root": data_root, "backbone": "mobilenet_025", **TINY},
-                             mlflow_server, "target-it")
+    result = run_entry_point("target", {"data_root": data_root, "backbone": "mobilenet_025", **TINY}, mlflow_server, "target-it")
     assert result.returncode == 0, result.stderr[-4000:]
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("target-it")
@@ -58,12 +58,21 @@ def test_per_epoch_history_and_test_metrics_with_intervals(target_run):
 def test_artifacts_checkpoint_roc_predictions_and_split(target_run, tmp_path):
     client, run, _ = target_run
     run_id = run.info.run_id
-    paths = {a.path for folder in ("checkpoints", "plots", "predictions", "data", "explanations")
-             for a in client.list_artifacts(run_id, folder)}
-    assert {"checkpoints/best.weights.h5", "plots/roc_test.png", "plots/confusion_test.png",
-            "predictions/test.csv", "data/split.csv", "explanations/gradcam_test.png"} <= paths
+    paths = {
+        a.path
+        for folder in ("checkpoints", "plots", "predictions", "data", "explanations")
+        for a in client.list_artifacts(run_id, folder)
+    }
+    assert "checkpoints/best.weights.h5" not in paths  # the weights are stored once, in the logged model
+    assert {
+        "plots/roc_test.png",
+        "plots/confusion_test.png",
+        "predictions/test.csv",
+        "data/split.csv",
+        "explanations/gradcam_test.png",
+    } <= paths
     roc = client.download_artifacts(run_id, "plots/roc_test.png", str(tmp_path))
-    assert open(roc, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert Path(roc).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     predictions = pd.read_csv(client.download_artifacts(run_id, "predictions/test.csv", str(tmp_path)))
     assert list(predictions.columns) == ["file", "patient_id", "label", "probability"]
     assert len(predictions) == 203 and predictions["probability"].between(0, 1).all()
@@ -74,19 +83,41 @@ def test_artifacts_checkpoint_roc_predictions_and_split(target_run, tmp_path):
     assert recall == pytest.approx(run.data.metrics["test_recall"])
 
 
-def test_logged_model_loads_as_pyfunc_and_matches_the_checkpoint(target_run, mlflow_server, tmp_path):
+def test_one_logged_model_from_code_reproduces_the_logged_predictions(target_run, mlflow_server, data_root, tmp_path):
+    import base64
+
     client, run, _ = target_run
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
-    assert model.metadata.signature is not None
-    x = np.random.default_rng(0).uniform(-1, 1, (3, 64, 64, 3)).astype("float32")
-    out = np.asarray(model.predict(x))
-    assert out.shape == (3, 1) and ((out >= 0) & (out <= 1)).all()
-    from mstl.models import build_classifier
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert [m.name for m in models] == ["classifier"]  # one logged model per Target run
+    assert run.data.tags["mstl.model_id"] == models[0].model_id
+    linked = {m.key: m.value for m in models[0].metrics}
+    assert linked["test_recall"] == pytest.approx(run.data.metrics["test_recall"])  # metrics linked to the model
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{models[0].model_id}", dst_path=str(tmp_path / "m")))
+    assert "serving_model.py" in (local / "MLmodel").read_text()  # models from code: nothing pickled
+    assert not list(local.rglob("*.pkl"))
 
-    rebuilt = build_classifier("mobilenet_025", weights=None, image_size=64)
-    rebuilt.load_weights(client.download_artifacts(run.info.run_id, "checkpoints/best.weights.h5", str(tmp_path)))
-    np.testing.assert_allclose(np.asarray(rebuilt(x, training=False)), out, rtol=1e-5, atol=1e-6)
+    predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions/test.csv", str(tmp_path))).head(4)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/classifier")
+    root = data_root / "covid-ct"
+    request = pd.DataFrame({"image": [base64.b64encode((root / name).read_bytes()).decode() for name in predictions["file"]]})
+    served = model.predict(request)["probability"].to_numpy()
+    np.testing.assert_allclose(served, predictions["probability"].to_numpy(), atol=1e-5)
+
+
+def test_the_split_files_are_the_runs_data_sets(target_run):
+    client, run, _ = target_run
+    full = client.get_run(run.info.run_id)
+    inputs = {d.dataset.name: d for d in full.inputs.dataset_inputs}
+    assert sorted(inputs) == ["covid-ct-official-test", "covid-ct-official-train", "covid-ct-official-val"]
+    contexts = {name: {t.key: t.value for t in d.tags}["mlflow.data.context"] for name, d in inputs.items()}
+    assert contexts == {
+        "covid-ct-official-train": "training",
+        "covid-ct-official-val": "validation",
+        "covid-ct-official-test": "test",
+    }
+    assert all(len(d.dataset.digest) == 16 for d in inputs.values())
+    assert len({d.dataset.digest for d in inputs.values()}) == 3
 
 
 def test_entry_point_names_an_unknown_backbone(mlflow_server, data_root):
@@ -111,6 +142,8 @@ def test_unreadable_image_fails_by_name_or_is_skipped_and_logged(data_root, kera
     table = pd.read_csv(MlflowClient(local_tracking).download_artifacts(run_id, "data/unreadable.csv", str(tmp_path)))
     assert table["path"].str.endswith(victim.name).tolist() == [True]
     assert int(run.data.params["n_train"]) + int(run.data.params["n_val"]) + int(run.data.params["n_test"]) == 745
+    artifacts = {a.path for a in MlflowClient(local_tracking).list_artifacts(run_id, "checkpoints")}
+    assert artifacts == {"checkpoints/best.weights.h5"}  # without a logged model the weights are a checkpoint
 
 
 def post_images(url: str, payloads: list[bytes | str]):
@@ -134,8 +167,9 @@ def champion(target_run, mlflow_server):
     """`mlflow run . -e promote` twice: the alias moves to the new version, the old one stays."""
     client, run, _ = target_run
     for _ in range(2):
-        result = run_entry_point("promote", {"search_experiment": "target-it", "model_name": "it-covid-ct"},
-                                 mlflow_server, "target-it")
+        result = run_entry_point(
+            "promote", {"search_experiment": "target-it", "model_name": "it-covid-ct"}, mlflow_server, "target-it"
+        )
         assert result.returncode == 0, result.stderr[-3000:]
     return client.get_model_version_by_alias("it-covid-ct", "champion")
 
@@ -143,8 +177,9 @@ def champion(target_run, mlflow_server):
 def test_promotion_registers_the_most_sensitive_run_with_its_figures(champion, target_run):
     client, run, _ = target_run
     assert champion.version == "2"
-    assert [v.version for v in client.search_model_versions("name = 'it-covid-ct'")] and \
-        sorted(v.version for v in client.search_model_versions("name = 'it-covid-ct'")) == ["1", "2"]
+    assert [v.version for v in client.search_model_versions("name = 'it-covid-ct'")] and sorted(
+        v.version for v in client.search_model_versions("name = 'it-covid-ct'")
+    ) == ["1", "2"]
     tags = champion.tags
     assert tags["source_run_id"] == run.info.run_id and tags["selected_on"] == "val"
     assert tags["backbone"] == "mobilenet_025" and tags["strategy"] == "imagenet" and tags["split"] == "official"
@@ -153,7 +188,9 @@ def test_promotion_registers_the_most_sensitive_run_with_its_figures(champion, t
     assert "recall" in champion.description
 
 
-def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(target_run, champion, mlflow_server, data_root, tmp_path):
+def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(
+    target_run, champion, mlflow_server, data_root, tmp_path
+):
     import subprocess
     import time
     import urllib.request
@@ -165,9 +202,23 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(targe
     port = free_port()
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
     server = subprocess.Popen(
-        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", "models:/it-covid-ct@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            str(VENV_BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/it-covid-ct@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -189,15 +240,20 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(targe
 
         # the served probability is the model's on the training preprocessing
         from mstl.data.images import grey_to_input, load_grey
-        from mstl.models import build_classifier, get_backbone
+        from mstl.models import get_backbone
 
-        model = build_classifier("mobilenet_025", weights="none", image_size=64)
-        model.load_weights(MlflowClient(mlflow_server).download_artifacts(run.info.run_id, "checkpoints/best.weights.h5", str(tmp_path)))
+        mlflow.set_tracking_uri(mlflow_server)
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/classifier").unwrap_python_model().model
         x = grey_to_input(load_grey(png, 64)[None], get_backbone("mobilenet_025").preprocess_input)
         assert answers[0]["probability"] == pytest.approx(float(model(x, training=False)[0, 0]), abs=1e-5)
 
         mr = write_slice(tmp_path / "mr.dcm", "1.2.3", z=0.0, instance=1, modality="MR").read_bytes()
-        for bad, reason in ((b"not an image", "cannot read image"), (b"", "empty image"), (mr, "modality MR is not CT"), ("%%%", "base64")):
+        for bad, reason in (
+            (b"not an image", "cannot read image"),
+            (b"", "empty image"),
+            (mr, "modality MR is not CT"),
+            ("%%%", "base64"),
+        ):
             status, body = post_images(url, [bad])
             assert 400 <= status < 500, (reason, status, body)
             assert reason in body.get("message", ""), body
@@ -211,8 +267,9 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(targe
 def test_explain_overlays_an_image_and_a_dicom_slice_for_the_champion(champion, mlflow_server, data_root, tmp_path):
     png = sorted((data_root / "covid-ct" / "CT_NonCOVID").iterdir())[0]
     dicom = next((data_root / "lung-pet-ct-dx").rglob("1-15.dcm"))
-    result = run_entry_point("explain", {"model_uri": "models:/it-covid-ct@champion", "images": f"{png},{dicom}"},
-                             mlflow_server, "target-it")
+    result = run_entry_point(
+        "explain", {"model_uri": "models:/it-covid-ct@champion", "images": f"{png},{dicom}"}, mlflow_server, "target-it"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name("target-it")
@@ -220,4 +277,4 @@ def test_explain_overlays_an_image_and_a_dicom_slice_for_the_champion(champion, 
     names = sorted(a.path for a in client.list_artifacts(run.info.run_id, "explanations"))
     assert len(names) == 3 and "explanations/sheet.png" in names
     sheet = client.download_artifacts(run.info.run_id, "explanations/sheet.png", str(tmp_path))
-    assert open(sheet, "rb").read(4) == b"\x89PNG"
+    assert Path(sheet).read_bytes()[:4] == b"\x89PNG"

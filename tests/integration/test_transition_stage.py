@@ -37,8 +37,10 @@ def test_prepare_transition_target_chain_nests_target_under_transition(source, m
         }
         group_by = "series"  # the sample is one patient (two reconstructions)
     else:
-        prepare_params = {"slices_root": data_root / "iq-oth-nccd",
-                          "label_map": "Malignant cases=1,Bengin cases=0,Normal cases=0"}
+        prepare_params = {
+            "slices_root": data_root / "iq-oth-nccd",
+            "label_map": "Malignant cases=1,Bengin cases=0,Normal cases=0",
+        }
         group_by = "patient"  # near-duplicate groups
     run_ok("prepare_transition", {**prepare_params, "export_dir": tmp_path / "exports"}, mlflow_server, experiment)
     client = MlflowClient(mlflow_server)
@@ -49,8 +51,12 @@ def test_prepare_transition_target_chain_nests_target_under_transition(source, m
     manifest = pd.read_csv(client.download_artifacts(prepared.info.run_id, "manifest.csv", str(tmp_path)))
     assert manifest["label"].nunique() == 2
 
-    run_ok("transition", {"manifest": prepared.info.run_id, "strategy": "hard", "group_by": group_by,
-                          "class_weights": "balanced", **TINY}, mlflow_server, experiment)
+    run_ok(
+        "transition",
+        {"manifest": prepared.info.run_id, "strategy": "hard", "group_by": group_by, "class_weights": "balanced", **TINY},
+        mlflow_server,
+        experiment,
+    )
     transition = only_run(client, experiment, "transition")
     assert transition.data.tags["strategy"] == "hard" and transition.data.tags["backbone"] == "mobilenet_025"
     assert int(transition.data.params["n_train"]) + int(transition.data.params["n_val"]) == len(manifest)
@@ -60,8 +66,12 @@ def test_prepare_transition_target_chain_nests_target_under_transition(source, m
     if column:
         assert (split.groupby(column)["split"].nunique() == 1).all()
 
-    run_ok("target", {"data_root": data_root, "init_from": f"runs:/{transition.info.run_id}", "n_bootstrap": 100, **TINY},
-           mlflow_server, experiment)
+    run_ok(
+        "target",
+        {"data_root": data_root, "init_from": f"runs:/{transition.info.run_id}", "n_bootstrap": 100, **TINY},
+        mlflow_server,
+        experiment,
+    )
     target = only_run(client, experiment, "target")
     assert target.info.status == "FINISHED"
     assert target.data.tags["mlflow.parentRunId"] == transition.info.run_id
@@ -76,8 +86,12 @@ def test_prepare_transition_target_chain_nests_target_under_transition(source, m
 def test_target_refuses_a_transition_of_another_backbone(mlflow_server, data_root):
     client = MlflowClient(mlflow_server)
     transition = only_run(client, "mstl-chain-dicom", "transition")
-    result = run_entry_point("target", {"data_root": data_root, "init_from": transition.info.run_id,
-                                        "backbone": "densenet121", **TINY}, mlflow_server, "mstl-chain-dicom")
+    result = run_entry_point(
+        "target",
+        {"data_root": data_root, "init_from": transition.info.run_id, "backbone": "densenet121", **TINY},
+        mlflow_server,
+        "mstl-chain-dicom",
+    )
     assert result.returncode != 0
     assert "trained backbone 'mobilenet_025' but backbone='densenet121'" in result.stderr
 
@@ -117,16 +131,21 @@ def test_compare_reports_mstl_against_its_imagenet_baseline(mlflow_server, data_
     client = MlflowClient(mlflow_server)
     compare = only_run(client, experiment, "compare")
     names = {a.path for a in client.list_artifacts(compare.info.run_id, "report")}
-    assert {"report/report.md", "report/table_iii.csv", "report/paired_tests.csv",
-            "report/fig5_roc_per_architecture.png", "report/fig6_roc_per_strategy.png", "report/fig7_confusion_1.png"} <= names
+    assert {
+        "report/report.md",
+        "report/table_iii.csv",
+        "report/paired_tests.csv",
+        "report/fig5_roc_per_architecture.png",
+        "report/fig6_roc_per_strategy.png",
+        "report/fig7_confusion_1.png",
+    } <= names
     table = pd.read_csv(client.download_artifacts(compare.info.run_id, "report/table_iii.csv", str(tmp_path)))
     assert sorted(table["strategy"]) == ["hard", "imagenet"]
     assert table["recall_ci"].str.startswith("[").all()
     paired = pd.read_csv(client.download_artifacts(compare.info.run_id, "report/paired_tests.csv", str(tmp_path)))
     assert sorted(paired["metric"]) == ["accuracy", "auc", "sensitivity"]
     assert paired["p_value"].between(0, 1).all()
-    targets = {r.data.tags["strategy"]: r for r in client.search_runs(
-        [compare.info.experiment_id], "tags.stage = 'target'")}
+    targets = {r.data.tags["strategy"]: r for r in client.search_runs([compare.info.experiment_id], "tags.stage = 'target'")}
     auc_difference = targets["hard"].data.metrics["test_roc_auc"] - targets["imagenet"].data.metrics["test_roc_auc"]
     assert paired.set_index("metric").loc["auc", "difference"] == pytest.approx(auc_difference, abs=1e-9)
     report = (tmp_path / "report" / "report.md").read_text()

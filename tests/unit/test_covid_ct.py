@@ -25,25 +25,33 @@ def test_index_reads_every_image_with_its_patient(data_root):
 def test_patient_ids_agree_with_the_derived_table(data_root):
     """Our reading of the original xlsx/csv equals the dataset's derived image_patient_split.csv."""
     derived = pd.read_csv(data_root / "covid-ct" / "meta" / "image_patient_split.csv", dtype=str)
-    derived_map = {(c, i): p.strip() for c, i, p in zip(derived["class"], derived["image"], derived["patient_id"])}
+    derived_map = {(c, i): p.strip() for c, i, p in zip(derived["class"], derived["image"], derived["patient_id"], strict=False)}
     index = covid_ct.index_images(data_root, require_patients=True)
-    ours = {(c, f.split("/", 1)[1]): p for c, f, p in zip(index["class"], index["file"], index["patient_id"])}
+    ours = {(c, f.split("/", 1)[1]): p for c, f, p in zip(index["class"], index["file"], index["patient_id"], strict=False)}
     assert ours == derived_map
 
 
 def test_official_split_counts(data_root):
     index = covid_ct.load_split(data_root, "official")
     assert counts(index) == {
-        ("COVID", "train"): 191, ("COVID", "val"): 60, ("COVID", "test"): 98,
-        ("NonCOVID", "train"): 234, ("NonCOVID", "val"): 58, ("NonCOVID", "test"): 105,
+        ("COVID", "train"): 191,
+        ("COVID", "val"): 60,
+        ("COVID", "test"): 98,
+        ("NonCOVID", "train"): 234,
+        ("NonCOVID", "val"): 58,
+        ("NonCOVID", "test"): 105,
     }
 
 
 def test_paper_split_has_table_ii_counts_and_depends_on_the_seed(data_root):
     a = covid_ct.load_split(data_root, "paper", seed=0)
     assert counts(a) == {
-        ("COVID", "train"): 196, ("COVID", "val"): 56, ("COVID", "test"): 97,
-        ("NonCOVID", "train"): 251, ("NonCOVID", "val"): 56, ("NonCOVID", "test"): 90,
+        ("COVID", "train"): 196,
+        ("COVID", "val"): 56,
+        ("COVID", "test"): 97,
+        ("NonCOVID", "train"): 251,
+        ("NonCOVID", "val"): 56,
+        ("NonCOVID", "test"): 90,
     }
     assert covid_ct.split_sha256(a) == covid_ct.split_sha256(covid_ct.load_split(data_root, "paper", seed=0))
     assert covid_ct.split_sha256(a) != covid_ct.split_sha256(covid_ct.load_split(data_root, "paper", seed=1))

@@ -89,11 +89,14 @@ def crafted_zip(path, members: dict[str, bytes], symlinks: dict[str, str] = {}):
     return path
 
 
-@pytest.mark.parametrize("evil, reason", [
-    ({"members": {"../evil.txt": b"x"}}, "'..'"),
-    ({"members": {"/abs/evil.txt": b"x"}}, "absolute"),
-    ({"members": {}, "symlinks": {"CT_COVID/link.png": "/etc/passwd"}}, "symbolic link"),
-])
+@pytest.mark.parametrize(
+    "evil, reason",
+    [
+        ({"members": {"../evil.txt": b"x"}}, "'..'"),
+        ({"members": {"/abs/evil.txt": b"x"}}, "absolute"),
+        ({"members": {}, "symlinks": {"CT_COVID/link.png": "/etc/passwd"}}, "symbolic link"),
+    ],
+)
 def test_unsafe_zip_members_are_refused_by_name_and_nothing_is_written(tmp_path, evil, reason):
     target = tmp_path / "data" / "covid-ct"
     archive = crafted_zip(tmp_path / "a.zip", {"CT_COVID/ok.png": b"fine", **evil["members"]}, evil.get("symlinks", {}))
@@ -107,8 +110,9 @@ def test_unsafe_zip_members_are_refused_by_name_and_nothing_is_written(tmp_path,
 
 
 def test_safe_zip_extracts_regular_files_and_skips_macos_metadata(tmp_path):
-    archive = crafted_zip(tmp_path / "a.zip", {"CT_COVID/a.png": b"1", "__MACOSX/CT_COVID/._a.png": b"junk",
-                                               "CT_COVID/sub/b.png": b"2"})
+    archive = crafted_zip(
+        tmp_path / "a.zip", {"CT_COVID/a.png": b"1", "__MACOSX/CT_COVID/._a.png": b"junk", "CT_COVID/sub/b.png": b"2"}
+    )
     written = extract_zip(archive, tmp_path / "out")
     assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["CT_COVID/a.png", "CT_COVID/sub/b.png"]
     assert (tmp_path / "out" / "CT_COVID" / "sub" / "b.png").read_bytes() == b"2"

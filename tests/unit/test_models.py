@@ -56,11 +56,14 @@ def test_shallower_half_of_conv_layers_is_frozen(name):
     frozen_convs = [i for i in convs if not model.layers[i].trainable]
     assert len(frozen_convs) == len(convs) // 2
     assert frozen_convs == convs[: len(convs) // 2]
-    assert all(layer.trainable for layer in model.layers[freeze_boundary(model):])
+    assert all(layer.trainable for layer in model.layers[freeze_boundary(model) :])
     keras.backend.clear_session()
 
 
-@pytest.mark.parametrize("name, head", [("resnet50v2", ["head_avgpool", "head_flatten"]), ("densenet121", ["head_gap"]), ("mobilenet_025", ["head_gap"])])
+@pytest.mark.parametrize(
+    "name, head",
+    [("resnet50v2", ["head_avgpool", "head_flatten"]), ("densenet121", ["head_gap"]), ("mobilenet_025", ["head_gap"])],
+)
 def test_target_head_follows_the_paper(name, head):
     model = build_classifier(name, weights=None, image_size=64, output=TARGET_OUTPUT)
     names = [layer.name for layer in model.layers if layer.name.startswith("head_")]

@@ -93,13 +93,16 @@ def test_nothing_usable_is_an_error(tmp_path):
         build_export(PrepareParams(dicom_root=str(tmp_path / "in"), export_dir=str(tmp_path / "out")))
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({}, "exactly one of"),
-    ({"dicom_root": "a", "slices_root": "b"}, "exactly one of"),
-    ({"dicom_root": "a", "image_format": "tiff"}, "image_format"),
-    ({"dicom_root": "a", "min_lung_fraction": 2.0}, "min_lung_fraction"),
-    ({"dicom_root": "a", "labels_csv": "/nowhere.csv"}, "nowhere.csv"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({}, "exactly one of"),
+        ({"dicom_root": "a", "slices_root": "b"}, "exactly one of"),
+        ({"dicom_root": "a", "image_format": "tiff"}, "image_format"),
+        ({"dicom_root": "a", "min_lung_fraction": 2.0}, "min_lung_fraction"),
+        ({"dicom_root": "a", "labels_csv": "/nowhere.csv"}, "nowhere.csv"),
+    ],
+)
 def test_impossible_parameters_are_named(kw, match):
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         PrepareParams(**kw).validate()
@@ -108,8 +111,11 @@ def test_impossible_parameters_are_named(kw, match):
 @pytest.fixture(scope="module")
 def iq_export(tmp_path_factory):
     need_shared(IQ)
-    params = PrepareParams(slices_root=str(IQ), label_map="Malignant cases=1,Bengin cases=0,Normal cases=0",
-                           export_dir=str(tmp_path_factory.mktemp("iq")))
+    params = PrepareParams(
+        slices_root=str(IQ),
+        label_map="Malignant cases=1,Bengin cases=0,Normal cases=0",
+        export_dir=str(tmp_path_factory.mktemp("iq")),
+    )
     return build_export(params)
 
 
@@ -136,8 +142,11 @@ def test_near_duplicates_are_grouped_into_pseudo_patients_within_a_class(iq_expo
 @pytest.mark.integration  # the real ../shared data
 def test_label_map_can_drop_a_class_or_keep_three(tmp_path):
     need_shared(IQ)
-    dropped = build_export(PrepareParams(slices_root=str(IQ), label_map="Malignant cases=1,Bengin cases=0,Normal cases=drop",
-                                         export_dir=str(tmp_path)))
+    dropped = build_export(
+        PrepareParams(
+            slices_root=str(IQ), label_map="Malignant cases=1,Bengin cases=0,Normal cases=drop", export_dir=str(tmp_path)
+        )
+    )
     assert len(dropped.manifest) == (561 - 14) + (120 - 17)
     three = build_export(PrepareParams(slices_root=str(IQ), export_dir=str(tmp_path)))
     assert sorted(three.manifest["label_name"].unique()) == ["Bengin cases", "Malignant cases", "Normal cases"]
@@ -146,8 +155,8 @@ def test_label_map_can_drop_a_class_or_keep_three(tmp_path):
 
 def test_without_grouping_a_warning_says_so(tmp_path):
     folder = tmp_path / "slices"
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     for cls in ("a", "b"):
         (folder / cls).mkdir(parents=True)

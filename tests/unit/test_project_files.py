@@ -4,9 +4,8 @@ import dataclasses
 import re
 import tomllib
 
-import yaml
-
 import pytest
+import yaml
 
 from mstl.dicom.prepare import PrepareParams
 from mstl.evaluation.report import CompareParams
@@ -20,8 +19,9 @@ from tests.conftest import REPO
 
 
 def pins_from_pyproject() -> list[str]:
+    """The base dependencies and the CPU extra: what the conda environment (a CPU one) installs."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return project["dependencies"]
+    return project["dependencies"][:1] + project["optional-dependencies"]["cpu"] + project["dependencies"][1:]
 
 
 def pins_from_conda() -> list[str]:
@@ -81,3 +81,23 @@ def test_run_outputs_are_ignored():
     ignored = (REPO / ".gitignore").read_text().split()
     for entry in (".venv/", "mlruns/", "mlartifacts/", "mlflow.db", ".cache/"):
         assert entry in ignored
+
+
+def test_one_tensorflow_build_is_required():
+    from mstl import tensorflow_build
+
+    assert tensorflow_build() in ("tensorflow", "tensorflow-cpu")  # this environment has exactly one
+    assert tensorflow_build(lambda name: name == "tensorflow") == "tensorflow"
+    with pytest.raises(ImportError, match="both tensorflow and tensorflow-cpu"):
+        tensorflow_build(lambda name: True)
+    with pytest.raises(ImportError, match=r"\.\[cpu\]"):
+        tensorflow_build(lambda name: False)
+
+
+def test_python_311_to_313_and_the_gpu_extra_replaces_the_cpu_build():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11,<3.14"
+    extras = project["optional-dependencies"]
+    assert [p.split(";")[0] for p in extras["cpu"]] == ["tensorflow-cpu==2.21.0"]
+    assert [p.split(";")[0] for p in extras["gpu"]] == ["tensorflow[and-cuda]==2.21.0"]
+    assert not any(p.startswith("tensorflow-cpu") for p in project["dependencies"])  # so `.[gpu]` never adds a second build

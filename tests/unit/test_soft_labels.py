@@ -6,8 +6,7 @@ import optuna
 import pytest
 from sklearn.datasets import make_blobs
 
-from mstl.soft_labels import check_features, fold_scores, parse_k_range, parse_k_values
-from mstl.soft_labels import stage
+from mstl.soft_labels import check_features, fold_scores, parse_k_range, parse_k_values, stage
 from mstl.soft_labels.stage import SoftLabelParams, reduce_features, search_k
 
 
@@ -38,12 +37,15 @@ def test_the_papers_inertia_criterion_always_prefers_the_largest_k(blobs):
     assert np.argmax(scores) == 3
 
 
-@pytest.mark.parametrize("features, folds, k, match", [
-    (np.zeros((0, 4)), 10, 2, "empty"),
-    (np.random.default_rng(0).normal(size=(6, 4)), 10, 2, "fewer than folds=10"),
-    (np.random.default_rng(0).normal(size=(20, 4)), 10, 19, "fewer than k=19"),
-    (np.ones((50, 4)), 5, 4, "constant"),
-])
+@pytest.mark.parametrize(
+    "features, folds, k, match",
+    [
+        (np.zeros((0, 4)), 10, 2, "empty"),
+        (np.random.default_rng(0).normal(size=(6, 4)), 10, 2, "fewer than folds=10"),
+        (np.random.default_rng(0).normal(size=(20, 4)), 10, 19, "fewer than k=19"),
+        (np.ones((50, 4)), 5, 4, "constant"),
+    ],
+)
 def test_bad_inputs_are_named(features, folds, k, match):
     with pytest.raises(ValueError, match=match):
         check_features(features, folds, k)
@@ -80,9 +82,8 @@ def test_a_killed_search_resumes_where_it_stopped(blobs, local_tracking, tmp_pat
         return real(features, k, *args)
 
     monkeypatch.setattr(stage, "fold_scores", dies_on_third)
-    with mlflow.start_run() as parent:
-        with pytest.raises(KeyboardInterrupt):
-            search_k(blobs, params, storage, "resume-test", parent)
+    with mlflow.start_run() as parent, pytest.raises(KeyboardInterrupt):
+        search_k(blobs, params, storage, "resume-test", parent)
     first = list(calls)
     assert len(first) == 3
     calls.clear()
@@ -107,9 +108,24 @@ def test_two_processes_share_one_search_each_k_once(tmp_path):
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="two-workers", storage=storage, direction="maximize")
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.workers.soft_search", storage,
-                                 f"sqlite:///{tmp_path / f'mlflow{i}.db'}", str(tmp_path / f"w{i}.json"), "2"],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.workers.soft_search",
+                storage,
+                f"sqlite:///{tmp_path / f'mlflow{i}.db'}",
+                str(tmp_path / f"w{i}.json"),
+                "2",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for w in workers:
         _, err = w.communicate(timeout=300)
         assert w.returncode == 0, err[-3000:]

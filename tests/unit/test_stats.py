@@ -63,7 +63,10 @@ def test_sensitivity_is_compared_on_positive_images_only():
 def test_threshold_reaches_the_target_recall_and_is_the_highest_that_does():
     y, s = scored(n=500)
     t = threshold_for_recall(y, s, 0.95)
-    recall = lambda th: np.mean(s[y == 1] >= th)
+
+    def recall(th):
+        return np.mean(s[y == 1] >= th)
+
     assert recall(t) >= 0.95
     assert recall(np.nextafter(t, np.inf)) < 0.95
     with pytest.raises(ValueError, match="target_recall"):

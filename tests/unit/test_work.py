@@ -15,8 +15,13 @@ from tests.workers.shared_items import ITEMS
 
 
 def start_worker(storage, study, out, *extra):
-    return subprocess.Popen([sys.executable, "-m", "tests.workers.shared_items", storage, study, str(out), *extra],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.workers.shared_items", storage, study, str(out), *extra],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def trials_of(storage, study):

@@ -30,8 +30,7 @@ def main() -> None:
         study = search_k(x.astype(np.float32), params, storage, "two-workers", parent)
     runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     with open(out, "w") as f:
-        json.dump({"evaluated": sorted(int(k) for k in runs.get("params.k", [])),
-                   "best_k": int(study.best_trial.params["k"])}, f)
+        json.dump({"evaluated": sorted(int(k) for k in runs.get("params.k", [])), "best_k": int(study.best_trial.params["k"])}, f)
 
 
 if __name__ == "__main__":
