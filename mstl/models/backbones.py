@@ -111,6 +111,8 @@ def prefetch_imagenet_weights(name: str, base_url: str | None = None, cache_dir:
     if spec.imagenet_file is None:
         raise ValueError(f"no known ImageNet weights file to prefetch for backbone {name!r}")
     origin = (base_url or spec.imagenet_url).rstrip("/") + "/" + spec.imagenet_file
+    if cache_dir:  # Keras silently falls back to /tmp/.keras when the folder does not exist yet
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return keras.utils.get_file(
         spec.imagenet_file, origin=origin, cache_subdir="models", file_hash=spec.imagenet_sha256, cache_dir=cache_dir
     )

@@ -79,13 +79,13 @@ def load_manifest(run_ref: str) -> tuple[pd.DataFrame, Path]:
 
 def log_export_input(manifest_run: str, table: pd.DataFrame, context: str, targets: str | None = None) -> None:
     """Record a prepare_transition export as this run's data set: named and digested by its export key
-    (a hash of every input file and the selection parameters), sourced from the prepare run's manifest."""
+    (a hash of every input file and the selection parameters), sourced from the prepare run's export folder."""
     run = resolve_run(manifest_run, stage="prepare_transition")
     key = run.data.params.get("export_key", "")
     log_dataset(
         table,
         name=f"transition-export-{key[:8]}",
-        source=f"runs:/{run.info.run_id}/manifest.csv",
+        source=run.data.params.get("export_path") or str(Path(key)),
         digest=key,
         context=context,
         targets=targets,

@@ -81,6 +81,12 @@ def test_prepare_transition_target_chain_nests_target_under_transition(source, m
     assert [c.info.run_id for c in children] == [target.info.run_id]
     assert target.data.params["init_from"] == f"runs:/{transition.info.run_id}"
     assert "test_recall" in target.data.metrics
+    # the Transition's model record is the Target's input model; its export is the Transition's data set
+    transition_model = client.get_logged_model(transition.data.tags["mstl.model_id"])
+    assert transition_model.source_run_id == transition.info.run_id
+    assert [m.model_id for m in client.get_run(target.info.run_id).inputs.model_inputs] == [transition_model.model_id]
+    exports = client.get_run(transition.info.run_id).inputs.dataset_inputs
+    assert len(exports) == 1 and exports[0].dataset.name.startswith("transition-export-")
 
 
 def test_target_refuses_a_transition_of_another_backbone(mlflow_server, data_root):
