@@ -18,18 +18,59 @@ MIN_COMPONENT_FRACTION = 0.001
 MIN_LUNG_FRACTION = 0.35
 
 
-def lung_mask(hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> np.ndarray:
-    """Air inside the body: below ``air_hu`` and not connected to the image border."""
-    air = hu < air_hu
-    labels, n = ndimage.label(air)
+def enclosed_components(mask: np.ndarray, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> np.ndarray:
+    """The parts of ``mask`` whose connected components do not touch the image border and are not specks."""
+    labels, n = ndimage.label(mask)
     if n == 0:
-        return air
+        return mask
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    keep = sizes >= min_component_fraction * hu.size
+    keep = sizes >= min_component_fraction * mask.size
     keep[border] = False
     keep[0] = False
     return keep[labels]
+
+
+def lung_mask(hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> np.ndarray:
+    """Air inside the body: below ``air_hu`` and not connected to the image border."""
+    return enclosed_components(hu < air_hu, min_component_fraction)
+
+
+def otsu_threshold(grey: np.ndarray) -> float:
+    """The grey level that best separates dark from bright pixels (Otsu, 1979)."""
+    counts = np.bincount(np.asarray(grey, dtype=np.uint8).ravel(), minlength=256).astype(float)
+    levels = np.arange(256)
+    w0 = np.cumsum(counts)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(counts * levels)
+    mean0 = np.divide(m0, w0, out=np.zeros(256), where=w0 > 0)
+    mean1 = np.divide(m0[-1] - m0, w1, out=np.zeros(256), where=w1 > 0)
+    between = w0 * w1 * (mean0 - mean1) ** 2
+    return float(np.argmax(between)) + 0.5
+
+
+LUNG_FIELD_MIN_FRACTION = 0.005
+MAX_BORDER_SHARE = 0.25
+
+
+def lung_mask_8bit(
+    grey: np.ndarray, min_component_fraction: float = LUNG_FIELD_MIN_FRACTION, max_border_share: float = MAX_BORDER_SHARE
+) -> np.ndarray:
+    """The lung field of an 8-bit slice with no HU (a PNG or JPG): as ``lung_mask`` does with HU, the dark
+    pixels (below Otsu's threshold) that are not the air around the body. Slices cut from papers are
+    often cropped through a lung, so a dark region counts as outside air only when it runs along more
+    than ``max_border_share`` of the image's edge, not merely when it touches it. Holes in the field
+    (vessels, nodules, consolidation) are filled, so what the lungs contain belongs to them."""
+    dark = np.asarray(grey) < otsu_threshold(grey)
+    labels, n = ndimage.label(dark)
+    if n == 0:
+        return dark
+    edge = np.concatenate([labels[0], labels[-1], labels[1:-1, 0], labels[1:-1, -1]])
+    along_edge = np.bincount(edge, minlength=n + 1) / len(edge)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = (sizes >= min_component_fraction * dark.size) & (along_edge <= max_border_share)
+    keep[0] = False
+    return ndimage.binary_fill_holes(keep[labels])
 
 
 def lung_area(hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> float:

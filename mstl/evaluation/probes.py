@@ -1,0 +1,64 @@
+"""Shortcut probes: is the model reading the lungs, or the page the slice was cut from?
+
+- lung attention: the share of a Grad-CAM heat map's mass inside the lung field, averaged over images;
+  a model that reads the lungs puts most of its attention there.
+- masked-lung AUC: the AUC on the same images with the lung field blanked out (filled with its own mean
+  grey, so texture and density are gone but the outline stays). Near 0.5 is good: without the lungs the
+  model cannot tell the classes apart. Near the unmasked AUC means it reads something else: text,
+  borders, colour modes, the source paper's layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mstl.dicom.selection import lung_mask_8bit
+
+
+def lung_masks(grey: np.ndarray) -> np.ndarray:
+    """(n, h, w) boolean lung fields of a batch of 8-bit slices."""
+    return np.stack([lung_mask_8bit(g) for g in grey])
+
+
+def lung_attention(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per image, the fraction of heat-map mass inside the mask (NaN where the heat map is all zero)."""
+    heat = np.asarray(heatmaps, dtype=float).reshape(len(heatmaps), -1)
+    inside = (heat * np.asarray(masks, dtype=bool).reshape(len(masks), -1)).sum(axis=1)
+    total = heat.sum(axis=1)
+    return np.divide(inside, total, out=np.full(len(total), np.nan), where=total > 0)
+
+
+def blank_lungs(grey: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The slices with each lung field filled with its own mean grey level."""
+    out = np.array(grey, copy=True)
+    for image, mask in zip(out, masks, strict=True):
+        if mask.any():
+            image[mask] = np.uint8(round(float(image[mask].mean())))
+    return out
+
+
+def shortcut_probes(model, grey: np.ndarray, labels: np.ndarray, preprocess_input, batch_size: int = 32) -> dict[str, float]:
+    """lung_attention (mean over images with a lung field), masked_lung_auc, and the share of images in which
+    a lung field was found (``lung_field_found``), for a Keras binary classifier on uint8 grey slices."""
+    from sklearn.metrics import roc_auc_score
+
+    from mstl.data.images import grey_to_input
+    from mstl.evaluation.gradcam import gradcam
+
+    masks = lung_masks(grey)
+    found = masks.reshape(len(masks), -1).any(axis=1)
+    heat, blanked = [], []
+    masked = blank_lungs(grey, masks)
+    for start in range(0, len(grey), batch_size):
+        heat.append(gradcam(model, np.asarray(grey_to_input(grey[start : start + batch_size], preprocess_input))))
+        blanked.append(
+            np.asarray(model(grey_to_input(masked[start : start + batch_size], preprocess_input), training=False))[:, 0]
+        )
+    attention = lung_attention(np.concatenate(heat), masks)
+    y = np.asarray(labels).astype(int)
+    two_classes = 0 < y.sum() < len(y)
+    return {
+        "lung_attention": float(np.nanmean(attention[found])) if found.any() else float("nan"),
+        "masked_lung_auc": float(roc_auc_score(y, np.concatenate(blanked))) if two_classes else float("nan"),
+        "lung_field_found": float(found.mean()),
+    }

@@ -1,0 +1,65 @@
+"""Calibration metrics against hand-computed values; the shortcut probes on inputs whose answer is known."""
+
+import numpy as np
+import pytest
+
+from mstl.dicom.selection import lung_mask_8bit, otsu_threshold
+from mstl.evaluation.calibration import brier_score, expected_calibration_error, reliability_bins
+from mstl.evaluation.probes import blank_lungs, lung_attention
+
+
+def test_brier_by_hand():
+    # (0.9-1)^2 + (0.2-0)^2 + (0.6-1)^2 + (0.4-0)^2 = 0.01 + 0.04 + 0.16 + 0.16 = 0.37, / 4
+    assert brier_score([1, 0, 1, 0], [0.9, 0.2, 0.6, 0.4]) == pytest.approx(0.0925)
+    assert brier_score([1, 0], [1.0, 0.0]) == 0.0
+
+
+def test_ece_by_hand():
+    y = [1, 0, 1, 1, 0, 0]
+    p = [0.95, 0.91, 0.15, 0.12, 0.55, 1.0]
+    # bins of width 0.1: [0.1,0.2): p .15 .12 -> mean .135, observed 1.0, n 2
+    #                    [0.5,0.6): p .55 -> mean .55, observed 0, n 1
+    #                    [0.9,1.0]: p .95 .91 1.0 -> mean .953.., observed 1/3, n 3 (1.0 falls in the last bin)
+    expected = 2 / 6 * abs(1 - 0.135) + 1 / 6 * abs(0 - 0.55) + 3 / 6 * abs(1 / 3 - (0.95 + 0.91 + 1.0) / 3)
+    assert expected_calibration_error(y, p) == pytest.approx(expected)
+    assert [count for _, _, count in reliability_bins(y, p)] == [2, 1, 3]
+    assert expected_calibration_error([0, 1, 0, 1], [0.05, 0.95, 0.05, 0.95]) == pytest.approx(0.05)
+
+
+def test_lung_attention_on_known_heat_maps():
+    mask = np.zeros((2, 8, 8), bool)
+    mask[:, 2:6, 2:6] = True
+    inside = np.zeros((8, 8))
+    inside[3, 3] = 1.0  # all mass in the lungs
+    half = np.zeros((8, 8))
+    half[3, 3], half[0, 0] = 1.0, 1.0  # half in, half on the border
+    assert lung_attention(np.stack([inside, half]), mask).tolist() == [1.0, 0.5]
+    assert np.isnan(lung_attention(np.zeros((1, 8, 8)), mask[:1]))[0]
+
+
+def phantom_slice(size=128):
+    """A bright body on black air with two dark lungs, one holding a bright nodule, and white text in a corner."""
+    y, x = np.mgrid[:size, :size]
+    grey = np.zeros((size, size), np.uint8)
+    grey[((x - 64) / 56) ** 2 + ((y - 64) / 44) ** 2 <= 1] = 180
+    lungs = (((x - 42) / 16) ** 2 + ((y - 64) / 26) ** 2 <= 1) | (((x - 86) / 16) ** 2 + ((y - 64) / 26) ** 2 <= 1)
+    grey[lungs] = 40
+    grey[60:64, 40:44] = 200  # a nodule inside the left lung
+    grey[2:8, 2:30] = 255  # burnt-in text, outside the body
+    return grey, lungs
+
+
+def test_eight_bit_lung_field_finds_both_lungs_with_their_contents_and_not_the_air():
+    grey, lungs = phantom_slice()
+    assert 40 < otsu_threshold(grey) < 180
+    mask = lung_mask_8bit(grey)
+    assert mask[lungs].mean() > 0.98 and mask[~lungs].mean() < 0.01
+    assert mask[60:64, 40:44].all()  # the nodule belongs to the lung field
+
+
+def test_blanking_removes_lung_texture_and_keeps_the_rest():
+    grey, _ = phantom_slice()
+    mask = lung_mask_8bit(grey)[None]
+    out = blank_lungs(grey[None], mask)[0]
+    assert len(np.unique(out[mask[0]])) == 1  # one flat grey: texture and nodule gone
+    np.testing.assert_array_equal(out[~mask[0]], grey[~mask[0]])  # text, border and body untouched
