@@ -38,8 +38,9 @@ class BadRequest(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def request_grey(data: bytes, image_size: int, window_width: float, window_level: float) -> np.ndarray:
-    """File bytes -> (image_size, image_size) uint8 grey, for an image or a DICOM CT slice."""
+def request_grey(data: bytes, image_size: int, window_width: float, window_level: float, min_side: int = 0) -> np.ndarray:
+    """File bytes -> (image_size, image_size) uint8 grey, for an image or a DICOM CT slice; an image with a
+    side under ``min_side`` pixels is refused."""
     if not data:
         raise BadRequest("empty image: the request's image field decodes to 0 bytes")
     if len(data) > 132 and data[128:132] == b"DICM":
@@ -66,6 +67,8 @@ def request_grey(data: bytes, image_size: int, window_width: float, window_level
             grey = open_grey(data, name="the request's image")
         except ImageReadError as exc:
             raise BadRequest(str(exc)) from None
+    if min(grey.size) < min_side:
+        raise BadRequest(f"image of {grey.size[0]}x{grey.size[1]} px is smaller than {min_side} px")
     return resize_grey(grey, image_size)
 
 

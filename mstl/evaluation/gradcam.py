@@ -58,3 +58,30 @@ def explanation_sheet(model, grey: np.ndarray, preprocess_input, captions: list[
     return montage(
         [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)], captions, columns=min(len(grey), 6), title=title, side=160
     )
+
+
+KIND_NAMES = {"TP": "true positives", "FN": "false negatives", "FP": "false positives", "TN": "true negatives"}
+
+
+def error_sheet(
+    model, grey, labels, prob, preprocess_input, threshold: float, what: str, kinds=("TP", "FN", "FP"), per_kind: int = 3
+) -> Image.Image | None:
+    """Grad-CAM overlays of the most confident examples of each kind (TP, FN, FP, TN); None when there are none."""
+    labels, prob = np.asarray(labels), np.asarray(prob)
+    predicted = prob >= threshold
+    masks = {
+        "TP": predicted & (labels == 1),
+        "FN": ~predicted & (labels == 1),
+        "FP": predicted & (labels == 0),
+        "TN": ~predicted & (labels == 0),
+    }
+    picks, captions = [], []
+    for kind in kinds:
+        order = prob if kind in ("FN", "TN") else -prob  # the most confidently wrong (or right) first
+        chosen = [i for i in np.argsort(order) if masks[kind][i]][:per_kind]
+        picks += chosen
+        captions += [f"{kind} p={prob[i]:.2f}" for i in chosen]
+    if not picks:
+        return None
+    title = f"Grad-CAM on {what}: " + ", ".join(KIND_NAMES[k] for k in kinds)
+    return explanation_sheet(model, np.asarray(grey)[picks], preprocess_input, captions, title)

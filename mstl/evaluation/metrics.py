@@ -52,15 +52,16 @@ class Estimate:
     high: float
 
 
-def bootstrap_metrics(
+def bootstrap(
+    statistics,
     y_true: np.ndarray,
     y_prob: np.ndarray,
-    threshold: float = defaults.THRESHOLD,
     n_bootstrap: int = defaults.N_BOOTSTRAP,
     confidence: float = defaults.CONFIDENCE,
     seed: int = defaults.SEED,
 ) -> dict[str, Estimate]:
-    """Point estimates with percentile-bootstrap intervals (resampling images with replacement)."""
+    """``statistics(y, p) -> {name: value}`` on the images, with percentile-bootstrap intervals (images resampled
+    with replacement; resamples where a value is undefined are left out of its interval)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     if n_bootstrap < 1:
@@ -69,24 +70,33 @@ def bootstrap_metrics(
     y_prob = np.asarray(y_prob, dtype=float)
     if len(y_true) == 0 or len(y_true) != len(y_prob):
         raise ValueError(f"need equal, non-zero numbers of labels and probabilities, got {len(y_true)} and {len(y_prob)}")
-    point = point_metrics(y_true, y_prob, threshold)
+    point = statistics(y_true, y_prob)
     rng = np.random.default_rng(seed)
-    samples = {name: [] for name in METRIC_NAMES}
+    samples = {name: [] for name in point}
     for _ in range(n_bootstrap):
         idx = rng.integers(0, len(y_true), len(y_true))
-        for name, value in point_metrics(y_true[idx], y_prob[idx], threshold).items():
+        for name, value in statistics(y_true[idx], y_prob[idx]).items():
             samples[name].append(value)
     alpha = (1 - confidence) / 2
     out = {}
-    for name in METRIC_NAMES:
-        values = np.asarray(samples[name])
+    for name in point:
+        values = np.asarray(samples[name], dtype=float)
         values = values[~np.isnan(values)]
-        if len(values):
-            low, high = np.quantile(values, [alpha, 1 - alpha])
-        else:
-            low = high = float("nan")
+        low, high = np.quantile(values, [alpha, 1 - alpha]) if len(values) else (float("nan"), float("nan"))
         out[name] = Estimate(point[name], float(low), float(high))
     return out
+
+
+def bootstrap_metrics(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    threshold: float = defaults.THRESHOLD,
+    n_bootstrap: int = defaults.N_BOOTSTRAP,
+    confidence: float = defaults.CONFIDENCE,
+    seed: int = defaults.SEED,
+) -> dict[str, Estimate]:
+    """The paper's metrics (``point_metrics``) with percentile-bootstrap intervals."""
+    return bootstrap(lambda y, p: point_metrics(y, p, threshold), y_true, y_prob, n_bootstrap, confidence, seed)
 
 
 def confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = defaults.THRESHOLD) -> np.ndarray:

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import mlflow
 
 from mstl import defaults
-from mstl.tracking import log_params, start_stage_run, tracking_uri
+from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri
 
 SERVED_MODEL = "classifier"  # the pyfunc that answers images and DICOM (mstl.serving)
 MODEL_NAME = "mstl-covid-ct"
@@ -70,7 +70,10 @@ def promote(params: PromoteParams):
     client = mlflow.MlflowClient(tracking_uri())
     best = candidates(client, params.search_experiment, params.select_on)[0]
     m, p, tags = best.data.metrics, best.data.params, best.data.tags
-    version = mlflow.register_model(f"runs:/{best.info.run_id}/{SERVED_MODEL}", params.model_name)
+    # by the logged model's ID when the run has one, so the version links to it (its metrics, its data sets)
+    model_id = tags.get(MODEL_ID_TAG)
+    source = f"models:/{model_id}" if model_id else f"runs:/{best.info.run_id}/{SERVED_MODEL}"
+    version = mlflow.register_model(source, params.model_name)
     version_tags = {
         "source_run_id": best.info.run_id,
         "selected_on": params.select_on,

@@ -51,12 +51,20 @@ def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> o
     raise AssertionError("unreachable")
 
 
+def item_of(trial: FrozenTrial, param: str) -> Hashable | None:
+    """The item a trial is for: its parameter, or, for a queued or just-popped trial that has not asked for
+    it yet, the value it was enqueued with (set atomically with the trial)."""
+    if param in trial.params:
+        return trial.params[param]
+    return trial.system_attrs.get("fixed_params", {}).get(param)
+
+
 def claim(study: optuna.Study, trial: optuna.Trial, param: str, item: Hashable) -> None:
     """Prune ``trial`` unevaluated when an earlier trial of the same item is queued, running or complete."""
     for other in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
         if (
             other.number != trial.number
-            and other.params.get(param) == item
+            and item_of(other, param) == item
             and (other.state == TrialState.COMPLETE or other.number < trial.number)
         ):
             trial.set_user_attr("claimed_by", other.number)
@@ -71,8 +79,9 @@ def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
 def trials_by_item(study: optuna.Study, param: str) -> dict[Hashable, list[FrozenTrial]]:
     out: dict[Hashable, list[FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
-        if param in trial.params:
-            out.setdefault(trial.params[param], []).append(trial)
+        item = item_of(trial, param)
+        if item is not None:
+            out.setdefault(item, []).append(trial)
     return out
 
 

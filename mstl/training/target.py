@@ -19,6 +19,7 @@ from mstl import defaults
 from mstl.data import covid_ct
 from mstl.data.images import decode_images
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
+from mstl.evaluation.probes import shortcut_probes
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
 from mstl.serving import log_serving_model, serving_config
 from mstl.tracking import MODEL_ID_TAG, log_dataset, log_figure, log_params, log_table, resolve_run, start_stage_run
@@ -82,31 +83,17 @@ def evaluate_split(
     log_table(predictions, f"predictions/{name}.csv")
     if name == "test":
         log_explanations(model, grey, labels, prob, spec, params)
+        probes = shortcut_probes(model, grey, labels, spec.preprocess_input, params.batch_size)
+        mlflow.log_metrics({f"{name}_{k}": v for k, v in probes.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset)
     return predictions
 
 
-def log_explanations(model, grey, labels, prob, spec, params: TargetParams, per_kind: int = 3) -> None:
+def log_explanations(model, grey, labels, prob, spec, params: TargetParams) -> None:
     """Grad-CAM overlays of the most confident true positives, false negatives and false positives."""
-    from mstl.evaluation.gradcam import explanation_sheet
+    from mstl.evaluation.gradcam import error_sheet
 
-    predicted = prob >= params.threshold
-    picks, captions = [], []
-    for kind, mask, order in (
-        ("TP", predicted & (labels == 1), -prob),
-        ("FN", ~predicted & (labels == 1), prob),
-        ("FP", predicted & (labels == 0), -prob),
-    ):
-        chosen = [i for i in np.argsort(order) if mask[i]][:per_kind]
-        picks += chosen
-        captions += [f"{kind} p={prob[i]:.2f}" for i in chosen]
-    if picks:
-        sheet = explanation_sheet(
-            model,
-            grey[picks],
-            spec.preprocess_input,
-            captions,
-            "Grad-CAM on test slices: true positives, false negatives, false positives",
-        )
+    sheet = error_sheet(model, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices")
+    if sheet is not None:
         with tempfile.TemporaryDirectory() as tmp:
             sheet.save(Path(tmp) / "gradcam_test.png")
             mlflow.log_artifact(str(Path(tmp) / "gradcam_test.png"), "explanations")

@@ -1,6 +1,7 @@
 """The Target entry point end to end: `mlflow run . -e target` against a real `mlflow server`,
 on the real COVID-CT and the genuine MobileNet-0.25 ImageNet weights, read back through the client."""
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -278,3 +279,137 @@ def test_explain_overlays_an_image_and_a_dicom_slice_for_the_champion(champion, 
     assert len(names) == 3 and "explanations/sheet.png" in names
     sheet = client.download_artifacts(run.info.run_id, "explanations/sheet.png", str(tmp_path))
     assert Path(sheet).read_bytes()[:4] == b"\x89PNG"
+
+
+def evaluate_run(client, result, experiment="target-it"):
+    assert result.returncode == 0, result.stderr[-3000:]
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], "tags.stage = 'evaluate'", order_by=["attributes.start_time DESC"])[0]
+
+
+def test_target_logs_the_shortcut_probes(target_run):
+    _, run, _ = target_run
+    m = run.data.metrics
+    assert 0 <= m["test_lung_attention"] <= 1 and 0 <= m["test_masked_lung_auc"] <= 1
+    assert m["test_lung_field_found"] > 0.9  # the 8-bit lung field is found in nearly every COVID-CT test slice
+
+
+def test_evaluate_a_registered_model_on_a_folder_set(champion, target_run, mlflow_server, data_root, tmp_path):
+    client, run, _ = target_run
+    test = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions/test.csv", str(tmp_path)))
+    picked = pd.concat([test[test["label"] == 1].head(15), test[test["label"] == 0].head(15)])
+    for file, label in zip(picked["file"], picked["label"], strict=True):
+        target = tmp_path / "hospital" / ("covid" if label else "normal") / Path(file).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(data_root / "covid-ct" / file, target)
+    result = run_entry_point(
+        "evaluate",
+        {
+            "model_uri": "models:/it-covid-ct@champion",
+            "images_root": tmp_path / "hospital",
+            "positive_class": "covid",
+            "data_name": "hospital-a",
+            "n_bootstrap": 100,
+        },
+        mlflow_server,
+        "target-it",
+    )
+    ev = evaluate_run(client, result)
+    m = ev.data.metrics
+    predictions = pd.read_csv(client.download_artifacts(ev.info.run_id, "predictions.csv", str(tmp_path)))
+    assert list(predictions.columns) == ["sha256", "patient_id", "label", "probability", "predicted"]  # no file names
+    assert len(predictions) == 30
+    # the served model on these files gives the Target run's own test probabilities
+    merged = picked.assign(sha256=[hashlib.sha256((data_root / "covid-ct" / f).read_bytes()).hexdigest() for f in picked["file"]])
+    joined = merged.merge(predictions, on="sha256", suffixes=("_target", ""))
+    np.testing.assert_allclose(joined["probability"], joined["probability_target"], atol=1e-5)
+    # every metric equals the one recomputed from the logged predictions
+    y, p = predictions["label"].to_numpy(), predictions["probability"].to_numpy()
+    from sklearn.metrics import roc_auc_score
+
+    from mstl.evaluation.calibration import brier_score, expected_calibration_error
+
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["sensitivity"] == pytest.approx(((p >= 0.5) & (y == 1)).sum() / (y == 1).sum())
+    assert m["specificity"] == pytest.approx(((p < 0.5) & (y == 0)).sum() / (y == 0).sum())
+    assert m["brier"] == pytest.approx(brier_score(y, p)) and m["ece"] == pytest.approx(expected_calibration_error(y, p))
+    assert m["roc_auc_ci_low"] <= m["roc_auc"] <= m["roc_auc_ci_high"]
+    assert "masked_lung_auc" in m and "lung_attention" in m
+    # the data set is the run's input; the metrics are linked to the evaluated logged model
+    inputs = client.get_run(ev.info.run_id).inputs.dataset_inputs
+    assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("hospital-a", ev.data.tags["data_digest"])]
+    model_id = ev.data.tags["mstl.evaluated_model_id"]
+    assert model_id == run.data.tags["mstl.model_id"]  # the champion's logged model
+    linked = {x.key: x.value for x in client.get_logged_model(model_id).metrics if x.dataset_name == "hospital-a"}
+    assert linked["roc_auc"] == pytest.approx(m["roc_auc"])
+    # the registered version carries the external figures
+    tags = client.get_model_version("it-covid-ct", champion.version).tags
+    assert float(tags["external.hospital-a.roc_auc"]) == pytest.approx(m["roc_auc"], abs=1e-4)
+    assert tags["external.hospital-a.digest"] == ev.data.tags["data_digest"]
+    plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
+    assert plots == {"plots/roc.png", "plots/confusion.png", "plots/reliability.png", "plots/score_histogram.png"}
+
+
+def test_evaluate_a_csv_set_with_patients_and_dicom_slices(target_run, mlflow_server, data_root, tmp_path):
+    client, run, _ = target_run
+    split = pd.read_csv(client.download_artifacts(run.info.run_id, "data/split.csv", str(tmp_path)), dtype=str)
+    test = split[split["split"] == "test"].head(40)
+    pd.DataFrame(
+        {
+            "path": [str(data_root / "covid-ct" / f) for f in test["file"]],
+            "label": test["label"],
+            "patient_id": test["patient_id"],
+        }
+    ).to_csv(tmp_path / "labels.csv", index=False)
+    ev = evaluate_run(
+        client,
+        run_entry_point(
+            "evaluate",
+            {"model_uri": f"runs:/{run.info.run_id}", "labels_csv": tmp_path / "labels.csv", "n_bootstrap": 50},
+            mlflow_server,
+            "target-it",
+        ),
+    )
+    assert ev.data.metrics["n_patients"] == test["patient_id"].nunique()
+    assert "patient_sensitivity" in ev.data.metrics
+
+    # Lung-PET-CT-Dx DICOM slices (tumour vs none: another task, the same mechanics) through the lung window
+    index = pd.read_csv(data_root / "lung-pet-ct-dx" / "slice_index.csv")
+    dicom = pd.DataFrame(
+        {
+            "path": [str(data_root / "lung-pet-ct-dx" / f) for f in index["file"]],
+            "label": (index["label"] == "tumour").astype(int),
+            "patient_id": index["patient_id"],
+        }
+    )
+    dicom.to_csv(tmp_path / "dicom.csv", index=False)
+    ev = evaluate_run(
+        client,
+        run_entry_point(
+            "evaluate",
+            {
+                "model_uri": f"runs:/{run.info.run_id}/classifier",
+                "labels_csv": tmp_path / "dicom.csv",
+                "data_name": "lung-dx",
+                "n_bootstrap": 50,
+            },
+            mlflow_server,
+            "target-it",
+        ),
+    )
+    assert ev.data.params["n_images"] == str(len(dicom)) and ev.data.params["n_skipped"] == "0"
+    assert ev.data.metrics["n_patients"] == 1  # one patient: patient-level AUC undefined, sensitivity logged
+    assert "patient_roc_auc" not in ev.data.metrics and "patient_sensitivity" in ev.data.metrics
+
+
+def test_evaluate_names_a_model_uri_that_does_not_resolve(mlflow_server, data_root, tmp_path):
+    (tmp_path / "covid").mkdir()
+    png = sorted((data_root / "covid-ct" / "CT_COVID").iterdir())[0]
+    (tmp_path / "covid" / "a.png").write_bytes(png.read_bytes())  # a usable set: only the model is wrong
+    result = run_entry_point(
+        "evaluate",
+        {"model_uri": "models:/no-such-model/7", "images_root": tmp_path, "positive_class": "covid"},
+        mlflow_server,
+        "target-it",
+    )
+    assert result.returncode != 0 and "models:/no-such-model/7" in result.stderr

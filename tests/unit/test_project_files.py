@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mstl.dicom.prepare import PrepareParams
+from mstl.evaluation.evaluate import EvaluateParams
 from mstl.evaluation.report import CompareParams
 from mstl.experiment import ExperimentParams
 from mstl.explain import ExplainParams
@@ -50,6 +51,7 @@ ENTRY_POINTS = {
     "compare": CompareParams,
     "experiment": ExperimentParams,
     "explain": ExplainParams,
+    "evaluate": EvaluateParams,
 }
 
 

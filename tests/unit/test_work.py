@@ -2,6 +2,7 @@
 no worker failing another's trial, and a SIGKILLed worker's item retried once by one worker."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,13 +15,15 @@ from tests.conftest import REPO
 from tests.workers.shared_items import ITEMS
 
 
-def start_worker(storage, study, out, *extra):
+def start_worker(storage, study, out, *extra, together=0):
+    """A worker process; with ``together``, it waits until that many workers are ready, so they race."""
     return subprocess.Popen(
         [sys.executable, "-m", "tests.workers.shared_items", storage, study, str(out), *extra],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=dict(os.environ, BARRIER_WORKERS=str(together)),
     )
 
 
@@ -31,7 +34,7 @@ def trials_of(storage, study):
 def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="shared", storage=storage)  # both workers then load it at once
-    workers = [start_worker(storage, "shared", tmp_path / f"w{i}.json") for i in range(2)]
+    workers = [start_worker(storage, "shared", tmp_path / f"w{i}.json", together=2) for i in range(2)]
     for w in workers:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err[-3000:]

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import optuna
 
@@ -20,6 +21,11 @@ def main() -> None:
     die_on = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--die-on" else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, 1), load_if_exists=True)
+    barrier = int(os.environ.get("BARRIER_WORKERS", "0"))  # start together, to make the workers race
+    Path(out + ".ready").touch()
+    deadline = time.time() + 60
+    while len(list(Path(out).parent.glob("*.ready"))) < barrier and time.time() < deadline:
+        time.sleep(0.01)
     evaluated = []
 
     def evaluate(trial, item):
