@@ -75,7 +75,8 @@ class EvaluateParams:
             raise ValueError(f"n_bootstrap must be at least 1, got {self.n_bootstrap}")
 
     def name(self) -> str:
-        return self.data_name or Path(self.images_root or self.labels_csv).name
+        """``data_name``, else the folder's name or the CSV's file name without its suffix."""
+        return self.data_name or (Path(self.images_root).name if self.images_root else Path(self.labels_csv).stem)
 
 
 def negative_predictive_value(y, p, threshold: float) -> float:

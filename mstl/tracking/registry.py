@@ -28,11 +28,39 @@ class PromoteParams:
     model_name: str = MODEL_NAME
     alias: str = "champion"
     select_on: str = "val"
+    # an external labelled set the candidate is evaluated on before the alias moves (`-e evaluate`'s inputs)
+    external_root: str = ""
+    external_positive_class: str = ""
+    external_csv: str = ""
+    min_external_auc: float = 0.0  # 0: report only; above 0: refuse to move the alias below this AUC
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
         if self.select_on not in ("val", "test"):
             raise ValueError(f"select_on must be val or test, got {self.select_on!r}")
+        if not 0 <= self.min_external_auc <= 1:
+            raise ValueError(f"min_external_auc must be in [0, 1], got {self.min_external_auc}")
+        if self.min_external_auc and not (self.external_root or self.external_csv):
+            raise ValueError(
+                "min_external_auc needs an external set: external_root (with external_positive_class) or external_csv"
+            )
+        if self.external_root or self.external_csv:
+            self.evaluation("x").validate()
+
+    def evaluation(self, model_uri: str):
+        from mstl.evaluation.evaluate import EvaluateParams
+
+        return EvaluateParams(
+            model_uri=model_uri,
+            images_root=self.external_root,
+            positive_class=self.external_positive_class,
+            labels_csv=self.external_csv,
+            experiment=self.experiment,
+        )
+
+
+class PromotionRefused(RuntimeError):
+    """The candidate fell below ``min_external_auc`` on the external set: the alias was not moved."""
 
 
 def candidates(client, experiment_name: str, select_on: str) -> list:
@@ -99,15 +127,50 @@ def promote(params: PromoteParams):
         f"specificity {m.get('test_specificity', float('nan')):.3f}, ROC AUC {m.get('test_roc_auc', float('nan')):.3f}; "
         f"threshold {version_tags['threshold']}."
     )
+    if params.external_root or params.external_csv:
+        description += external_check(client, params, version)
     client.update_model_version(params.model_name, version.version, description=description)
+    if params.min_external_auc:
+        auc = float(client.get_model_version(params.model_name, version.version).tags.get(external_tag(params, "roc_auc"), "nan"))
+        if not auc >= params.min_external_auc:  # NaN (one-class set) refuses too
+            raise PromotionRefused(
+                f"version {version.version} of {params.model_name} (run {best.info.run_id}) scored external ROC AUC "
+                f"{auc:.3f} on {params.evaluation('').name()}, below min_external_auc={params.min_external_auc}: "
+                f"@{params.alias} was not moved (the version stays registered, without the alias)"
+            )
     client.set_registered_model_alias(params.model_name, params.alias, version.version)
     return best, version
+
+
+def external_tag(params: PromoteParams, metric: str) -> str:
+    return f"external.{params.evaluation('').name()}.{metric}"
+
+
+def external_check(client, params: PromoteParams, version) -> str:
+    """Evaluate the new version on the external set (a nested evaluate run that tags the version);
+    return the sentence the version's description gains."""
+    from mstl.evaluation.evaluate import run_evaluate
+
+    run_id = run_evaluate(params.evaluation(f"models:/{params.model_name}/{version.version}"))
+    m = client.get_run(run_id).data.metrics
+    name = params.evaluation("").name()
+
+    def figure(key: str) -> str:
+        if key not in m:
+            return "undefined"
+        return f"{m[key]:.3f} [{m.get(key + '_ci_low', float('nan')):.3f}, {m.get(key + '_ci_high', float('nan')):.3f}]"
+
+    return (
+        f" External set {name} (evaluate run {run_id}): ROC AUC {figure('roc_auc')}, sensitivity {figure('sensitivity')}, "
+        f"specificity {figure('specificity')}."
+    )
 
 
 def run_promote(params: PromoteParams) -> str:
     with start_stage_run(params.experiment, f"promote-{params.model_name}") as run:
         mlflow.set_tag("stage", "promote")
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
+        params.validate()
         best, version = promote(params)
         log_params({"promoted_run_id": best.info.run_id, "model_version": version.version})
         print(f"{params.model_name} version {version.version} (run {best.info.run_id}) is now @{params.alias}")

@@ -353,7 +353,7 @@ def test_evaluate_a_registered_model_on_a_folder_set(champion, target_run, mlflo
 def test_evaluate_a_csv_set_with_patients_and_dicom_slices(target_run, mlflow_server, data_root, tmp_path):
     client, run, _ = target_run
     split = pd.read_csv(client.download_artifacts(run.info.run_id, "data/split.csv", str(tmp_path)), dtype=str)
-    test = split[split["split"] == "test"].head(40)
+    test = split[split["split"] == "test"].groupby("label").head(20)  # both classes
     pd.DataFrame(
         {
             "path": [str(data_root / "covid-ct" / f) for f in test["file"]],
@@ -413,3 +413,25 @@ def test_evaluate_names_a_model_uri_that_does_not_resolve(mlflow_server, data_ro
         "target-it",
     )
     assert result.returncode != 0 and "models:/no-such-model/7" in result.stderr
+
+
+def test_promote_gate_refuses_below_min_external_auc_and_accepts_above(champion, target_run, mlflow_server, data_root, tmp_path):
+    client, run, _ = target_run
+    split = pd.read_csv(client.download_artifacts(run.info.run_id, "data/split.csv", str(tmp_path)), dtype=str)
+    test = split[split["split"] == "test"].groupby("label").head(20)  # both classes
+    pd.DataFrame({"path": [str(data_root / "covid-ct" / f) for f in test["file"]], "label": test["label"]}).to_csv(
+        tmp_path / "external.csv", index=False
+    )
+    common = {"search_experiment": "target-it", "model_name": "it-covid-ct", "external_csv": tmp_path / "external.csv"}
+    before = client.get_model_version_by_alias("it-covid-ct", "champion").version
+    refused = run_entry_point("promote", {**common, "min_external_auc": 0.999}, mlflow_server, "target-it")
+    assert refused.returncode != 0 and "below min_external_auc=0.999" in refused.stderr
+    assert client.get_model_version_by_alias("it-covid-ct", "champion").version == before  # the alias did not move
+    newest = max(int(v.version) for v in client.search_model_versions("name = 'it-covid-ct'"))
+    latest = client.get_model_version("it-covid-ct", str(newest))
+    auc = float(latest.tags["external.external.roc_auc"])
+    assert "External set external" in latest.description
+    accepted = run_entry_point("promote", {**common, "min_external_auc": round(auc - 0.001, 4)}, mlflow_server, "target-it")
+    assert accepted.returncode == 0, accepted.stderr[-3000:]
+    moved = client.get_model_version_by_alias("it-covid-ct", "champion")
+    assert int(moved.version) == int(latest.version) + 1 and float(moved.tags["external.external.roc_auc"]) == auc
