@@ -73,7 +73,11 @@ def claim(study: optuna.Study, trial: optuna.Trial, param: str, item: Hashable) 
 
 def frozen(study: optuna.Study, trial: optuna.Trial) -> FrozenTrial:
     """The stored record of a live trial (its system attributes: queue origin, retry history)."""
-    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    return frozen_by_number(study, trial.number)
+
+
+def frozen_by_number(study: optuna.Study, number: int) -> FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
 def trials_by_item(study: optuna.Study, param: str) -> dict[Hashable, list[FrozenTrial]]:
@@ -101,13 +105,16 @@ def run_shared(
     worker only queues what can run now and waits while others finish the rest.
     """
     choices = list(items)
+    evaluated: list[int] = []  # the trial this worker just evaluated, if it got that far
 
     def objective(trial: optuna.Trial) -> float:
         if "fixed_params" not in frozen(study, trial).system_attrs:  # the queue emptied between our look and our pop
             raise optuna.TrialPruned("no queued item left when this trial started")
         item = trial.suggest_categorical(param, choices)
         claim(study, trial, param, item)
-        return evaluate(trial, item)
+        value = evaluate(trial, item)
+        evaluated.append(trial.number)
+        return value
 
     waited = False
     while True:
@@ -135,7 +142,22 @@ def run_shared(
                 queued = True
         if queued:
             waited = False
-            study.optimize(objective, n_trials=1, catch=(), callbacks=list(callbacks))
+            evaluated.clear()
+            try:
+                study.optimize(objective, n_trials=1, catch=(), callbacks=list(callbacks))
+            except Exception:
+                if not evaluated or frozen_by_number(study, evaluated[0]).state != TrialState.FAIL:
+                    raise
+                # we evaluated the item, but our heartbeat came later than the grace period (a stalled
+                # machine, a slow database), so another worker took us for dead and failed the trial
+                # (Optuna then refuses our result): its retry evaluates the item again
+                warnings.warn(
+                    f"study {study.study_name!r}: trial {evaluated[0]} was failed by another worker that judged this "
+                    "one dead (no heartbeat within the grace period); its result is discarded and the item's retry runs "
+                    "instead.",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         else:
             if not waited:
                 print(

@@ -73,3 +73,25 @@ def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
 def test_heartbeat_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="heartbeat_seconds"):
         heartbeat_storage(f"sqlite:///{tmp_path / 'x.db'}", 0)
+
+
+def test_a_worker_taken_for_dead_discards_its_result_and_the_item_runs_again(tmp_path):
+    """A live worker whose trial another worker failed as stale (late heartbeat) warns and goes on."""
+    from mstl.tracking.work import run_shared
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="late", storage=heartbeat_storage(url, 5))
+    other = optuna.storages.RDBStorage(url)  # another worker's view of the same database
+    calls = []
+
+    def evaluate(trial, item):
+        calls.append(item)
+        if len(calls) == 1:  # as another worker's fail_stale_trials would, while we still compute
+            trial_id = other.get_trial_id_from_study_id_trial_number(other.get_study_id_from_name("late"), trial.number)
+            other.set_trial_state_values(trial_id, TrialState.FAIL)
+        return 1.0
+
+    with pytest.warns(RuntimeWarning, match="judged this one dead"):
+        done = run_shared(study, "item", ["x"], evaluate, poll_seconds=0.1)
+    assert calls == ["x", "x"] and done["x"].state == TrialState.COMPLETE
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -14,13 +14,15 @@ import optuna
 from mstl.tracking.work import heartbeat_storage, run_shared
 
 ITEMS = ["a", "b", "c", "d"]
+# stale after 2x: wide enough that a loaded CI machine never makes a live worker look dead (seen at 1 s)
+HEARTBEAT_SECONDS = 3
 
 
 def main() -> None:
     storage, name, out = sys.argv[1:4]
     die_on = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--die-on" else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, 1), load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, HEARTBEAT_SECONDS), load_if_exists=True)
     barrier = int(os.environ.get("BARRIER_WORKERS", "0"))  # start together, to make the workers race
     Path(out + ".ready").touch()
     deadline = time.time() + 60
