@@ -51,9 +51,7 @@ def run_explain(params: ExplainParams) -> str:
     with start_stage_run(params.experiment, "explain") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tag("stage", "explain")
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"} | {"n_images": len(files)})
-        grey = np.stack(
-            [request_grey(f.read_bytes(), config["image_size"], config["window_width"], config["window_level"]) for f in files]
-        )
+        grey = np.stack([request_grey(f.read_bytes(), config) for f in files])
         x = np.asarray(grey_to_input(grey, get_backbone(config["backbone"]).preprocess_input))
         prob = np.asarray(classifier.model(x, training=False))[:, 0]
         heatmaps = gradcam(classifier.model, x)

@@ -1,7 +1,8 @@
 """The served model: a pyfunc that answers a CT image (PNG/JPG bytes) or a DICOM slice with the
 probability of COVID-19 and the label at the stored threshold, through exactly the training
-preprocessing (grey first, resize, the backbone's own ``preprocess_input``; DICOM through HU and the
-lung window as in prepare_transition).
+preprocessing (grey first, the run's :class:`~mstl.data.preprocessing.Preprocessing`: optional lung
+crop, resize, optional intensity normalisation; then the backbone's own ``preprocess_input``; DICOM
+through HU and the lung window as in prepare_transition).
 
 Requests are a DataFrame with one column, ``image``, holding base64-encoded file bytes::
 
@@ -26,7 +27,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from mstl import PACKAGE_DIR, defaults
-from mstl.data.images import ImageReadError, open_grey, resize_grey
+from mstl.data.images import ImageReadError, open_grey
+from mstl.data.preprocessing import Preprocessing
 
 INPUT_COLUMN = "image"
 
@@ -38,9 +40,9 @@ class BadRequest(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def request_grey(data: bytes, image_size: int, window_width: float, window_level: float, min_side: int = 0) -> np.ndarray:
-    """File bytes -> (image_size, image_size) uint8 grey, for an image or a DICOM CT slice; an image with a
-    side under ``min_side`` pixels is refused."""
+def request_grey(data: bytes, config: dict, min_side: int = 0) -> np.ndarray:
+    """File bytes -> the (image_size, image_size) uint8 grey the model reads, for an image or a DICOM CT slice,
+    prepared as the served model's ``config`` says; an image with a side under ``min_side`` pixels is refused."""
     if not data:
         raise BadRequest("empty image: the request's image field decodes to 0 bytes")
     if len(data) > 132 and data[128:132] == b"DICM":
@@ -59,7 +61,7 @@ def request_grey(data: bytes, image_size: int, window_width: float, window_level
         if "PixelData" not in ds:
             raise BadRequest("DICOM without pixel data")
         try:
-            grey = Image.fromarray(window(dataset_hu(ds), window_width, window_level), mode="L")
+            grey = Image.fromarray(window(dataset_hu(ds), config["window_width"], config["window_level"]), mode="L")
         except Exception as exc:
             raise BadRequest(f"cannot decode the DICOM pixel data: {type(exc).__name__}: {exc}") from None
     else:
@@ -69,7 +71,7 @@ def request_grey(data: bytes, image_size: int, window_width: float, window_level
             raise BadRequest(str(exc)) from None
     if min(grey.size) < min_side:
         raise BadRequest(f"image of {grey.size[0]}x{grey.size[1]} px is smaller than {min_side} px")
-    return resize_grey(grey, image_size)
+    return Preprocessing.from_config(config)(grey)
 
 
 def decode_field(value) -> bytes:
@@ -105,17 +107,17 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
         greys = []
         for row, value in enumerate(frame[INPUT_COLUMN]):
             try:
-                greys.append(request_grey(decode_field(value), c["image_size"], c["window_width"], c["window_level"]))
+                greys.append(request_grey(decode_field(value), c))
             except BadRequest as exc:
                 raise BadRequest(f"row {row}: {exc.message}") from None
         probability = np.asarray(self.model(grey_to_input(np.stack(greys), self.preprocess_input), training=False))[:, 0]
         return pd.DataFrame({"probability": probability.astype(float), "label": (probability >= c["threshold"]).astype(int)})
 
 
-def serving_config(backbone: str, image_size: int, threshold: float) -> dict:
+def serving_config(backbone: str, preprocessing: Preprocessing, threshold: float) -> dict:
     return {
         "backbone": backbone,
-        "image_size": image_size,
+        **preprocessing.config(),
         "threshold": threshold,
         "window_width": defaults.WINDOW_WIDTH,
         "window_level": defaults.WINDOW_LEVEL,

@@ -7,7 +7,9 @@ network fed the raw channels could learn the file format instead of the lungs.
 from __future__ import annotations
 
 import io
+import json
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,6 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
+
+from mstl.array_cache import ArrayCache, content_key, file_sha256
+from mstl.data.preprocessing import Preprocessing
 
 
 class ImageReadError(ValueError):
@@ -56,14 +61,9 @@ def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Ima
         raise ImageReadError(f"cannot read image {name}: {type(exc).__name__}: {exc}") from exc
 
 
-def resize_grey(grey: Image.Image, image_size: int) -> np.ndarray:
-    """The one resize every stage and the served model use: square, bilinear, no crop."""
-    return np.asarray(grey.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
-
-
 def load_grey(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Read one image as a (image_size, image_size) uint8 grey array, or raise ImageReadError."""
-    return resize_grey(open_grey(path), image_size)
+    """Read one image as a (image_size, image_size) uint8 grey array (plain resize), or raise ImageReadError."""
+    return Preprocessing(image_size)(open_grey(path))
 
 
 @dataclass
@@ -73,11 +73,13 @@ class DecodedImages:
     pixels: np.ndarray  # (n, size, size) uint8
     kept: list[int]  # indices into the requested paths
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    lung_field_missing: list[int] = field(default_factory=list)  # kept paths that lung_crop left whole
+    seconds: float = 0.0  # wall time of decoding (or of reading the cache)
 
 
 def decode_images(
     paths: Sequence[str | os.PathLike],
-    image_size: int,
+    preprocessing: Preprocessing | int,
     skip_unreadable: bool = False,
     desc: str = "decoding",
     workers: int | None = None,
@@ -85,16 +87,19 @@ def decode_images(
     """Decode many images in threads (PIL releases the GIL), with a progress bar.
 
     An unreadable file raises ImageReadError unless ``skip_unreadable``; then it is left out
-    and reported in ``unreadable`` so callers can log it. Nothing is dropped silently.
+    and reported in ``unreadable`` so callers can log it. Nothing is dropped silently. ``preprocessing``
+    is a :class:`Preprocessing` or, for the plain resize, an image size.
     """
+    prepare = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(int(preprocessing))
     workers = workers or min(8, os.cpu_count() or 1)
-    out = np.zeros((len(paths), image_size, image_size), dtype=np.uint8)
+    out = np.zeros((len(paths), prepare.image_size, prepare.image_size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
+    found = np.ones(len(paths), dtype=bool)
     unreadable: list[tuple[str, str]] = []
 
     def work(i: int) -> tuple[int, str | None]:
         try:
-            out[i] = load_grey(paths[i], image_size)
+            out[i], found[i] = prepare.apply(open_grey(paths[i]))
             return i, None
         except ImageReadError as exc:
             if not skip_unreadable:
@@ -108,7 +113,38 @@ def decode_images(
             else:
                 unreadable.append((str(paths[i]), error))
     kept = np.flatnonzero(ok).tolist()
-    return DecodedImages(out[ok], kept, unreadable)
+    return DecodedImages(out[ok], kept, unreadable, np.flatnonzero(ok & ~found).tolist())
+
+
+def decode_images_cached(
+    paths: Sequence[str | os.PathLike],
+    preprocessing: Preprocessing,
+    skip_unreadable: bool = False,
+    cache: ArrayCache | None = None,
+) -> DecodedImages:
+    """``decode_images`` through ``cache`` when given, keyed by the files' SHA-256s and the preprocessing, so
+    the runs of a grid decode a data set once. A set with an unreadable file is decoded afresh every time."""
+    start = time.perf_counter()
+    if cache is None:
+        decoded = decode_images(paths, preprocessing, skip_unreadable)
+        decoded.seconds = time.perf_counter() - start
+        return decoded
+    try:
+        hashes = [file_sha256(Path(p)) for p in paths]
+    except OSError:  # a missing file: decode_images names it (or skips it)
+        return decode_images(paths, preprocessing, skip_unreadable)
+    key = content_key(["decoded", json.dumps(preprocessing.config(), sort_keys=True), *hashes])
+    pixels, missing = cache.load("decoded", key), cache.load("decoded", key + "-lung-field-missing")
+    hit = pixels is not None and missing is not None and len(pixels) == len(paths)
+    cache.count("decoded", hit)
+    if hit:
+        return DecodedImages(pixels, list(range(len(paths))), [], missing.tolist(), time.perf_counter() - start)
+    decoded = decode_images(paths, preprocessing, skip_unreadable)
+    if not decoded.unreadable:
+        cache.store("decoded", key, decoded.pixels)
+        cache.store("decoded", key + "-lung-field-missing", np.asarray(decoded.lung_field_missing, dtype=np.int64))
+    decoded.seconds = time.perf_counter() - start
+    return decoded
 
 
 def grey_to_input(grey_batch, preprocess_input):

@@ -132,7 +132,7 @@ def decode_set(
     for i, path in enumerate(table["path"]):
         try:
             data = Path(path).read_bytes()
-            grey.append(request_grey(data, config["image_size"], config["window_width"], config["window_level"], MIN_SIDE))
+            grey.append(request_grey(data, config, MIN_SIDE))
         except (BadRequest, OSError) as exc:
             reason = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
             if not skip_unreadable:
