@@ -47,12 +47,16 @@ target: weights
 
 # The MSTL grid (backbones x imagenet/hard/soft x seeds) in its cpu profile, then the report.
 GRID_EXPERIMENT ?= cpu-profile
+GRID_SEEDS ?= 0,1,2,3,4
+GRID_SPLITS ?= official patient
 experiment: weights
 	$(PY) -m mstl.tracking ensure-experiment $(GRID_EXPERIMENT)
-	$(VENV)/bin/mlflow run . -e experiment --env-manager local --experiment-name $(GRID_EXPERIMENT) \
-	  -P profile=cpu -P data_root=$(DATA_ROOT) -P split=$(SPLIT) -P seeds=0,1,2
+	for split in $(GRID_SPLITS); do \
+	  $(VENV)/bin/mlflow run . -e experiment --env-manager local --experiment-name $(GRID_EXPERIMENT) \
+	    -P profile=cpu -P data_root=$(DATA_ROOT) -P split=$$split -P seeds=$(GRID_SEEDS) || exit 1; \
+	done
 	$(VENV)/bin/mlflow run . -e compare --env-manager local --experiment-name $(GRID_EXPERIMENT) \
-	  -P search_experiment=$(GRID_EXPERIMENT)
+	  -P search_experiment=$(GRID_EXPERIMENT) -P results_doc=docs/results.md
 
 server: venv
 	$(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --artifacts-destination ./mlartifacts \
@@ -62,7 +66,7 @@ test: weights
 	$(PY) -m pytest -m "not integration" -q tests
 
 integration: weights
-	$(PY) -m pytest -m integration -q tests
+	$(PY) -m pytest -m integration -q -n 2 --dist loadfile --durations=25 tests
 
 check: weights
 	$(PY) -m pytest -q tests

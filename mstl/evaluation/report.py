@@ -14,15 +14,11 @@ import numpy as np
 import pandas as pd
 
 from mstl import defaults
+from mstl.evaluation.grid_stats import SETTING, comparisons, detectable_differences, forest_figure, over_seeds
 from mstl.evaluation.metrics import METRIC_NAMES, point_metrics
 from mstl.evaluation.plots import confusion_figure
-from mstl.evaluation.stats import paired_tests, threshold_for_recall
-from mstl.tracking import log_params, start_stage_run, tracking_uri
-
-BASELINE = "imagenet"
-# Runs are grouped (and paired with their baseline) only with the same setting; a seed is a replicate.
-SETTING = ["backbone", "strategy", "split", "image_size", "epochs"]
-ALPHA = 0.05
+from mstl.evaluation.stats import threshold_for_recall
+from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -33,6 +29,7 @@ class CompareParams:
     parent_run: str = ""  # only Target runs under this run (e.g. one experiment grid), at any depth
     target_recall: float = 0.95
     out_dir: str = "exports/report"
+    results_doc: str = ""  # a Markdown file (e.g. docs/results.md) whose results section is regenerated
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
@@ -93,12 +90,64 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
                 "image_size": int(run.data.params.get("image_size", 0)),
                 "epochs": int(run.data.params.get("epochs", 0)),
                 "threshold": float(run.data.params.get("threshold", defaults.THRESHOLD)),
+                "model_id": run.data.tags.get(MODEL_ID_TAG, ""),
                 "metrics": run.data.metrics,
                 "val": predictions["val"],
                 "test": predictions["test"],
             }
         )
     return pd.DataFrame(rows)
+
+
+def collect_external(client, runs: pd.DataFrame, tmp: Path) -> pd.DataFrame:
+    """The `evaluate` runs (in any experiment) of these Target runs' logged models: one row per Target run and
+    external data set (the latest evaluation when there are several), with its metrics and predictions."""
+    wanted = {m: run_id for m, run_id in zip(runs["model_id"], runs["run_id"], strict=True) if m}
+    if not wanted:
+        return pd.DataFrame(columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"])
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, "tags.stage = 'evaluate' and attributes.status = 'FINISHED'", max_results=50_000)
+    latest: dict[tuple[str, str], object] = {}
+    for ev in sorted(found, key=lambda r: r.info.start_time):
+        model_id = ev.data.tags.get("mstl.evaluated_model_id", "")
+        if model_id in wanted:
+            latest[(wanted[model_id], ev.data.tags["data_digest"])] = ev
+    rows = []
+    for (run_id, digest), ev in latest.items():
+        folder = tmp / "external" / ev.info.run_id
+        folder.mkdir(parents=True)
+        predictions = pd.read_csv(client.download_artifacts(ev.info.run_id, "predictions.csv", str(folder)))
+        name = ev.data.tags["data_name"]
+        rows.append(
+            {"run_id": run_id, "data": name, "digest": digest, "evaluate_run_id": ev.info.run_id, "metrics": ev.data.metrics}
+            | {"predictions": predictions}
+        )
+    return pd.DataFrame(rows, columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"])
+
+
+EXTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity")
+
+
+def external_table(runs: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
+    """Per external data set and setting: AUC, sensitivity and specificity as value [CI] (one seed) or mean ± SD."""
+    if external.empty:
+        return pd.DataFrame()
+    joined = external.merge(runs.drop(columns=["metrics"]), on="run_id")
+    out = []
+    for (data, digest, *setting), group in joined.groupby(["data", "digest", *SETTING]):
+        row = {"data": data, "digest": digest, **dict(zip(SETTING, setting, strict=True)), "seeds": len(group)}
+        row["n_images"] = int(np.median([len(p) for p in group["predictions"]]))
+        for name in EXTERNAL_METRICS:
+            values = [m[name] for m in group["metrics"] if name in m]
+            row[name] = float(np.mean(values)) if values else float("nan")
+            if len(group) == 1 and values:
+                m = group["metrics"].iloc[0]
+                row[f"{name}_ci"] = f"[{m.get(f'{name}_ci_low', np.nan):.3f}, {m.get(f'{name}_ci_high', np.nan):.3f}]"
+            else:
+                row[f"{name}_ci"] = f"± {np.std(values, ddof=1):.3f} (SD over seeds)" if len(values) > 1 else ""
+        row["evaluate_run_ids"] = ",".join(group["evaluate_run_id"])
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
@@ -120,46 +169,15 @@ def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
                 m = group["metrics"].iloc[0]
                 row[f"{name}_ci"] = f"[{m.get(f'test_{name}_ci_low', np.nan):.3f}, {m.get(f'test_{name}_ci_high', np.nan):.3f}]"
             else:
-                row[f"{name}_ci"] = f"± {np.std(values, ddof=1):.3f} (SD over seeds)"
+                row[f"{name}_ci"] = f"± {np.std(values, ddof=1):.3f} (SD over seeds)" if len(values) > 1 else ""
         operating = []
         for _, run in group.iterrows():
             t = threshold_for_recall(run["val"]["label"], run["val"]["probability"], target_recall)
             at = point_metrics(run["test"]["label"], run["test"]["probability"], t)
             operating.append((t, at["recall"], at["specificity"]))
         row["val_threshold"], row["test_recall_at_threshold"], row["test_specificity_at_threshold"] = np.mean(operating, axis=0)
+        row["run_ids"] = ",".join(group.sort_values("seed")["run_id"])
         out.append(row)
-    return pd.DataFrame(out)
-
-
-def comparisons(runs: pd.DataFrame) -> pd.DataFrame:
-    """Each MSTL run against the ImageNet baseline of the same setting and seed, on the same test images."""
-    out = []
-    for _, run in runs[runs["strategy"] != BASELINE].iterrows():
-        same = np.logical_and.reduce([runs[k] == run[k] for k in SETTING if k != "strategy"] + [runs["seed"] == run["seed"]])
-        base = runs[same & (runs["strategy"] == BASELINE)]
-        if base.empty:
-            continue
-        base = base.iloc[0]
-        joined = run["test"].merge(base["test"], on="file", suffixes=("", "_base"))
-        if len(joined) != len(run["test"]):
-            raise ValueError(f"runs {run['run_id']} and {base['run_id']} were tested on different images")
-        tests = paired_tests(joined["label"], joined["probability"], joined["probability_base"], run["threshold"])
-        for metric, result in tests.items():
-            out.append(
-                {
-                    "backbone": run["backbone"],
-                    "split": run["split"],
-                    "seed": run["seed"],
-                    "strategy": run["strategy"],
-                    "metric": metric,
-                    "difference": result.difference,
-                    "p_value": result.p_value,
-                    "test": "DeLong" if metric == "auc" else "McNemar (exact)",
-                    "significant": result.p_value < ALPHA,
-                    "run_id": run["run_id"],
-                    "baseline_run_id": base["run_id"],
-                }
-            )
     return pd.DataFrame(out)
 
 
@@ -184,13 +202,150 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
     return fig
 
 
-def markdown_report(table: pd.DataFrame, paired: pd.DataFrame, best: pd.DataFrame, target_recall: float) -> str:
-    lines = ["# MSTL against the ImageNet baseline", "", "## Table III (test split)", ""]
-    header = ["backbone", "strategy", "split", "image size", "epochs", "seeds"] + list(METRIC_NAMES)
+def external_section(external: pd.DataFrame) -> list[str]:
+    """Table III's external columns: each setting on each external set it was evaluated on."""
+    if external.empty:
+        return []
+    lines = [
+        "",
+        "## External validation (`evaluate` runs of these models)",
+        "",
+        "| data (digest) | images | backbone | strategy | split | image size | epochs | seeds | AUC | sensitivity | specificity |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, r in external.iterrows():
+        cells = [f"{r['data']} ({r['digest']})", str(r["n_images"]), r["backbone"], r["strategy"], r["split"]]
+        cells += [str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
+        cells += [f"{r[m]:.3f} {r[f'{m}_ci']}".strip() for m in EXTERNAL_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def short(run_ids) -> str:
+    return ", ".join(str(r)[:8] for r in run_ids)
+
+
+def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]:
+    """The grid's answer per split and strategy: the mean paired difference over seeds, and what it means
+    given what the test set can detect."""
+    test = summary[summary["data"] == "test"]
+    if test.empty:
+        return []
+    lines = [
+        "",
+        "## The answer: MSTL minus ImageNet, over seeds (COVID-CT test split)",
+        "",
+        "| backbone | split | strategy | metric | mean difference [95 % t CI] | seeds | seeds favouring MSTL | "
+        "seeds significant (Holm) | p over seeds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, r in test.iterrows():
+        lines.append(
+            f"| {r['backbone']} | {r['split']} | {r['strategy']} | {r['metric']} | {r['mean_difference']:+.3f} "
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['seeds']} | {r['seeds_favouring_mstl']} | "
+            f"{r['seeds_significant_holm']} | {r['p_over_seeds']:.3g} |"
+        )
+    lines.append("")
+    for _, r in test[test["metric"].isin(["auc", "sensitivity"])].iterrows():
+        d = detectable[(detectable["split"] == r["split"]) & (detectable["backbone"] == r["backbone"])]
+        floor = d.iloc[0][f"detectable_{r['metric']}"] if len(d) else float("nan")
+        if r["ci_low"] > 0:
+            verdict = "MSTL is better: the interval over seeds lies above zero"
+        elif r["ci_high"] < 0:
+            verdict = "the ImageNet baseline is better: the interval over seeds lies below zero"
+        else:
+            verdict = "no difference shown: the interval over seeds contains zero"
+        lines.append(
+            f"- {r['split']} split, {r['strategy']}, {r['metric']}: {r['mean_difference']:+.3f} "
+            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]; {verdict}"
+            + (f" (one seed's test detects {floor:.3f} with 80 % power)." if np.isfinite(floor) else ".")
+        )
+    return lines
+
+
+def power_section(detectable: pd.DataFrame) -> list[str]:
+    if detectable.empty:
+        return []
+    lines = [
+        "",
+        "## What this test set can detect (power 80 %)",
+        "",
+        "The smallest true difference one seed's paired test finds with 80 % probability, from this grid's own "
+        "standard errors (DeLong, for AUC) and discordant shares (McNemar, for sensitivity): at alpha 0.05, and at "
+        "Holm's strictest level (alpha divided by the number of tests in the family). A smaller true effect "
+        "will usually be missed, so a non-significant result here does not show that the methods are equal.",
+        "",
+        "| backbone | split | test images (positive) | baseline AUC | baseline sensitivity | SE of AUC difference | "
+        "detectable AUC difference (0.05 / Holm) | detectable sensitivity difference (0.05 / Holm) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for _, r in detectable.iterrows():
+        lines.append(
+            f"| {r['backbone']} | {r['split']} | {r['n_test']} ({r['n_positive']}) | {r['baseline_auc']:.3f} | "
+            f"{r['baseline_sensitivity']:.3f} | {r['se_auc_difference']:.4f} | {r['detectable_auc']:.3f} / "
+            f"{r['detectable_auc_holm']:.3f} | {r['detectable_sensitivity']:.3f} / {r['detectable_sensitivity_holm']:.3f} |"
+        )
+    return lines
+
+
+def paired_section(paired: pd.DataFrame) -> list[str]:
+    lines = ["", "## Paired comparisons with the ImageNet baseline (same images, same seed)", ""]
+    if paired.empty:
+        return lines + ["No MSTL run has an ImageNet baseline of the same backbone, split and seed: nothing to compare."]
+    for data, rows in paired.groupby("data", sort=False):
+        where = "the COVID-CT test split" if data == "test" else f"the external set {data}"
+        lines += [
+            f"### On {where}",
+            "",
+            "| backbone | split | seed | strategy | metric | difference [95 % CI] | test | p | p (Holm) | runs (MSTL, baseline) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for _, r in rows.iterrows():
+            lines.append(
+                f"| {r['backbone']} | {r['split']} | {r['seed']} | {r['strategy']} | {r['metric']} | "
+                f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['test']} | {r['p_value']:.3g} | "
+                f"{r['p_holm']:.3g} | {short([r['run_id'], r['baseline_run_id']])} |"
+            )
+        significant = rows[rows["significant"]]
+        n_sig, better = len(significant), int((significant["difference"] > 0).sum())
+        holm_sig = rows[rows["significant_holm"]]
+        lines += [
+            "",
+            f"{n_sig} of {len(rows)} paired differences are significant at 0.05 without correction for "
+            f"multiple comparisons: {better} favour MSTL, {n_sig - better} favour the ImageNet baseline. "
+            f"With Holm's correction across these {len(rows)} tests, {len(holm_sig)} remain "
+            f"({int((holm_sig['difference'] > 0).sum())} favouring MSTL)."
+            + (
+                ""
+                if n_sig
+                else " None of the differences is significant: on these images MSTL and the "
+                "ImageNet baseline cannot be told apart."
+            ),
+            "",
+        ]
+    return lines
+
+
+def markdown_report(
+    table: pd.DataFrame,
+    paired: pd.DataFrame,
+    best: pd.DataFrame,
+    target_recall: float,
+    external: pd.DataFrame | None = None,
+    summary: pd.DataFrame | None = None,
+    detectable: pd.DataFrame | None = None,
+    provenance: str = "",
+) -> str:
+    lines = ["# MSTL against the ImageNet baseline", ""]
+    if provenance:
+        lines += [provenance, ""]
+    lines += ["## Table III (test split)", ""]
+    header = ["backbone", "strategy", "split", "image size", "epochs", "seeds"] + list(METRIC_NAMES) + ["runs"]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for _, r in table.iterrows():
         cells = [r["backbone"], r["strategy"], r["split"], str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
         cells += [f"{r[m]:.3f} {r[f'{m}_ci']}" for m in METRIC_NAMES]
+        cells.append(short(str(r["run_ids"]).split(",")))
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -204,35 +359,12 @@ def markdown_report(table: pd.DataFrame, paired: pd.DataFrame, best: pd.DataFram
             f"| {r['backbone']} | {r['strategy']} | {r['split']} | {r['val_threshold']:.3f} | "
             f"{r['test_recall_at_threshold']:.3f} | {r['test_specificity_at_threshold']:.3f} |"
         )
-    lines += ["", "## Paired comparisons with the ImageNet baseline (same test images)", ""]
-    if paired.empty:
-        lines.append("No MSTL run has an ImageNet baseline of the same backbone, split and seed: nothing to compare.")
-    else:
-        lines += [
-            "| backbone | split | seed | strategy | metric | difference (MSTL - baseline) | test | p | significant at 0.05 |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for _, r in paired.iterrows():
-            lines.append(
-                f"| {r['backbone']} | {r['split']} | {r['seed']} | {r['strategy']} | {r['metric']} | "
-                f"{r['difference']:+.3f} | {r['test']} | {r['p_value']:.3g} | {'yes' if r['significant'] else 'no'} |"
-            )
-        significant = paired[paired["significant"]]
-        n_sig, better = len(significant), int((significant["difference"] > 0).sum())
-        bonferroni = paired[paired["p_value"] < ALPHA / len(paired)]
-        lines += [
-            "",
-            f"{n_sig} of {len(paired)} paired differences are significant at 0.05 without correction for "
-            f"multiple comparisons: {better} favour MSTL, {n_sig - better} favour the ImageNet baseline. "
-            f"With a Bonferroni correction (p < {ALPHA / len(paired):.2g}) {len(bonferroni)} remain "
-            f"({int((bonferroni['difference'] > 0).sum())} favouring MSTL)."
-            + (
-                ""
-                if n_sig
-                else " None of the differences is significant: on these test images MSTL and the "
-                "ImageNet baseline cannot be told apart."
-            ),
-        ]
+    if summary is not None and detectable is not None and not paired.empty:
+        lines += answer_section(summary, detectable)
+        lines += power_section(detectable)
+        lines += ["", "![forest plot of the paired differences](forest_test.png)"]
+    lines += external_section(pd.DataFrame() if external is None else external)
+    lines += paired_section(paired)
     lines += [
         "",
         "## Figures",
@@ -241,12 +373,41 @@ def markdown_report(table: pd.DataFrame, paired: pd.DataFrame, best: pd.DataFram
         "",
         "![ROC per strategy](fig6_roc_per_strategy.png)",
         "",
-        "Two best models (highest validation recall, ties by validation AUC): "
-        + ", ".join(f"{r['backbone']}/{r['strategy']} ({r['run_id'][:8]})" for _, r in best.iterrows()),
+        "The champion `promote` would choose (highest validation recall, ties by validation AUC) and the runner-up: "
+        + ", ".join(
+            f"{r['backbone']}/{r['strategy']} {r['split']} seed {r['seed']} (run {r['run_id']}: validation recall "
+            f"{r['val_recall']:.3f}; test AUC {r['metrics'].get('test_roc_auc', np.nan):.3f}, sensitivity "
+            f"{r['metrics'].get('test_recall', np.nan):.3f}, specificity {r['metrics'].get('test_specificity', np.nan):.3f})"
+            for _, r in best.iterrows()
+        ),
         "",
     ]
     lines += [f"![confusion matrix {i + 1}](fig7_confusion_{i + 1}.png)" for i in range(len(best))]
     return "\n".join(lines) + "\n"
+
+
+RESULTS_START, RESULTS_END = "<!-- mstl:results:start -->", "<!-- mstl:results:end -->"
+
+
+def write_results_doc(report_dir: Path, doc: Path) -> None:
+    """Put the report into ``doc`` between the results markers (appended when they are missing), one heading
+    level down, with its figures copied to ``<doc folder>/results/``: documentation generated, not typed."""
+    import shutil
+
+    figures = doc.parent / "results"
+    figures.mkdir(parents=True, exist_ok=True)
+    for png in report_dir.glob("*.png"):
+        shutil.copyfile(png, figures / png.name)
+    body = (report_dir / "report.md").read_text()
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
+    body = body.replace("](fig", "](results/fig").replace("](forest", "](results/forest")
+    block = f"{RESULTS_START}\n{body}\n{RESULTS_END}"
+    text = doc.read_text() if doc.exists() else ""
+    if RESULTS_START in text and RESULTS_END in text:
+        text = text[: text.index(RESULTS_START)] + block + text[text.index(RESULTS_END) + len(RESULTS_END) :]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
+    doc.write_text(text)
 
 
 def run_compare(params: CompareParams) -> str:
@@ -259,9 +420,19 @@ def run_compare(params: CompareParams) -> str:
         out = Path(params.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         table = table_iii(runs, params.target_recall)
-        paired = comparisons(runs)
+        external = collect_external(client, runs, Path(tmp))
+        outside = external_table(runs, external)
+        paired = comparisons(runs, external)
         table.to_csv(out / "table_iii.csv", index=False)
+        if not outside.empty:
+            outside.to_csv(out / "external.csv", index=False)
         paired.to_csv(out / "paired_tests.csv", index=False)
+        summary = detectable = None
+        if not paired.empty:
+            summary, detectable = over_seeds(paired), detectable_differences(runs, paired)
+            summary.to_csv(out / "over_seeds.csv", index=False)
+            detectable.to_csv(out / "detectable_differences.csv", index=False)
+            forest_figure(paired, summary).savefig(out / "forest_test.png")
         roc_panel(runs, "backbone", "Figure 5: ROC per architecture").savefig(out / "fig5_roc_per_architecture.png")
         roc_panel(runs, "strategy", "Figure 6: ROC per strategy").savefig(out / "fig6_roc_per_strategy.png")
         ranked = (
@@ -276,11 +447,28 @@ def run_compare(params: CompareParams) -> str:
             confusion_figure(
                 r["test"]["label"], r["test"]["probability"], r["threshold"], title=f"{r['backbone']} / {r['strategy']} (test)"
             ).savefig(out / f"fig7_confusion_{i + 1}.png")
-        (out / "report.md").write_text(markdown_report(table, paired, ranked, params.target_recall))
+        scope = f", grid run {params.parent_run}" if params.parent_run else ""
+        provenance = (
+            f"Generated by `compare` (run {run.info.run_id}) from {len(runs)} finished Target runs of experiment "
+            f"`{params.search_experiment}`{scope} on {tracking_uri()}. Every figure comes from the runs named in "
+            "the tables (full IDs in the CSVs logged beside this report)."
+        )
+        report = markdown_report(table, paired, ranked, params.target_recall, outside, summary, detectable, provenance)
+        (out / "report.md").write_text(report)
         import matplotlib.pyplot as plt
 
         plt.close("all")
+        if params.results_doc:
+            write_results_doc(out, Path(params.results_doc))
+            print(f"compare: results section of {params.results_doc} regenerated")
         mlflow.log_artifacts(str(out), "report")
-        mlflow.log_metrics({"n_target_runs": len(runs), "n_significant": int(paired["significant"].sum()) if len(paired) else 0})
+        mlflow.log_metrics(
+            {
+                "n_target_runs": len(runs),
+                "n_significant": int(paired["significant"].sum()) if len(paired) else 0,
+                "n_significant_holm": int(paired["significant_holm"].sum()) if len(paired) else 0,
+                "n_external_sets": int(external["digest"].nunique()) if len(external) else 0,
+            }
+        )
         print(f"compare: {len(runs)} Target runs; report in {out / 'report.md'}")
         return run.info.run_id

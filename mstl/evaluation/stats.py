@@ -5,6 +5,8 @@
 - McNemar's exact test for paired proportions: accuracy (is each image classified right?) and
   sensitivity (is each positive image found?).
 - The threshold chosen on validation data to reach a target sensitivity.
+- Holm's step-down correction for a family of tests, and the smallest differences a test set can
+  detect (power), so a null result can be read for what it is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ class PairedTest:
     statistic: float
     p_value: float
     difference: float  # first minus second
+    se: float = float("nan")  # standard error of the difference (normal approximation), for intervals and power
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        z = stats.norm.ppf(0.5 + confidence / 2)
+        return self.difference - z * self.se, self.difference + z * self.se
 
 
 def _placements(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -31,8 +38,8 @@ def _placements(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return v10, v01, float(greater.mean())
 
 
-def delong_test(y_true, scores_a, scores_b) -> PairedTest:
-    """Two-sided DeLong test of AUC(a) = AUC(b) for scores of two models on the same images."""
+def auc_difference(y_true, scores_a, scores_b) -> tuple[float, float]:
+    """AUC(a) - AUC(b) and DeLong's standard error of that difference, for two models on the same images."""
     y = np.asarray(y_true).astype(int)
     a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
     if not (len(y) == len(a) == len(b)) or not 0 < y.sum() < len(y):
@@ -43,11 +50,16 @@ def delong_test(y_true, scores_a, scores_b) -> PairedTest:
     s01 = np.cov(np.vstack([v01a, v01b]))
     cov = s10 / len(v10a) + s01 / len(v01a)
     variance = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
-    difference = auc_a - auc_b
-    if variance <= 0:
-        return PairedTest(0.0, 1.0, difference)
-    z = difference / np.sqrt(variance)
-    return PairedTest(float(z), float(2 * stats.norm.sf(abs(z))), float(difference))
+    return float(auc_a - auc_b), float(np.sqrt(max(variance, 0.0)))
+
+
+def delong_test(y_true, scores_a, scores_b) -> PairedTest:
+    """Two-sided DeLong test of AUC(a) = AUC(b) for scores of two models on the same images."""
+    difference, se = auc_difference(y_true, scores_a, scores_b)
+    if se <= 0:
+        return PairedTest(0.0, 1.0, difference, se)
+    z = difference / se
+    return PairedTest(float(z), float(2 * stats.norm.sf(abs(z))), float(difference), se)
 
 
 def auc_variance(y_true, scores) -> float:
@@ -65,7 +77,9 @@ def mcnemar_test(correct_a, correct_b) -> PairedTest:
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     discordant = only_a + only_b
     p = 1.0 if discordant == 0 else float(stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue)
-    return PairedTest(float(min(only_a, only_b)), min(p, 1.0), float(a.mean() - b.mean()))
+    n = len(a)
+    se = float(np.sqrt(max(discordant - (only_a - only_b) ** 2 / n, 0.0)) / n)  # paired proportions (Wald)
+    return PairedTest(float(min(only_a, only_b)), min(p, 1.0), float(a.mean() - b.mean()), se)
 
 
 def paired_tests(y_true, prob_a, prob_b, threshold: float) -> dict[str, PairedTest]:
@@ -90,3 +104,40 @@ def threshold_for_recall(y_true, prob, target_recall: float) -> float:
         raise ValueError("no positive images to set a sensitivity on")
     needed = int(np.ceil(target_recall * len(positives)))
     return float(positives[needed - 1])
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error control without assuming independence):
+    the i-th smallest p times (m - i + 1), made monotone, capped at 1. Reject where adjusted < alpha."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p, kind="stable")
+    m = len(p)
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted
+
+
+def detectable_auc_difference(se_difference: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest true AUC difference a two-sided DeLong test at ``alpha`` detects with ``power``, given the
+    standard error of the paired difference on this test set (normal approximation: (z_{1-a/2} + z_power) se)."""
+    return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se_difference)
+
+
+def detectable_paired_proportion_difference(n: int, discordant: float, alpha: float = 0.05, power: float = 0.8) -> float:
+    """The smallest difference in paired proportions (e.g. sensitivity on ``n`` positives) that McNemar's test
+    at ``alpha`` detects with ``power`` when a share ``discordant`` of the pairs disagree (Connor 1987):
+    solve n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 for d."""
+    if n < 1 or not 0 < discordant <= 1:
+        raise ValueError(f"need n >= 1 and a discordant share in (0, 1], got n={n}, discordant={discordant}")
+    from scipy.optimize import brentq
+
+    za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
+
+    def needed(d: float) -> float:
+        return (za * np.sqrt(discordant) + zb * np.sqrt(discordant - d * d)) ** 2 / (d * d) - n
+
+    top = discordant  # the proportions differ at most by the share of pairs that disagree
+    if needed(top) > 0:
+        return float("nan")  # no difference this large is detectable: too few pairs
+    return float(brentq(needed, 1e-9, top))

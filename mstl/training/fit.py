@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from mstl import defaults
+from mstl.array_cache import ArrayCache, content_key, outcome
 from mstl.data.images import grey_to_input
 from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 
@@ -184,6 +185,34 @@ class FitResult:
     cut_layer: str | None
     seconds: float  # everything, frozen features included
     epoch_seconds: list[float]
+    frozen_cache: str = "off"  # the on-disk cache of frozen features: off, hit (every part) or miss
+    frozen_seconds: float = 0.0  # computing (or reading) the frozen half's features
+
+    def params(self, cache: ArrayCache | None = None) -> dict[str, object]:
+        """What a run logs about how its fit was computed."""
+        return {
+            "cached_frozen": self.cached_frozen,
+            "cache_cut_layer": self.cut_layer,
+            "frozen_cache": self.frozen_cache,
+            "decoded_cache": outcome(cache, "decoded"),
+        }
+
+
+def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_size: int) -> str:
+    """What the frozen half's output depends on: its layers and weights, the backbone's input preprocessing,
+    the slices' pixels (which carry the preprocessing before them) and the batch size (kernels may round
+    differently per batch shape), and the Keras version."""
+    return content_key(
+        [
+            "frozen",
+            keras.__version__,
+            f"{preprocess_input.__module__}.{preprocess_input.__qualname__}",
+            str(batch_size),
+            ",".join(type(layer).__name__ for layer in bottom.layers),
+            *(np.asarray(w) for w in bottom.get_weights()),
+            grey,
+        ]
+    )
 
 
 def predict_in_batches(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
@@ -197,11 +226,14 @@ def fit_classifier(
     preprocess_input,
     output: OutputSpec,
     config: FitConfig,
+    cache: ArrayCache | None = None,
 ) -> FitResult:
-    """Train ``model`` on decoded grey slices; the best-val-accuracy weights are left in ``model``."""
+    """Train ``model`` on decoded grey slices; the best-val-accuracy weights are left in ``model``. With
+    ``cache``, the frozen half's features are read from (or written to) that shared on-disk cache."""
     if len(train[0]) == 0 or len(val[0]) == 0:
         raise ValueError(f"need training and validation images, got {len(train[0])} and {len(val[0])}")
     start = time.perf_counter()
+    frozen_cache, frozen_seconds = "off", 0.0
     cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
     if cut is not None:
         per_image = 4 * int(np.prod(model.layers[cut].output.shape[1:]))
@@ -216,9 +248,21 @@ def fit_classifier(
         bottom, trained = split_at_cut(model, cut)
 
         def features(grey: np.ndarray) -> np.ndarray:
-            return predict_in_batches(bottom, image_dataset(grey, None, preprocess_input, config.batch_size))
+            def compute() -> np.ndarray:
+                return predict_in_batches(bottom, image_dataset(grey, None, preprocess_input, config.batch_size))
 
+            return (
+                compute()
+                if cache is None
+                else cache.get("frozen", frozen_key(bottom, preprocess_input, grey, config.batch_size), compute)
+            )
+
+        misses = dict(cache.misses) if cache is not None else {}
+        frozen_start = time.perf_counter()
         train_x, val_x = features(train[0]), features(val[0])
+        frozen_seconds = time.perf_counter() - frozen_start
+        if cache is not None:
+            frozen_cache = "miss" if cache.misses.get("frozen", 0) > misses.get("frozen", 0) else "hit"
         train_ds = (
             tf.data.Dataset.from_tensor_slices((train_x, train[1]))
             .cache()
@@ -227,7 +271,7 @@ def fit_classifier(
             .prefetch(tf.data.AUTOTUNE)
         )
         val_ds = tf.data.Dataset.from_tensor_slices((val_x, val[1])).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
-    else:
+    if cut is None:
         trained = model
         train_ds = image_dataset(*train, preprocess_input, config.batch_size, True, config.seed, config.augment)
         val_ds = image_dataset(*val, preprocess_input, config.batch_size)
@@ -258,4 +302,6 @@ def fit_classifier(
         cut_layer=model.layers[cut].name if cut is not None else None,
         seconds=time.perf_counter() - start,
         epoch_seconds=timer.seconds,
+        frozen_cache=frozen_cache,
+        frozen_seconds=frozen_seconds,
     )

@@ -17,7 +17,7 @@ from mlflow.entities import LoggedModelInput
 
 from mstl import defaults
 from mstl.data import covid_ct
-from mstl.data.images import decode_images
+from mstl.data.images import decode_images_cached
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
 from mstl.evaluation.probes import shortcut_probes
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
@@ -110,6 +110,13 @@ def transition_parent(params: TargetParams):
             f"init_from run {parent.info.run_id} trained backbone {parent_backbone!r} but backbone={params.backbone!r}; "
             f"pass backbone={parent_backbone}"
         )
+    for name in ("lung_crop", "intensity"):  # runs logged before these options existed used neither
+        theirs, ours = (
+            parent.data.params.get(name, str(TargetParams.__dataclass_fields__[name].default)),
+            str(getattr(params, name)),
+        )
+        if theirs != ours:
+            print(f"warning: the Transition run {parent.info.run_id} was trained with {name}={theirs}, this Target uses {ours}")
     return parent
 
 
@@ -168,11 +175,13 @@ def run_target(params: TargetParams) -> str:
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         log_table(covid_ct.split_table(index), "data/split.csv")
 
-        decoded = decode_images(index["path"].tolist(), params.image_size, params.skip_unreadable)
+        cache = params.array_cache()
+        decoded = decode_images_cached(index["path"].tolist(), params.preprocessing, params.skip_unreadable, cache)
         if decoded.unreadable:
             log_table(pd.DataFrame(decoded.unreadable, columns=["path", "reason"]), "data/unreadable.csv")
             print(f"skipped {len(decoded.unreadable)} unreadable image(s); see data/unreadable.csv")
         index = index.iloc[decoded.kept].reset_index(drop=True)
+        log_lung_field_missing(index, decoded, params)
         grey = decoded.pixels
         hashes = np.asarray(covid_ct.file_sha256s(index["path"]))
         log_params(
@@ -210,16 +219,23 @@ def run_target(params: TargetParams) -> str:
                 spec.preprocess_input,
                 output,
                 params.fit_config(),
+                cache,
             )
-        log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
+        log_params(result.params(cache))
         mlflow.log_metrics(
-            {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy, "fit_seconds": result.seconds}
+            {
+                "best_epoch": result.best_epoch,
+                "best_val_accuracy": result.best_val_accuracy,
+                "fit_seconds": result.seconds,
+                "frozen_seconds": result.frozen_seconds,
+                "decode_seconds": decoded.seconds,
+            }
         )
         model_id = None
         if params.log_model:  # the weights are stored once: in the served model, else as a checkpoint
             model_id = log_serving_model(
                 model,
-                serving_config(params.backbone, params.image_size, params.threshold),
+                serving_config(params.backbone, params.preprocessing, params.threshold),
                 index.loc[parts["test"], "path"].iloc[0],
             ).model_id
             mlflow.set_tag(MODEL_ID_TAG, model_id)
@@ -228,6 +244,20 @@ def run_target(params: TargetParams) -> str:
         for part in ("val", "test"):
             evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part, strategy, model_id, datasets[part])
         return run.info.run_id
+
+
+def log_lung_field_missing(index: pd.DataFrame, decoded, params: TargetParams) -> None:
+    """With lung_crop, the slices used whole because no lung field was found: counted per split and listed."""
+    if not params.lung_crop:
+        return
+    missing = np.zeros(len(index), dtype=bool)
+    missing[np.searchsorted(decoded.kept, decoded.lung_field_missing)] = True
+    mlflow.log_metrics(
+        {f"n_lung_field_missing_{part}": int((missing & (index["split"] == part)).sum()) for part in covid_ct.SPLITS}
+    )
+    if missing.any():
+        log_table(index.loc[missing, ["file", "split", "label"]], "data/lung_field_missing.csv")
+        print(f"lung_crop: no lung field found in {int(missing.sum())} slice(s), used whole; see data/lung_field_missing.csv")
 
 
 def log_model_structure(model) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from mstl import defaults
-from mstl.data.images import decode_images
+from mstl.data.images import decode_images_cached
 from mstl.dicom.prepare import check_two_classes
 from mstl.models import OutputSpec, get_backbone
 from mstl.tracking import MODEL_ID_TAG, log_dataset, log_params, log_table, resolve_run, start_stage_run
@@ -201,7 +201,8 @@ def run_transition(params: TransitionParams) -> str:
         split_table = table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]]
         log_table(split_table, "data/split.csv")
         log_export_input(params.manifest, split_table, "training", targets="y")
-        decoded = decode_images([str(folder / f) for f in table["file"]], params.image_size)
+        cache = params.array_cache()
+        decoded = decode_images_cached([str(folder / f) for f in table["file"]], params.preprocessing, cache=cache)
         y = table["y"].to_numpy().astype("float32" if output.kind == "binary" else "int32")
         with distribution_scope(params.distribute):
             model = params.build(output)
@@ -213,10 +214,17 @@ def run_transition(params: TransitionParams) -> str:
                 spec.preprocess_input,
                 output,
                 params.fit_config(weights),
+                cache,
             )
-        log_params({"cached_frozen": result.cached_frozen, "cache_cut_layer": result.cut_layer})
+        log_params(result.params(cache))
         mlflow.log_metrics(
-            {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy, "fit_seconds": result.seconds}
+            {
+                "best_epoch": result.best_epoch,
+                "best_val_accuracy": result.best_val_accuracy,
+                "fit_seconds": result.seconds,
+                "frozen_seconds": result.frozen_seconds,
+                "decode_seconds": decoded.seconds,
+            }
         )
         log_checkpoint(model)
         if params.log_model:

@@ -52,6 +52,18 @@ def test_grid_nests_stages_and_reuses_finished_cells(mlflow_server, data_root, k
     cells = grid_cells(client, parents[1].info.run_id, tmp_path)
     assert len(cells) == 7 and cells.set_index("cell").loc["target/mobilenet_025/imagenet/s0", "reused"]
     assert set(cells.loc[cells["stage"] == "target", "run_id"]) == {r.info.run_id for r in targets.values()}
+    assert (cells["seconds"] >= 0).all() and parents[1].data.metrics["seconds_transition"] > 0
+    # the cpu profile's Transition source: IQ-OTH/NCCD, nodule against normal, grouped by near-duplicates
+    prepare = by_stage["prepare_transition"][0].data
+    assert prepare.params["slices_root"].endswith("iq-oth-nccd")
+    assert (prepare.metrics["n_kept"], prepare.metrics["n_duplicates"], prepare.metrics["n_classes"]) == (1055, 42, 2)
+    assert prepare.metrics["n_groups"] < 1055
+    assert all(t.data.params["group_by"] == "patient" for t in transitions.values())
+    # the ImageNet cell decoded COVID-CT and computed its frozen features; the MSTL cells reused both, since a
+    # Transition leaves the frozen lower half at its ImageNet weights
+    assert (targets["imagenet"].data.params["decoded_cache"], targets["imagenet"].data.params["frozen_cache"]) == ("miss", "miss")
+    for strategy in ("hard", "soft"):
+        assert (targets[strategy].data.params["decoded_cache"], targets[strategy].data.params["frozen_cache"]) == ("hit", "hit")
 
 
 def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
@@ -99,7 +111,7 @@ def test_two_workers_share_a_grid_and_run_each_cell_once(mlflow_server, data_roo
         "seeds": "0,1",
         "data_root": data_root,
         "cache_dir": tmp_path / "cache",
-        "heartbeat_seconds": 5,
+        "heartbeat_seconds": 10,  # grace 20 s: a worker busy beside another never looks dead
     }
     workers = [start_experiment(params, mlflow_server, "mstl-two-workers") for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]

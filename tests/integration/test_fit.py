@@ -20,12 +20,14 @@ def tiny_data(n=48, size=32, seed=0):
     return grey, y
 
 
-def fit_once(seed=0, **config):
-    set_seed(seed)
+def fit_once(seed=0, cache=None, grey=None, weight_seed=None, **config):
+    set_seed(seed if weight_seed is None else weight_seed)
     model = build_classifier("mobilenet_025", weights=None, image_size=32)
-    grey, y = tiny_data()
+    set_seed(seed)
+    data, y = tiny_data()
+    grey = data if grey is None else grey
     cfg = FitConfig(epochs=config.pop("epochs", 2), batch_size=16, seed=seed, log_to_mlflow=False, **config)
-    result = fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]), SPEC.preprocess_input, TARGET_OUTPUT, cfg)
+    result = fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]), SPEC.preprocess_input, TARGET_OUTPUT, cfg, cache)
     return model, result
 
 
@@ -85,3 +87,45 @@ def test_frozen_layers_do_not_change():
 def test_impossible_fit_parameters_are_named(field, value):
     with pytest.raises(ValueError, match=field):
         FitConfig(**{field: value})
+
+
+def test_the_shared_frozen_cache_gives_the_same_weights_and_predictions_as_no_cache(tmp_path):
+    from mstl.array_cache import ArrayCache
+
+    plain, plain_result = fit_once(seed=1)
+    reference = [w.copy() for w in plain.get_weights()]
+    grey, _ = tiny_data()
+    x = next(iter(image_dataset(grey, None, SPEC.preprocess_input, 48)))
+    expected = np.asarray(plain(x, training=False))
+    first_cache, second_cache = ArrayCache(tmp_path), ArrayCache(tmp_path)  # two runs (processes) sharing a folder
+    runs = []
+    for cache in (first_cache, second_cache):
+        keras.backend.clear_session()
+        model, result = fit_once(seed=1, cache=cache)
+        runs.append(result.frozen_cache)
+        for a, b in zip(reference, model.get_weights(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.asarray(model(x, training=False)), expected)
+    assert plain_result.frozen_cache == "off" and runs == ["miss", "hit"]
+    assert first_cache.misses == {"frozen": 2} and second_cache.hits == {"frozen": 2}  # train and val parts
+    assert len(list((tmp_path / "frozen").glob("*.npy"))) == 2
+
+
+def test_the_frozen_cache_misses_on_other_weights_or_images_and_recomputes_a_truncated_entry(tmp_path):
+    from mstl.array_cache import ArrayCache
+
+    fit_once(seed=1, cache=ArrayCache(tmp_path), epochs=1)
+    other_weights = ArrayCache(tmp_path)
+    fit_once(seed=1, weight_seed=2, cache=other_weights, epochs=1)  # another frozen half (random init, seed 2)
+    assert other_weights.misses == {"frozen": 2} and not other_weights.hits
+    grey, _ = tiny_data()
+    grey[0, 0, 0] ^= 1  # one pixel of one training image
+    other_images = ArrayCache(tmp_path)
+    fit_once(seed=1, grey=grey, cache=other_images, epochs=1)
+    assert other_images.misses == {"frozen": 1} and other_images.hits == {"frozen": 1}  # validation unchanged
+    entry = max((tmp_path / "frozen").glob("*.npy"), key=lambda p: p.stat().st_mtime)
+    entry.write_bytes(entry.read_bytes()[:-100])  # truncated (a disk full, a killed copy)
+    again = ArrayCache(tmp_path)
+    fit_once(seed=1, grey=grey, cache=again, epochs=1)
+    assert again.rejected == [str(entry)] and again.misses == {"frozen": 1}
+    assert ArrayCache(tmp_path).load("frozen", entry.stem) is not None  # rewritten whole

@@ -129,12 +129,43 @@ def test_manifest_is_downloaded_when_the_export_folder_is_gone(local_tracking, d
     assert all((folder / f).is_file() for f in downloaded["file"])
 
 
+def evaluate_on_a_folder_set(client, tracking, experiment, data_root, tmp_path):
+    """Both Target models of the experiment through `evaluate` on 24 COVID-CT test slices (another set's stand-in)."""
+    import os
+
+    import mlflow
+
+    from mstl.evaluation.evaluate import EvaluateParams, run_evaluate
+
+    folder = tmp_path / "hospital-x"
+    for label, name in ((1, "CT_COVID"), (0, "CT_NonCOVID")):
+        (folder / str(label)).mkdir(parents=True)
+        for f in sorted((data_root / "covid-ct" / name).iterdir())[-12:]:
+            os.symlink(f, folder / str(label) / f.name)
+    exp = client.get_experiment_by_name(experiment)
+    mlflow.set_tracking_uri(tracking)
+    evaluated = {}
+    for run in client.search_runs([exp.experiment_id], "tags.stage = 'target' and attributes.status = 'FINISHED'"):
+        params = EvaluateParams(
+            model_uri=f"runs:/{run.info.run_id}",
+            images_root=str(folder),
+            positive_class="1",
+            n_bootstrap=50,
+            experiment=experiment,
+        )
+        evaluated[run.data.tags["strategy"]] = client.get_run(run_evaluate(params))
+    return evaluated
+
+
 def test_compare_reports_mstl_against_its_imagenet_baseline(mlflow_server, data_root, tmp_path):
-    """After the DICOM chain (a hard Target run), a baseline on the same split and seed, then `-e compare`."""
+    """After the DICOM chain (a hard Target run), a baseline on the same split and seed, both evaluated on an
+    external folder set, then `-e compare`: Table III, its external columns and the paired tests on both sets."""
     experiment = "mstl-chain-dicom"
-    run_ok("target", {"data_root": data_root, "n_bootstrap": 100, "log_model": "false", **TINY}, mlflow_server, experiment)
-    run_ok("compare", {"search_experiment": experiment, "out_dir": tmp_path / "report"}, mlflow_server, experiment)
+    run_ok("target", {"data_root": data_root, "n_bootstrap": 100, **TINY}, mlflow_server, experiment)
     client = MlflowClient(mlflow_server)
+    evaluated = evaluate_on_a_folder_set(client, mlflow_server, experiment, data_root, tmp_path)
+    assert sorted(evaluated) == ["hard", "imagenet"]
+    run_ok("compare", {"search_experiment": experiment, "out_dir": tmp_path / "report"}, mlflow_server, experiment)
     compare = only_run(client, experiment, "compare")
     names = {a.path for a in client.list_artifacts(compare.info.run_id, "report")}
     assert {
@@ -149,10 +180,25 @@ def test_compare_reports_mstl_against_its_imagenet_baseline(mlflow_server, data_
     assert sorted(table["strategy"]) == ["hard", "imagenet"]
     assert table["recall_ci"].str.startswith("[").all()
     paired = pd.read_csv(client.download_artifacts(compare.info.run_id, "report/paired_tests.csv", str(tmp_path)))
-    assert sorted(paired["metric"]) == ["accuracy", "auc", "sensitivity"]
+    assert sorted(paired["data"].unique()) == ["hospital-x", "test"]
+    assert sorted(paired.loc[paired["data"] == "test", "metric"]) == ["accuracy", "auc", "sensitivity"]
     assert paired["p_value"].between(0, 1).all()
     targets = {r.data.tags["strategy"]: r for r in client.search_runs([compare.info.experiment_id], "tags.stage = 'target'")}
-    auc_difference = targets["hard"].data.metrics["test_roc_auc"] - targets["imagenet"].data.metrics["test_roc_auc"]
-    assert paired.set_index("metric").loc["auc", "difference"] == pytest.approx(auc_difference, abs=1e-9)
+    auc = paired[paired["metric"] == "auc"].set_index("data")["difference"]
+    assert auc["test"] == pytest.approx(
+        targets["hard"].data.metrics["test_roc_auc"] - targets["imagenet"].data.metrics["test_roc_auc"], abs=1e-9
+    )
+    # on the external set the paired difference is that of the two evaluate runs' AUCs
+    assert auc["hospital-x"] == pytest.approx(
+        evaluated["hard"].data.metrics["roc_auc"] - evaluated["imagenet"].data.metrics["roc_auc"], abs=1e-9
+    )
+    external = pd.read_csv(client.download_artifacts(compare.info.run_id, "report/external.csv", str(tmp_path)))
+    assert sorted(external["strategy"]) == ["hard", "imagenet"] and (external["n_images"] == 24).all()
+    by_strategy = external.set_index("strategy")
+    for strategy in ("hard", "imagenet"):
+        assert by_strategy.loc[strategy, "roc_auc"] == pytest.approx(evaluated[strategy].data.metrics["roc_auc"])
+        assert by_strategy.loc[strategy, "evaluate_run_ids"] == evaluated[strategy].info.run_id
+    assert compare.data.metrics["n_external_sets"] == 1
     report = (tmp_path / "report" / "report.md").read_text()
     assert "significant at 0.05" in report and "DeLong" in report
+    assert "## External validation" in report and "On the external set hospital-x" in report

@@ -71,3 +71,67 @@ def test_threshold_reaches_the_target_recall_and_is_the_highest_that_does():
     assert recall(np.nextafter(t, np.inf)) < 0.95
     with pytest.raises(ValueError, match="target_recall"):
         threshold_for_recall(y, s, 0)
+
+
+def test_holm_matches_statsmodels_multipletests():
+    from statsmodels.stats.multitest import multipletests
+
+    from mstl.evaluation.stats import holm
+
+    rng = np.random.default_rng(3)
+    for p in (rng.random(12) ** 3, np.array([0.01, 0.01, 0.04, 0.9]), np.array([0.2]), rng.random(36) ** 4):
+        reject, adjusted, *_ = multipletests(p, alpha=0.05, method="holm")
+        np.testing.assert_allclose(holm(p), adjusted)
+        np.testing.assert_array_equal(holm(p) < 0.05, reject)
+
+
+def _binormal(rng, n, mu_a, mu_b, rho):
+    y = np.repeat([1, 0], n)
+    noise = rng.multivariate_normal([0, 0], [[1, rho], [rho, 1]], size=2 * n)
+    return y, y * mu_a + noise[:, 0], y * mu_b + noise[:, 1]
+
+
+def test_the_detectable_auc_difference_is_detected_with_about_80_percent_power():
+    """Binormal scores of two correlated models: at the difference the formula gives for the observed SE,
+    DeLong's test rejects in about 80 % of simulated test sets."""
+    from scipy import stats as st
+
+    from mstl.evaluation.stats import auc_difference, delong_test, detectable_auc_difference
+
+    rng = np.random.default_rng(0)
+    n, rho, mu_b = 100, 0.6, 1.2
+    se = np.mean([auc_difference(*_binormal(rng, n, mu_b, mu_b, rho))[1] for _ in range(100)])
+    delta = detectable_auc_difference(se)
+    assert delta == pytest.approx((1.959964 + 0.841621) * se, rel=1e-5)
+    auc_b = st.norm.cdf(mu_b / np.sqrt(2))
+    mu_a = np.sqrt(2) * st.norm.ppf(auc_b + delta)
+    power = np.mean([delong_test(*_binormal(rng, n, mu_a, mu_b, rho)).p_value < 0.05 for _ in range(400)])
+    assert 0.7 <= power <= 0.9
+
+
+def test_the_detectable_sensitivity_difference_is_detected_with_about_80_percent_power():
+    from mstl.evaluation.stats import detectable_paired_proportion_difference, mcnemar_test
+
+    n, discordant = 150, 0.25
+    d = detectable_paired_proportion_difference(n, discordant)
+    assert 0 < d < discordant
+    rng = np.random.default_rng(1)
+    hits = 0
+    for _ in range(600):
+        kind = rng.choice(3, size=n, p=[1 - discordant, (discordant + d) / 2, (discordant - d) / 2])
+        correct_a, correct_b = kind != 2, kind != 1  # 0: both right, 1: only a right, 2: only b right
+        hits += mcnemar_test(correct_a, correct_b).p_value < 0.05
+    assert 0.65 <= hits / 600 <= 0.9  # the exact test is a little conservative against the normal formula
+    assert np.isnan(detectable_paired_proportion_difference(10, 0.05))  # too few pairs: nothing detectable
+    with pytest.raises(ValueError, match="discordant"):
+        detectable_paired_proportion_difference(10, 0.0)
+
+
+def test_mcnemar_standard_error_of_a_paired_difference_by_hand():
+    a = np.array([1] * 10 + [0] * 4 + [1] * 50 + [0] * 36, dtype=bool)  # 10 only a right, 4 only b right
+    b = np.array([0] * 10 + [1] * 4 + [1] * 50 + [0] * 36, dtype=bool)
+    result = mcnemar_test(a, b)
+    assert result.difference == pytest.approx(0.06)
+    assert result.se == pytest.approx(np.sqrt(14 - 6**2 / 100) / 100)
+    low, high = result.interval()
+    assert low == pytest.approx(0.06 - 1.959964 * result.se, rel=1e-5) and high > 0.06

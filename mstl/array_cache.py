@@ -1,0 +1,111 @@
+"""An on-disk, content-addressed cache of arrays, shared by the processes of one machine (or one shared folder).
+
+Used for what many runs of a grid compute identically: the decoded slices of a data set (key: the
+files' SHA-256s and the preprocessing) and the frozen lower half's features of those slices (key: the
+frozen weights, the slices' pixels and the backbone). A key is a SHA-256 of everything the value depends
+on, so a changed input is a different entry, never a stale hit.
+
+Each entry is ``<key>.npy`` beside ``<key>.json`` holding the array file's SHA-256 and size. An entry is
+written to a temporary file and renamed into place, so a reader never sees half a file; on reading, the
+file is checked against its record, and an entry that fails (truncated, corrupt, record missing) is
+recomputed and replaced, never loaded. Two processes computing one entry at once both write the same
+bytes; the last rename wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+
+KEY_VERSION = b"mstl-array-cache-v1"
+
+
+def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
+    """SHA-256 over the parts, each length-prefixed (so ("ab", "c") and ("a", "bc") differ); arrays by dtype,
+    shape and bytes."""
+    digest = hashlib.sha256(KEY_VERSION)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            part = np.ascontiguousarray(part)
+            header = f"{part.dtype.str}{part.shape}".encode()
+            digest.update(len(header).to_bytes(8, "little") + header)
+            digest.update(part.nbytes.to_bytes(8, "little"))
+            digest.update(memoryview(part).cast("B"))
+            continue
+        data = part.encode() if isinstance(part, str) else bytes(part)
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def outcome(cache: ArrayCache | None, kind: str) -> str:
+    """off, hit or miss: how a run's use of the cache for one kind of array fared (miss if any part missed)."""
+    if cache is None:
+        return "off"
+    return "miss" if cache.misses.get(kind) else "hit" if cache.hits.get(kind) else "off"
+
+
+class ArrayCache:
+    """``get(kind, key, compute)``: the cached array, or ``compute()`` stored; counts hits and misses."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.hits: dict[str, int] = {}
+        self.misses: dict[str, int] = {}
+        self.rejected: list[str] = []  # entries found damaged and recomputed
+
+    def path(self, kind: str, key: str) -> Path:
+        return self.folder / kind / f"{key}.npy"
+
+    def load(self, kind: str, key: str) -> np.ndarray | None:
+        """The stored array, or None when absent or damaged (then it is reported and will be rewritten)."""
+        data, record = self.path(kind, key), self.path(kind, key).with_suffix(".json")
+        if not data.exists():
+            return None
+        try:
+            expected = json.loads(record.read_text())
+            if data.stat().st_size != expected["bytes"] or file_sha256(data) != expected["sha256"]:
+                raise ValueError("the file does not match its record (truncated or corrupt)")
+            return np.load(data, allow_pickle=False)
+        except (OSError, ValueError, KeyError) as exc:
+            self.rejected.append(str(data))
+            print(f"array cache: {data} is damaged ({type(exc).__name__}: {exc}); recomputing it")
+            return None
+
+    def store(self, kind: str, key: str, array: np.ndarray) -> None:
+        target = self.path(kind, key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npy.tmp", delete=False) as tmp:
+            np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
+        record = {"sha256": file_sha256(Path(tmp.name)), "bytes": Path(tmp.name).stat().st_size, "shape": list(array.shape)}
+        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".json.tmp", delete=False) as rec:
+            json.dump(record, rec)
+        # the record first: a reader that sees the new array also sees its record (an old record fails the check)
+        os.replace(rec.name, target.with_suffix(".json"))
+        os.replace(tmp.name, target)
+
+    def count(self, kind: str, hit: bool) -> None:
+        counter = self.hits if hit else self.misses
+        counter[kind] = counter.get(kind, 0) + 1
+
+    def get(self, kind: str, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        array = self.load(kind, key)
+        self.count(kind, array is not None)
+        if array is not None:
+            return array
+        array = compute()
+        self.store(kind, key, array)
+        return array

@@ -1,0 +1,32 @@
+"""The experiment grid's profiles and plan, without running a cell."""
+
+import pytest
+
+from mstl.experiment import IQ_OTH_NCCD_LABELS, ExperimentParams, plan
+
+
+def test_the_cpu_profile_is_the_papers_settings_with_iq_oth_nccd_as_transition_source(tmp_path):
+    p = ExperimentParams(data_root=str(tmp_path)).resolved()
+    assert (p.backbones, p.image_size, p.epochs, p.soft_folds) == ("mobilenet_025", 224, 60, 10)
+    assert p.transition_slices_root == str(tmp_path / "iq-oth-nccd") and not p.transition_dicom_root
+    assert p.transition_label_map == IQ_OTH_NCCD_LABELS and p.transition_group_by == "patient"
+    # nodule (benign or malignant) against normal, in the dataset's own folder names
+    mapping = dict(item.split("=") for item in IQ_OTH_NCCD_LABELS.split(","))
+    assert mapping == {"bengin cases": "1", "malignant cases": "1", "normal cases": "0"}
+    # a user's own source wins over the default
+    own = ExperimentParams(data_root=str(tmp_path), transition_dicom_root="/dicom").resolved()
+    assert own.transition_dicom_root == "/dicom" and not own.transition_slices_root
+
+
+def test_the_plan_shares_one_cache_folder_and_preprocessing_across_cells(tmp_path):
+    (tmp_path / "iq-oth-nccd" / "Normal cases").mkdir(parents=True)
+    p = ExperimentParams(
+        data_root=str(tmp_path), seeds="0,1", cache_dir=str(tmp_path / "c"), lung_crop=True, intensity="clahe"
+    ).resolved()
+    cells = plan(p, "hash")
+    assert len(cells) == 1 + 2 + 2 * 5  # prepare; soft labels per seed; per seed 2 transitions and 3 targets
+    made = {c.key: c.make({need: "run" for need in c.needs})[0] for c in cells if c.stage in ("transition", "target")}
+    assert {m.array_cache_dir for m in made.values()} == {str(tmp_path / "c" / "arrays")}
+    assert all(m.lung_crop and m.intensity == "clahe" for m in made.values())
+    with pytest.raises(ValueError, match="unknown intensity 'gamma'"):  # refused before any cell runs
+        ExperimentParams(data_root=str(tmp_path), intensity="gamma").resolved()
