@@ -249,7 +249,9 @@ def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]
     for _, r in test[test["metric"].isin(["auc", "sensitivity"])].iterrows():
         d = detectable[(detectable["split"] == r["split"]) & (detectable["backbone"] == r["backbone"])]
         floor = d.iloc[0][f"detectable_{r['metric']}"] if len(d) else float("nan")
-        if r["ci_low"] > 0:
+        if not np.isfinite(r["ci_low"]):
+            verdict = "one seed only: no interval over seeds (see its paired test below)"
+        elif r["ci_low"] > 0:
             verdict = "MSTL is better: the interval over seeds lies above zero"
         elif r["ci_high"] < 0:
             verdict = "the ImageNet baseline is better: the interval over seeds lies below zero"
