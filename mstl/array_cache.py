@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mstl.data.download import sha256_file as file_sha256
+
 KEY_VERSION = b"mstl-array-cache-v1"
 
 
@@ -40,14 +42,6 @@ def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
             continue
         data = part.encode() if isinstance(part, str) else bytes(part)
         digest.update(len(data).to_bytes(8, "little") + data)
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
     return digest.hexdigest()
 
 

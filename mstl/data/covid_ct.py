@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mstl.data.download import sha256_file
 from mstl.data.images import IMAGE_SUFFIXES
 
 DATASET_DIR = "covid-ct"
@@ -181,7 +182,7 @@ def split_sha256(index: pd.DataFrame) -> str:
 
 def file_sha256s(paths) -> list[str]:
     """The SHA-256 of each file's bytes, in the given order."""
-    return [hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths]
+    return [sha256_file(path) for path in paths]
 
 
 def combined_sha256(hashes) -> str:

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mstl import defaults
+from mstl.data.download import sha256_file
 from mstl.data.images import ImageReadError, open_grey
 from mstl.data.slices import (
     DROP,
@@ -105,10 +106,6 @@ class Export:
     reused: bool
 
 
-def sha256_bytes(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def export_key(params: PrepareParams) -> str:
     """Hash of every input file's path and content, the labels file and the parameters that shape the export."""
     root = Path(params.dicom_root or params.slices_root)
@@ -124,9 +121,9 @@ def export_key(params: PrepareParams) -> str:
     files = sorted(p for p in root.rglob("*") if p.is_file())
     for path in tqdm(files, desc="hashing input", unit="file", mininterval=2):
         digest.update(str(path.relative_to(root)).encode())
-        digest.update(bytes.fromhex(sha256_bytes(path)))
+        digest.update(bytes.fromhex(sha256_file(path)))
     if params.labels_csv:
-        digest.update(bytes.fromhex(sha256_bytes(Path(params.labels_csv))))
+        digest.update(bytes.fromhex(sha256_file(Path(params.labels_csv))))
     return digest.hexdigest()[:32]
 
 
@@ -166,7 +163,7 @@ def check_two_classes(labels: pd.Series, origin: str) -> None:
 
 def write_skipped(skipped: list[tuple[str, str]], folder: Path) -> None:
     """skipped.csv (logged: content hash and reason, no names) and skipped_paths.csv (local only)."""
-    hashed = [(sha256_bytes(Path(p)) if Path(p).is_file() else "", reason) for p, reason in skipped]
+    hashed = [(sha256_file(Path(p)) if Path(p).is_file() else "", reason) for p, reason in skipped]
     pd.DataFrame(hashed, columns=["source_sha256", "reason"]).to_csv(folder / "skipped.csv", index=False)
     pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(folder / "skipped_paths.csv", index=False)
 
@@ -226,7 +223,7 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
                     "slice_position": series.positions[i],
                     "lung_fraction": round(float(relative[i]), 4),
                     "lung_area": round(float(areas[i]), 5),
-                    "source_sha256": sha256_bytes(Path(header.path)),
+                    "source_sha256": sha256_file(Path(header.path)),
                     "label": label,
                     "label_name": name,
                 }
@@ -302,7 +299,7 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
         thumbs.setdefault(name, [])
         if len(thumbs[name]) < 24:
             thumbs[name].append(pixels)
-        rows.append({"file": rel, "source_sha256": sha256_bytes(path), "label": to_int[name], "label_name": name})
+        rows.append({"file": rel, "source_sha256": sha256_file(path), "label": to_int[name], "label_name": name})
     if not rows:
         raise ValueError(f"nothing usable under {params.slices_root}: {len(skipped)} file(s) skipped")
     manifest = pd.DataFrame(rows)
@@ -323,7 +320,7 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
     # Names of source files can carry PHI: the logged tables name files by content hash; the
     # *_paths.csv twins with local paths stay in the local export folder for the user.
     pd.DataFrame(
-        [(sha256_bytes(Path(a)), sha256_bytes(Path(b))) for a, b in found.duplicates], columns=["kept_sha256", "duplicate_sha256"]
+        [(sha256_file(Path(a)), sha256_file(Path(b))) for a, b in found.duplicates], columns=["kept_sha256", "duplicate_sha256"]
     ).to_csv(folder / "duplicates.csv", index=False)
     pd.DataFrame(found.duplicates, columns=["kept", "duplicate"]).to_csv(folder / "duplicates_paths.csv", index=False)
     write_skipped(skipped, folder)
