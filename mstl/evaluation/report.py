@@ -242,7 +242,7 @@ def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]
     for _, r in test.iterrows():
         lines.append(
             f"| {r['backbone']} | {r['split']} | {r['strategy']} | {r['metric']} | {r['mean_difference']:+.3f} "
-            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | {r['seeds']} | {r['seeds_favouring_mstl']} | "
+            f"{interval_text(r['ci_low'], r['ci_high'])} | {r['seeds']} | {r['seeds_favouring_mstl']} | "
             f"{r['seeds_significant_holm']} | {r['p_over_seeds']:.3g} |"
         )
     lines.append("")
@@ -259,8 +259,12 @@ def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]
             verdict = "no difference shown: the interval over seeds contains zero"
         lines.append(
             f"- {r['split']} split, {r['strategy']}, {r['metric']}: {r['mean_difference']:+.3f} "
-            f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]; {verdict}"
-            + (f" (one seed's test detects {floor:.3f} with 80 % power)." if np.isfinite(floor) else ".")
+            f"{interval_text(r['ci_low'], r['ci_high'])}; {verdict}"
+            + (
+                f" (one seed's test detects {floor:.3f} with 80 % power)."
+                if np.isfinite(floor)
+                else " (one seed's test detects no difference of this metric with 80 % power)."
+            )
         )
     return lines
 
@@ -285,9 +289,24 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
         lines.append(
             f"| {r['backbone']} | {r['split']} | {r['n_test']} ({r['n_positive']}) | {r['baseline_auc']:.3f} | "
             f"{r['baseline_sensitivity']:.3f} | {r['se_auc_difference']:.4f} | {r['detectable_auc']:.3f} / "
-            f"{r['detectable_auc_holm']:.3f} | {r['detectable_sensitivity']:.3f} / {r['detectable_sensitivity_holm']:.3f} |"
+            f"{r['detectable_auc_holm']:.3f} | {detectable_text(r['detectable_sensitivity'], r['discordant_positive_share'])} / "
+            f"{detectable_text(r['detectable_sensitivity_holm'], r['discordant_positive_share'])} |"
         )
+    lines += [
+        "",
+        "A sensitivity difference can be no larger than the share of positive images on which the two models "
+        "disagree; where even that largest difference would be found with less than 80 % probability, the table "
+        "says *none* (with the observed share).",
+    ]
     return lines
+
+
+def detectable_text(value: float, discordant: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) else f"none (disagree on {discordant:.3f})"
+
+
+def interval_text(low: float, high: float) -> str:
+    return f"[{low:+.3f}, {high:+.3f}]" if np.isfinite(low) and np.isfinite(high) else "(one seed: no interval)"
 
 
 def paired_section(paired: pd.DataFrame) -> list[str]:
