@@ -23,9 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mstl.data.download import sha256_file as file_sha256
-
 KEY_VERSION = b"mstl-array-cache-v1"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 of a file's bytes, read in chunks: the one file hash of the project (downloads, data sets,
+    exports, cache keys)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
@@ -71,7 +79,7 @@ class ArrayCache:
             return None
         try:
             expected = json.loads(record.read_text())
-            if data.stat().st_size != expected["bytes"] or file_sha256(data) != expected["sha256"]:
+            if data.stat().st_size != expected["bytes"] or sha256_file(data) != expected["sha256"]:
                 raise ValueError("the file does not match its record (truncated or corrupt)")
             return np.load(data, allow_pickle=False)
         except (OSError, ValueError, KeyError) as exc:
@@ -84,7 +92,7 @@ class ArrayCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npy.tmp", delete=False) as tmp:
             np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
-        record = {"sha256": file_sha256(Path(tmp.name)), "bytes": Path(tmp.name).stat().st_size, "shape": list(array.shape)}
+        record = {"sha256": sha256_file(Path(tmp.name)), "bytes": Path(tmp.name).stat().st_size, "shape": list(array.shape)}
         with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".json.tmp", delete=False) as rec:
             json.dump(record, rec)
         # the record first: a reader that sees the new array also sees its record (an old record fails the check)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mstl.data.download import sha256_file
+from mstl.array_cache import sha256_file
 from mstl.data.images import IMAGE_SUFFIXES
 
 DATASET_DIR = "covid-ct"

@@ -21,6 +21,8 @@ from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
+from mstl.array_cache import sha256_file
+
 UCSD = "https://github.com/UCSD-AI4H/COVID-CT/raw/master"
 
 
@@ -47,14 +49,6 @@ DATASETS = {"covid-ct": (COVID_CT_SOURCES, "covid-ct.sha256")}
 
 class ChecksumError(ValueError):
     """Downloaded or extracted bytes differ from the expected SHA-256; the message names the file."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:

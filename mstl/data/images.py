@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mstl.array_cache import ArrayCache, content_key, file_sha256
+from mstl.array_cache import ArrayCache, content_key, sha256_file
 from mstl.data.preprocessing import Preprocessing
 
 
@@ -130,7 +130,7 @@ def decode_images_cached(
         decoded.seconds = time.perf_counter() - start
         return decoded
     try:
-        hashes = [file_sha256(Path(p)) for p in paths]
+        hashes = [sha256_file(p) for p in paths]
     except OSError:  # a missing file: decode_images names it (or skips it)
         return decode_images(paths, preprocessing, skip_unreadable)
     key = content_key(["decoded", json.dumps(preprocessing.config(), sort_keys=True), *hashes])

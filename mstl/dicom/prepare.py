@@ -24,7 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from mstl import defaults
-from mstl.data.download import sha256_file
+from mstl.array_cache import sha256_file
 from mstl.data.images import ImageReadError, open_grey
 from mstl.data.slices import (
     DROP,
