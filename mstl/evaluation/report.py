@@ -202,6 +202,15 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
     return fig
 
 
+def table_head(names: list[str]) -> list[str]:
+    """A Markdown table's header and separator lines, the separator derived from the header."""
+    return [table_row(names), "|" + " --- |" * len(names)]
+
+
+def table_row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
 def external_section(external: pd.DataFrame) -> list[str]:
     """Table III's external columns: each setting on each external set it was evaluated on."""
     if external.empty:
@@ -210,14 +219,16 @@ def external_section(external: pd.DataFrame) -> list[str]:
         "",
         "## External validation (`evaluate` runs of these models)",
         "",
-        "| data (digest) | images | backbone | strategy | split | image size | epochs | seeds | AUC | sensitivity | specificity |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table_head(
+            ["data (digest)", "images", "backbone", "strategy", "split", "image size", "epochs", "seeds"]
+            + ["AUC", "sensitivity", "specificity"]
+        ),
     ]
     for _, r in external.iterrows():
         cells = [f"{r['data']} ({r['digest']})", str(r["n_images"]), r["backbone"], r["strategy"], r["split"]]
         cells += [str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
         cells += [f"{r[m]:.3f} {r[f'{m}_ci']}".strip() for m in EXTERNAL_METRICS]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     return lines
 
 
@@ -235,9 +246,10 @@ def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]
         "",
         "## The answer: MSTL minus ImageNet, over seeds (COVID-CT test split)",
         "",
-        "| backbone | split | strategy | metric | mean difference [95 % t CI] | seeds | seeds favouring MSTL | "
-        "seeds significant (Holm) | p over seeds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table_head(
+            ["backbone", "split", "strategy", "metric", "mean difference [95 % t CI]", "seeds", "seeds favouring MSTL"]
+            + ["seeds significant (Holm)", "p over seeds"]
+        ),
     ]
     for _, r in test.iterrows():
         lines.append(
@@ -281,9 +293,10 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
         "Holm's strictest level (alpha divided by the number of tests in the family). A smaller true effect "
         "will usually be missed, so a non-significant result here does not show that the methods are equal.",
         "",
-        "| backbone | split | test images (positive) | baseline AUC | baseline sensitivity | SE of AUC difference | "
-        "detectable AUC difference (0.05 / Holm) | detectable sensitivity difference (0.05 / Holm) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *table_head(
+            ["backbone", "split", "test images (positive)", "baseline AUC", "baseline sensitivity", "SE of AUC difference"]
+            + ["detectable AUC difference (0.05 / Holm)", "detectable sensitivity difference (0.05 / Holm)"]
+        ),
     ]
     for _, r in detectable.iterrows():
         lines.append(
@@ -318,8 +331,10 @@ def paired_section(paired: pd.DataFrame) -> list[str]:
         lines += [
             f"### On {where}",
             "",
-            "| backbone | split | seed | strategy | metric | difference [95 % CI] | test | p | p (Holm) | runs (MSTL, baseline) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *table_head(
+                ["backbone", "split", "seed", "strategy", "metric", "difference [95 % CI]", "test", "p", "p (Holm)"]
+                + ["runs (MSTL, baseline)"]
+            ),
         ]
         for _, r in rows.iterrows():
             lines.append(
@@ -362,18 +377,17 @@ def markdown_report(
         lines += [provenance, ""]
     lines += ["## Table III (test split)", ""]
     header = ["backbone", "strategy", "split", "image size", "epochs", "seeds"] + list(METRIC_NAMES) + ["runs"]
-    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += table_head(header)
     for _, r in table.iterrows():
         cells = [r["backbone"], r["strategy"], r["split"], str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
         cells += [f"{r[m]:.3f} {r[f'{m}_ci']}" for m in METRIC_NAMES]
         cells.append(short(str(r["run_ids"]).split(",")))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(table_row(cells))
     lines += [
         "",
         f"## Operating point: threshold chosen on validation for sensitivity ≥ {target_recall}",
         "",
-        "| backbone | strategy | split | threshold | test sensitivity | test specificity |",
-        "| --- | --- | --- | --- | --- | --- |",
+        *table_head(["backbone", "strategy", "split", "threshold", "test sensitivity", "test specificity"]),
     ]
     for _, r in table.iterrows():
         lines.append(
