@@ -28,6 +28,7 @@ from mstl.models import PAPER_BACKBONES, get_backbone
 from mstl.soft_labels.stage import SoftLabelParams, run_soft_labels
 from mstl.tracking import code_version, find_finished_run, log_params, log_table, run_tags, start_stage_run, tracking_uri
 from mstl.tracking.work import HEARTBEAT_SECONDS, heartbeat_storage, run_shared, trials_by_item
+from mstl.training.fit import set_threads
 from mstl.training.target import TargetParams, run_target
 from mstl.training.transition import TransitionParams, run_transition
 
@@ -83,6 +84,7 @@ class ExperimentParams:
     cache_dir: str = defaults.CACHE_DIR
     storage: str = ""  # Optuna RDB URL shared by the grid's workers (default: sqlite in cache_dir)
     heartbeat_seconds: int = HEARTBEAT_SECONDS
+    threads: int = 0  # TensorFlow threads of this worker (0: its default); not part of the grid's identity
     deterministic: bool = True
     lung_crop: bool = False
     intensity: str = "none"
@@ -235,9 +237,13 @@ def plan(p: ExperimentParams, data_hash: str) -> list[Cell]:
     return cells
 
 
+# how one worker runs, not what the grid is: workers that differ only in these share one grid
+WORKER_ONLY = ("storage", "heartbeat_seconds", "threads", "experiment")
+
+
 def grid_study_name(p: ExperimentParams, experiment_id: str) -> str:
     """One study per grid, experiment and code version: workers that agree on all three share the work."""
-    shaping = {k: v for k, v in asdict(p).items() if k not in ("storage", "heartbeat_seconds", "experiment")}
+    shaping = {k: v for k, v in asdict(p).items() if k not in WORKER_ONLY}
     digest = hashlib.sha256(json.dumps([shaping, experiment_id, code_version()], sort_keys=True, default=str).encode())
     return f"grid-{digest.hexdigest()[:16]}"
 
@@ -268,6 +274,7 @@ def run_experiment(params: ExperimentParams) -> str:
     """One worker of the grid. Any number of workers (here or on other machines, sharing ``storage``
     and the tracking server) split the cells between them: each cell is an item of one Optuna study."""
     p = params.resolved()
+    set_threads(p.threads)
     data_hash = covid_ct.files_sha256(covid_ct.index_images(p.data_root)["path"])
     with start_stage_run(p.experiment, f"experiment-{p.profile}") as parent:
         cells = {cell.key: cell for cell in plan(p, data_hash)}

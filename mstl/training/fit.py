@@ -33,6 +33,17 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def set_threads(threads: int) -> None:
+    """Let TensorFlow use ``threads`` threads within an op and between ops (0: its default, one per core).
+    Two grid workers with one thread each get more from a 2-core machine than one worker with two
+    (docs/benchmarks.md). Must run before TensorFlow's first op."""
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (TensorFlow's default) or more, got {threads}")
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """How a network is fitted: the user-facing part, shared with every training stage's parameters."""

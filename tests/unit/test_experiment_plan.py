@@ -2,7 +2,9 @@
 
 import pytest
 
+from mstl import experiment
 from mstl.experiment import IQ_OTH_NCCD_LABELS, ExperimentParams, plan
+from mstl.training.fit import set_threads
 
 
 def test_the_cpu_profile_is_the_papers_settings_with_iq_oth_nccd_as_transition_source(tmp_path):
@@ -30,3 +32,13 @@ def test_the_plan_shares_one_cache_folder_and_preprocessing_across_cells(tmp_pat
     assert all(m.lung_crop and m.intensity == "clahe" for m in made.values())
     with pytest.raises(ValueError, match="unknown intensity 'gamma'"):  # refused before any cell runs
         ExperimentParams(data_root=str(tmp_path), intensity="gamma").resolved()
+
+
+def test_workers_with_other_threads_share_one_grid_and_a_negative_count_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "code_version", lambda: "v")
+    p = ExperimentParams(data_root=str(tmp_path))
+    name = experiment.grid_study_name(p, "1")
+    assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), threads=1), "1") == name
+    assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), seeds="0,1"), "1") != name
+    with pytest.raises(ValueError, match="threads must be 0"):
+        set_threads(-1)
