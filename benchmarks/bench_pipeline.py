@@ -35,7 +35,7 @@ VARIANTS = (
 )
 
 
-def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batch_size: int) -> dict:
+def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batch_size: int, threads: int = 0) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -43,8 +43,9 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
     from mstl.data import covid_ct
     from mstl.data.images import decode_images
     from mstl.models import TARGET_OUTPUT, build_classifier, get_backbone
-    from mstl.training.fit import EpochTimer, FitConfig, fit_classifier, set_seed
+    from mstl.training.fit import EpochTimer, FitConfig, fit_classifier, set_seed, set_threads
 
+    set_threads(threads)
     set_seed(0)
     spec = get_backbone("mobilenet_025")
     model = build_classifier("mobilenet_025", "imagenet", image_size, TARGET_OUTPUT, train_batchnorm=(variant != VARIANTS[3]))
@@ -114,10 +115,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
+    parser.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: its default)")
     parser.add_argument("--out", default="bench-out/pipeline.jsonl")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.data_root, args.epochs, args.image_size, args.batch_size)))
+        print(json.dumps(run_variant(args.variant, args.data_root, args.epochs, args.image_size, args.batch_size, args.threads)))
         return
     rows = []
     for variant in VARIANTS:

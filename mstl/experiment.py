@@ -114,6 +114,7 @@ class ExperimentParams:
             )
         for name in out.backbone_list():
             get_backbone(name)
+        out.split_list()
         Preprocessing(out.image_size, out.lung_crop, out.intensity)  # an unknown intensity fails before any cell
         return out
 
@@ -126,6 +127,14 @@ class ExperimentParams:
 
     def backbone_list(self) -> list[str]:
         return [b.strip() for b in self.backbones.split(",") if b.strip()]
+
+    def split_list(self) -> list[str]:
+        """The Target splits; one grid over several shares its Transition and soft-label cells between them."""
+        items = [s.strip() for s in self.split.split(",") if s.strip()]
+        unknown = [s for s in items if s not in covid_ct.SPLIT_MODES]
+        if unknown or not items or len(set(items)) != len(items):
+            raise ValueError(f"split must be a comma list of distinct {covid_ct.SPLIT_MODES}, got {self.split!r}")
+        return items
 
     def seed_list(self) -> list[int]:
         try:
@@ -220,20 +229,21 @@ def plan(p: ExperimentParams, data_hash: str) -> list[Cell]:
                         )
                     )
                     needs = (f"transition/{name}",)
-                cells.append(
-                    Cell(
-                        f"target/{name}",
-                        "target",
-                        needs,
-                        lambda ids, needs=needs, common=common: (
-                            TargetParams(
-                                data_root=p.data_root, split=p.split, init_from=ids[needs[0]] if needs else "", **common
+                for split in p.split_list():  # one Transition serves the Target runs of every split
+                    cells.append(
+                        Cell(
+                            f"target/{split}/{name}",
+                            "target",
+                            needs,
+                            lambda ids, needs=needs, common=common, split=split: (
+                                TargetParams(
+                                    data_root=p.data_root, split=split, init_from=ids[needs[0]] if needs else "", **common
+                                ),
+                                run_target,
+                                {"data_sha256": data_hash},
                             ),
-                            run_target,
-                            {"data_sha256": data_hash},
-                        ),
+                        )
                     )
-                )
     return cells
 
 

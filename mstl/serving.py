@@ -124,6 +124,35 @@ def serving_config(backbone: str, preprocessing: Preprocessing, threshold: float
     }
 
 
+def serving_requirements() -> list[str] | None:
+    """The served model's pip requirements: this installation's own dependencies (the TensorFlow build its
+    extras chose included), pinned to the installed versions. Complete where MLflow's inference is not
+    (it missed pydicom, imported only for DICOM input) and without ``mstl`` itself, which travels as code
+    and is not on PyPI; it also spares the inference subprocess. None when mstl runs without being
+    installed: MLflow then infers."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    try:
+        declared = metadata.requires("mstl") or []
+    except metadata.PackageNotFoundError:
+        return None
+    pins = {}
+    for text in declared:
+        requirement = Requirement(text)
+        environments = [{"extra": extra} for extra in ("", "cpu", "gpu")]  # runtime extras, not test or postgres
+        if requirement.marker and not any(requirement.marker.evaluate(env) for env in environments):
+            continue
+        try:
+            version = metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            continue  # the TensorFlow build of another extra
+        extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        pins[requirement.name] = f"{requirement.name}{extras}=={version}"
+    return sorted(pins.values())
+
+
 def log_serving_model(model, config: dict, example_file: str | Path, name: str = "classifier"):
     """Log the pyfunc (with the mstl package as code, a signature and a real input example)."""
     from mlflow.models import infer_signature
@@ -147,4 +176,5 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
             input_example=example,
+            pip_requirements=serving_requirements(),
         )

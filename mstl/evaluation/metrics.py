@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 from sklearn import metrics as skm
 
 from mstl import defaults
@@ -34,7 +35,7 @@ def point_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = def
 
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
     f1 = ratio(2 * tp, 2 * tp + fp + fn)
-    auc = float(skm.roc_auc_score(y_true, y_prob)) if 0 < y_true.sum() < len(y_true) else float("nan")
+    auc = roc_auc(y_true, y_prob)
     return {
         "accuracy": ratio(tp + tn, len(y_true)),
         "precision": precision,
@@ -43,6 +44,19 @@ def point_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = def
         "f1": f1,
         "roc_auc": auc,
     }
+
+
+def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic with mid-ranks for ties: scikit-learn's value (tested), at a
+    fraction of its cost, which matters because the bootstrap computes it 1,000 times per split.
+    NaN with one class only."""
+    positive = np.asarray(y_true).astype(bool)
+    n_pos = int(positive.sum())
+    n_neg = len(positive) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = stats.rankdata(np.asarray(y_score, dtype=float))
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 @dataclass(frozen=True)

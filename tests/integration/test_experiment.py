@@ -25,11 +25,11 @@ def test_grid_nests_stages_and_reuses_finished_cells(mlflow_server, data_root, k
     common = {**TINY, "data_root": data_root, "export_dir": tmp_path / "exports", "cache_dir": tmp_path / "cache"}
     first = run_entry_point("experiment", {**common, "strategies": "imagenet"}, mlflow_server, EXPERIMENT)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "[1/1] target/mobilenet_025/imagenet/s0: running" in first.stdout
+    assert "[1/1] target/official/mobilenet_025/imagenet/s0: running" in first.stdout
     second = run_entry_point("experiment", common, mlflow_server, EXPERIMENT)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "target/mobilenet_025/imagenet/s0: reusing finished run" in second.stdout
-    assert "[7/7] target/mobilenet_025/soft/s0: running" in second.stdout  # the last cell waits for its Transition
+    assert "target/official/mobilenet_025/imagenet/s0: reusing finished run" in second.stdout
+    assert "[7/7] target/official/mobilenet_025/soft/s0: running" in second.stdout  # the last cell waits for its Transition
 
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(EXPERIMENT)
@@ -50,7 +50,7 @@ def test_grid_nests_stages_and_reuses_finished_cells(mlflow_server, data_root, k
     assert targets["imagenet"].data.tags["mlflow.parentRunId"] == parents[0].info.run_id
     assert transitions["soft"].data.params["labels"] == by_stage["soft_labels"][0].info.run_id
     cells = grid_cells(client, parents[1].info.run_id, tmp_path)
-    assert len(cells) == 7 and cells.set_index("cell").loc["target/mobilenet_025/imagenet/s0", "reused"]
+    assert len(cells) == 7 and cells.set_index("cell").loc["target/official/mobilenet_025/imagenet/s0", "reused"]
     assert set(cells.loc[cells["stage"] == "target", "run_id"]) == {r.info.run_id for r in targets.values()}
     assert (cells["seconds"] >= 0).all() and parents[1].data.metrics["seconds_transition"] > 0
     # the cpu profile's Transition source: IQ-OTH/NCCD, nodule against normal, grouped by near-duplicates

@@ -12,6 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mstl.data.images import ImageReadError
+from mstl.serving import serving_requirements
 from mstl.training.target import TargetParams, run_target
 from tests.conftest import copy_or_link_tree, run_entry_point
 
@@ -108,6 +109,9 @@ def test_one_logged_model_from_code_reproduces_the_logged_predictions(target_run
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{models[0].model_id}", dst_path=str(tmp_path / "m")))
     assert "serving_model.py" in (local / "MLmodel").read_text()  # models from code: nothing pickled
     assert not list(local.rglob("*.pkl"))
+    # its environment: the installation's own pinned dependencies, DICOM reading included, not mstl (code)
+    requirements = (local / "requirements.txt").read_text().split()
+    assert requirements == serving_requirements() and "pydicom==3.0.2" in requirements
 
     predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions/test.csv", str(tmp_path))).head(4)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/classifier")

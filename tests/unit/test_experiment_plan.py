@@ -42,3 +42,23 @@ def test_workers_with_other_threads_share_one_grid_and_a_negative_count_is_refus
     assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), seeds="0,1"), "1") != name
     with pytest.raises(ValueError, match="threads must be 0"):
         set_threads(-1)
+
+
+def test_one_grid_over_two_splits_shares_its_transitions_and_refuses_an_unknown_split(tmp_path):
+    (tmp_path / "iq-oth-nccd" / "Normal cases").mkdir(parents=True)
+    p = ExperimentParams(data_root=str(tmp_path), seeds="0,1", split="official,patient").resolved()
+    cells = plan(p, "hash")
+    assert len(cells) == 1 + 2 + 2 * (2 + 3 * 2)  # per seed: 2 Transitions, 3 Targets on each of 2 splits
+    targets = {c.key: c for c in cells if c.stage == "target"}
+    made = {key: c.make({need: f"run-of-{need}" for need in c.needs})[0] for key, c in targets.items()}
+    assert made["target/patient/mobilenet_025/soft/s1"].split == "patient"
+    assert made["target/official/mobilenet_025/soft/s1"].split == "official"
+    # both splits' soft Targets start from the one soft Transition of their seed
+    assert {made[f"target/{s}/mobilenet_025/soft/s1"].init_from for s in ("official", "patient")} == {
+        "run-of-transition/mobilenet_025/soft/s1"
+    }
+    order = [c.key for c in cells]
+    assert all(order.index(need) < order.index(c.key) for c in cells for need in c.needs)
+    for bad in ("official,random", "official,official", ""):
+        with pytest.raises(ValueError, match="split must be a comma list"):
+            ExperimentParams(data_root=str(tmp_path), split=bad).resolved()

@@ -5,6 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from mstl.evaluation import bootstrap_metrics, confusion, point_metrics
+from mstl.evaluation.metrics import bootstrap, roc_auc
 
 
 def sample(n=300, seed=0):
@@ -27,6 +28,17 @@ def test_point_metrics_equal_sklearn(threshold):
     tn, fp, fn, tp = skm.confusion_matrix(y, pred).ravel()
     assert m["specificity"] == pytest.approx(tn / (tn + fp))
     assert confusion(y, p, threshold).tolist() == [[tn, fp], [fn, tp]]
+
+
+@pytest.mark.parametrize("decimals", [1, 2, 8])  # 1 decimal: almost every score tied with others
+def test_roc_auc_equals_sklearn_with_ties_and_so_do_the_bootstrap_intervals(decimals):
+    y, p = sample(seed=decimals)
+    p = np.round(p, decimals)
+    assert roc_auc(y, p) == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
+    assert np.isnan(roc_auc(np.ones(5), p[:5]))
+    ours = bootstrap_metrics(y, p, n_bootstrap=200)["roc_auc"]
+    reference = bootstrap(lambda a, b: {"roc_auc": skm.roc_auc_score(a, b)}, y, p, n_bootstrap=200)["roc_auc"]
+    assert (ours.value, ours.low, ours.high) == pytest.approx((reference.value, reference.low, reference.high), abs=1e-12)
 
 
 def test_undefined_ratios_are_nan_not_zero():
