@@ -17,12 +17,16 @@ import numpy as np
 import pandas as pd
 
 
-def grid_runs(client, experiment: str) -> list:
+def grids(client, experiment: str) -> dict[str, list]:
+    """The finished worker runs of each grid (one Optuna study, ``mstl.grid`` tag), first started first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r}")
     runs = client.search_runs([exp.experiment_id], "tags.stage = 'experiment' and attributes.status = 'FINISHED'")
-    return sorted(runs, key=lambda r: r.info.start_time)
+    by_grid: dict[str, list] = {}
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        by_grid.setdefault(run.data.tags.get("mstl.grid", run.info.run_id), []).append(run)
+    return by_grid
 
 
 def main() -> None:
@@ -35,18 +39,22 @@ def main() -> None:
     client = mlflow.MlflowClient()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for grid in grid_runs(client, args.experiment):
-            cells = pd.read_csv(client.download_artifacts(grid.info.run_id, "grid/cells.csv", tmp))
-            wall = (grid.info.end_time - grid.info.start_time) / 1000
+        for name, workers in grids(client, args.experiment).items():
+            # every worker ends knowing every cell: one worker's list is the grid's
+            cells = pd.read_csv(client.download_artifacts(workers[0].info.run_id, "grid/cells.csv", tmp))
+            wall = (max(w.info.end_time for w in workers) - min(w.info.start_time for w in workers)) / 1000
+            ran = cells[~cells["reused"]]
+            busy = ran["seconds"].sum() / (wall * len(workers))
             print(
-                f"grid {grid.info.run_id[:8]} (split {grid.data.params.get('split')}): {wall:.0f} s wall, "
-                f"{int((~cells['reused']).sum())} cells run, {int(cells['reused'].sum())} reused"
+                f"grid {name} (split {workers[0].data.params.get('split')}, {len(workers)} worker(s), threads "
+                f"{workers[0].data.params.get('threads', 'default')}): {wall:.0f} s wall, {len(ran)} cells run, "
+                f"{int(cells['reused'].sum())} reused; the workers spent {busy:.0%} of the wall time in cells"
             )
-            for _, cell in cells[~cells["reused"]].iterrows():
+            for _, cell in ran.iterrows():
                 run = client.get_run(cell["run_id"])
                 rows.append(
                     {
-                        "grid": grid.info.run_id[:8],
+                        "grid": name,
                         "stage": cell["stage"],
                         "seconds": cell["seconds"],
                         "decode_seconds": run.data.metrics.get("decode_seconds", np.nan),
@@ -57,9 +65,11 @@ def main() -> None:
                     }
                 )
     table = pd.DataFrame(rows)
-    print("\n| stage | cells run | total s | mean s per cell |\n| --- | --- | --- | --- |")
+    print("\n| stage | cells run | total s | mean s per cell | of it fitting (mean s) |\n| --- | --- | --- | --- | --- |")
     for stage, group in table.groupby("stage", sort=False):
-        print(f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | {group['seconds'].mean():.1f} |")
+        fit = group["fit_seconds"].mean()
+        fit_text = f"{fit:.1f}" if np.isfinite(fit) else ""
+        print(f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | {group['seconds'].mean():.1f} | {fit_text} |")
     print(f"| all | {len(table)} | {table['seconds'].sum():.0f} | |")
     print("\n| stage | part | cache | cells | mean s | saved in this grid (s) |\n| --- | --- | --- | --- | --- | --- |")
     for stage in ("transition", "target"):

@@ -111,7 +111,7 @@ def test_one_logged_model_from_code_reproduces_the_logged_predictions(target_run
     assert not list(local.rglob("*.pkl"))
     # its environment: the installation's own pinned dependencies, DICOM reading included, not mstl (code)
     requirements = (local / "requirements.txt").read_text().split()
-    assert requirements == serving_requirements() and "pydicom==3.0.2" in requirements
+    assert requirements == serving_requirements() and any(r.startswith("pydicom==") for r in requirements)
 
     predictions = pd.read_csv(client.download_artifacts(run.info.run_id, "predictions/test.csv", str(tmp_path))).head(4)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/classifier")
