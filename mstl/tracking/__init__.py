@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -132,8 +133,24 @@ def log_dataset(df: pd.DataFrame, name: str, source: str, digest: str, context: 
     """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and return it,
     so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the table)."""
     dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
-    mlflow.log_input(dataset, context=context)
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return dataset
+        except mlflow.exceptions.MlflowException as exc:
+            # Two grid workers logging the same new data set at once: the store looks the data set up, finds
+            # none, and both insert it; the second insert breaks the unique key (experiment, name, digest).
+            # The data set exists now, so the retry finds it and only links it to this run.
+            if attempt == 2 or not is_duplicate_dataset(exc):
+                raise
+            time.sleep(0.5 * (attempt + 1))
     return dataset
+
+
+def is_duplicate_dataset(exc: Exception) -> bool:
+    """The tracking store's unique-key error for a data set another run inserted first (sqlite, PostgreSQL, MySQL)."""
+    text = str(exc)
+    return "datasets" in text and any(m in text for m in ("UNIQUE constraint failed", "duplicate key", "Duplicate entry"))
 
 
 # The run tag naming a stage's logged model (a Target's served model, a Transition's checkpoint record).

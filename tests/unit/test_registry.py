@@ -38,3 +38,17 @@ def test_no_candidate_and_bad_parameters_are_named(local_tracking):
         candidates(client, "nowhere", "val")
     with pytest.raises(ValueError, match="select_on"):
         PromoteParams(select_on="train").validate()
+
+
+def test_a_data_set_another_worker_inserted_first_is_told_apart_from_other_errors():
+    from mlflow.exceptions import MlflowException
+
+    from mstl.tracking import is_duplicate_dataset
+
+    # the message a tracking server returned when two grid workers logged one new data set at once
+    raced = MlflowException(
+        "BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"
+    )
+    assert is_duplicate_dataset(raced)
+    assert not is_duplicate_dataset(MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'abc' not found"))
+    assert not is_duplicate_dataset(MlflowException("UNIQUE constraint failed: runs.run_uuid"))
