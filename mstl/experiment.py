@@ -60,6 +60,11 @@ PROFILES = {
 }
 
 
+def comma_items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma list such as ``"imagenet, hard,soft"``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 @dataclass(frozen=True)
 class ExperimentParams:
     """Parameters of `-e experiment`; empty or 0 means "the profile's"."""
@@ -119,18 +124,18 @@ class ExperimentParams:
         return out
 
     def strategy_list(self) -> list[str]:
-        items = [s.strip() for s in self.strategies.split(",") if s.strip()]
+        items = comma_items(self.strategies)
         unknown = set(items) - set(STRATEGIES)
         if unknown or not items:
             raise ValueError(f"strategies must be a comma list of {STRATEGIES}, got {self.strategies!r}")
         return items
 
     def backbone_list(self) -> list[str]:
-        return [b.strip() for b in self.backbones.split(",") if b.strip()]
+        return comma_items(self.backbones)
 
     def split_list(self) -> list[str]:
         """The Target splits; one grid over several shares its Transition and soft-label cells between them."""
-        items = [s.strip() for s in self.split.split(",") if s.strip()]
+        items = comma_items(self.split)
         unknown = [s for s in items if s not in covid_ct.SPLIT_MODES]
         if unknown or not items or len(set(items)) != len(items):
             raise ValueError(f"split must be a comma list of distinct {covid_ct.SPLIT_MODES}, got {self.split!r}")
@@ -138,7 +143,7 @@ class ExperimentParams:
 
     def seed_list(self) -> list[int]:
         try:
-            return [int(s) for s in str(self.seeds).split(",") if s.strip()]
+            return [int(s) for s in comma_items(str(self.seeds))]
         except ValueError:
             raise ValueError(f"seeds must be whole numbers separated by commas, got {self.seeds!r}") from None
 

@@ -138,10 +138,10 @@ def serving_requirements() -> list[str] | None:
         declared = metadata.requires("mstl") or []
     except metadata.PackageNotFoundError:
         return None
+    environments = [{"extra": extra} for extra in ("", "cpu", "gpu")]  # runtime extras, not test or postgres
     pins = {}
     for text in declared:
         requirement = Requirement(text)
-        environments = [{"extra": extra} for extra in ("", "cpu", "gpu")]  # runtime extras, not test or postgres
         if requirement.marker and not any(requirement.marker.evaluate(env) for env in environments):
             continue
         try:

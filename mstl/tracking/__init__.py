@@ -12,7 +12,6 @@ import contextvars
 import hashlib
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -133,17 +132,16 @@ def log_dataset(df: pd.DataFrame, name: str, source: str, digest: str, context: 
     """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and return it,
     so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the table)."""
     dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
-    for attempt in range(3):
-        try:
-            mlflow.log_input(dataset, context=context)
-            return dataset
-        except mlflow.exceptions.MlflowException as exc:
-            # Two grid workers logging the same new data set at once: the store looks the data set up, finds
-            # none, and both insert it; the second insert breaks the unique key (experiment, name, digest).
-            # The data set exists now, so the retry finds it and only links it to this run.
-            if attempt == 2 or not is_duplicate_dataset(exc):
-                raise
-            time.sleep(0.5 * (attempt + 1))
+    from mstl.tracking.work import retry_lost_race  # not at import: it brings Optuna
+
+    # Two grid workers logging the same new data set at once: the store looks the data set up, finds none,
+    # and both insert it; the second insert breaks the unique key (experiment, name, digest). The data set
+    # exists now, so the retry finds it and only links it to this run.
+    retry_lost_race(
+        lambda: mlflow.log_input(dataset, context=context),
+        lambda exc: isinstance(exc, mlflow.exceptions.MlflowException) and is_duplicate_dataset(exc),
+        attempts=3,
+    )
     return dataset
 
 

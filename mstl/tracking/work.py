@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -27,28 +28,40 @@ HEARTBEAT_SECONDS = 30
 MAX_FAILURES = 2  # an item that failed this often (errors, not dead workers) stops the search
 
 
+T = TypeVar("T")
+
+
+def retry_lost_race(action: Callable[[], T], lost_race: Callable[[Exception], bool], attempts: int) -> T:
+    """``action()``, tried again (after 0.5 s, 1 s, ...) while it fails because another worker did the same
+    thing at the same moment (``lost_race``), up to ``attempts`` tries in all; any other error is raised."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception as exc:
+            if attempt == attempts - 1 or not lost_race(exc):
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
     """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that, they are stale."""
     if heartbeat_seconds < 1:
         raise ValueError(f"heartbeat_seconds must be at least 1, got {heartbeat_seconds}")
     import sqlalchemy.exc
 
-    for attempt in range(5):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=heartbeat_seconds,
-                    grace_period=2 * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-                )
-        except sqlalchemy.exc.SQLAlchemyError:
-            # workers that start together on a new database race to create its tables: the loser retries
-            if attempt == 4:
-                raise
-            time.sleep(0.5 * (attempt + 1))
-    raise AssertionError("unreachable")
+    def storage() -> optuna.storages.RDBStorage:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_seconds,
+                grace_period=2 * heartbeat_seconds,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+
+    # workers that start together on a new database race to create its tables: the loser retries
+    return retry_lost_race(storage, lambda exc: isinstance(exc, sqlalchemy.exc.SQLAlchemyError), attempts=5)
 
 
 def item_of(trial: FrozenTrial, param: str) -> Hashable | None:
