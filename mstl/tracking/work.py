@@ -19,12 +19,16 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+if TYPE_CHECKING:
+    import sqlalchemy
+
 HEARTBEAT_SECONDS = 30
+SQLITE_LOCK_WAIT_SECONDS = 60  # how long a SQLite transaction waits for another worker's lock before failing
 MAX_FAILURES = 2  # an item that failed this often (errors, not dead workers) stops the search
 
 
@@ -44,21 +48,48 @@ def retry_lost_race(action: Callable[[], T], lost_race: Callable[[Exception], bo
     raise AssertionError("unreachable")
 
 
+def lock_sqlite_transactions_at_begin(engine: sqlalchemy.engine.Engine) -> None:
+    """Make every transaction on a SQLite ``engine`` take the write lock when it begins (``BEGIN IMMEDIATE``).
+
+    Optuna pops a queued trial by reading it WAITING and writing it RUNNING in one transaction, locked with
+    ``SELECT ... FOR UPDATE``, which SQLite ignores; and Python's sqlite3 starts the transaction only at
+    the write. Two workers could both read WAITING and both run the trial (optuna/optuna#4621; 10-16 % of
+    pops with four processes here). Taken at ``BEGIN``, the lock makes the read and the write one step.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _no_implicit_begin(dbapi_connection, _record) -> None:
+        dbapi_connection.isolation_level = None  # the driver then leaves BEGIN to the "begin" event below
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened before the listeners (table creation) are not reused
+
+
 def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
     """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that, they are stale."""
     if heartbeat_seconds < 1:
         raise ValueError(f"heartbeat_seconds must be at least 1, got {heartbeat_seconds}")
     import sqlalchemy.exc
 
+    sqlite = url.startswith("sqlite")
+
     def storage() -> optuna.storages.RDBStorage:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            rdb = optuna.storages.RDBStorage(
                 url,
+                engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_WAIT_SECONDS}} if sqlite else None,
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=2 * heartbeat_seconds,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
+        if sqlite:
+            lock_sqlite_transactions_at_begin(rdb.engine)
+        return rdb
 
     # workers that start together on a new database race to create its tables: the loser retries
     return retry_lost_race(storage, lambda exc: isinstance(exc, sqlalchemy.exc.SQLAlchemyError), attempts=5)

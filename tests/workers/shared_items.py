@@ -18,16 +18,21 @@ ITEMS = ["a", "b", "c", "d"]
 HEARTBEAT_SECONDS = 3
 
 
+def start_together(out: str) -> None:
+    """Return when BARRIER_WORKERS workers writing beside ``out`` are ready (at most 60 s), so they race."""
+    barrier = int(os.environ.get("BARRIER_WORKERS", "0"))
+    Path(out + ".ready").touch()
+    deadline = time.time() + 60
+    while len(list(Path(out).parent.glob("*.ready"))) < barrier and time.time() < deadline:
+        time.sleep(0.01)
+
+
 def main() -> None:
     storage, name, out = sys.argv[1:4]
     die_on = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--die-on" else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, HEARTBEAT_SECONDS), load_if_exists=True)
-    barrier = int(os.environ.get("BARRIER_WORKERS", "0"))  # start together, to make the workers race
-    Path(out + ".ready").touch()
-    deadline = time.time() + 60
-    while len(list(Path(out).parent.glob("*.ready"))) < barrier and time.time() < deadline:
-        time.sleep(0.01)
+    start_together(out)
     evaluated = []
 
     def evaluate(trial, item):
