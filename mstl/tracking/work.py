@@ -1,11 +1,12 @@
 """Work shared by several processes through an Optuna study on an RDB storage (sqlite, PostgreSQL).
 
 Each item of work (a cluster count k of the soft-label search, a cell of the experiment grid) is an
-Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs only:
+Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs (and one private handle, to record a trial's first
+heartbeat):
 
 - items are enqueued and popped from the study's queue (the RDB pop is atomic), so each worker takes
   different items;
-- a trial keeps a heartbeat; a worker that dies (SIGKILL, power loss) stops beating, and after the
+- a trial keeps a heartbeat, recorded before its work starts; a worker that dies (SIGKILL, power loss) stops beating, and after the
   grace period any worker's ``fail_stale_trials`` marks its trial FAIL, exactly once, and
   ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` enqueues one retry;
 - two trials of one item that slipped through at the same moment are resolved by trial number: the
@@ -133,6 +134,19 @@ def trials_by_item(study: optuna.Study, param: str) -> dict[Hashable, list[Froze
     return out
 
 
+def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
+    """Record the trial's heartbeat now, before its work starts.
+
+    Optuna's heartbeat thread records the first beat beside the objective, not before it, and a RUNNING
+    trial with no beat is never judged stale (by design, optuna/optuna#4054): a worker killed before that
+    first beat left its item RUNNING for ever and every other worker waiting for it (seen in the kill
+    test). What remains is the moment between Optuna's pop and this call.
+    """
+    storage = study._storage  # Optuna has no public handle on a study's storage or a trial's ID
+    if hasattr(storage, "record_heartbeat") and storage.get_heartbeat_interval():
+        storage.record_heartbeat(trial._trial_id)
+
+
 def run_shared(
     study: optuna.Study,
     param: str,
@@ -152,6 +166,7 @@ def run_shared(
     evaluated: list[int] = []  # the trial this worker just evaluated, if it got that far
 
     def objective(trial: optuna.Trial) -> float:
+        record_heartbeat(study, trial)
         if "fixed_params" not in frozen(study, trial).system_attrs:  # the queue emptied between our look and our pop
             raise optuna.TrialPruned("no queued item left when this trial started")
         item = trial.suggest_categorical(param, choices)

@@ -51,7 +51,8 @@ def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
 def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="kill", storage=storage)
-    victim = start_worker(storage, "kill", tmp_path / "victim.json", "--die-on", "b")
+    # the victim's heartbeat thread never beats: only run_shared's own first beat makes its trial stale
+    victim = start_worker(storage, "kill", tmp_path / "victim.json", "--die-on", "b", "--no-heartbeat-thread")
     victim.communicate(timeout=120)
     assert victim.returncode == -9
     left = [t for t in trials_of(storage, "kill") if t.state == TrialState.RUNNING]

@@ -1,6 +1,8 @@
 """A worker of `mstl.tracking.work.run_shared` over items a..d; each evaluation sleeps, so workers overlap.
 
-python -m tests.workers.shared_items STORAGE STUDY OUT.json [--die-on ITEM]
+python -m tests.workers.shared_items STORAGE STUDY OUT.json [--die-on ITEM [--no-heartbeat-thread]]
+
+``--no-heartbeat-thread``: Optuna's heartbeat thread never beats, as when SIGKILL lands before its first beat.
 """
 
 import json
@@ -30,6 +32,10 @@ def start_together(out: str) -> None:
 def main() -> None:
     storage, name, out = sys.argv[1:4]
     die_on = sys.argv[5] if len(sys.argv) > 5 and sys.argv[4] == "--die-on" else None
+    if "--no-heartbeat-thread" in sys.argv:
+        from optuna.storages._heartbeat import HeartbeatThread
+
+        HeartbeatThread.start = HeartbeatThread.join = lambda self: None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, HEARTBEAT_SECONDS), load_if_exists=True)
     start_together(out)
