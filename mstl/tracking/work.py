@@ -1,14 +1,14 @@
 """Work shared by several processes through an Optuna study on an RDB storage (sqlite, PostgreSQL).
 
 Each item of work (a cluster count k of the soft-label search, a cell of the experiment grid) is an
-Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs (and one private handle, to record a trial's first
-heartbeat):
+Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs (and one
+private handle, to record a trial's first heartbeat):
 
-- items are enqueued and popped from the study's queue (the RDB pop is atomic), so each worker takes
-  different items;
-- a trial keeps a heartbeat, recorded before its work starts; a worker that dies (SIGKILL, power loss) stops beating, and after the
-  grace period any worker's ``fail_stale_trials`` marks its trial FAIL, exactly once, and
-  ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` enqueues one retry;
+- items are enqueued and popped from the study's queue (the RDB pop is atomic; on sqlite only because
+  every transaction takes the write lock at BEGIN), so each worker takes different items;
+- a trial keeps a heartbeat, recorded before its work starts; a worker that dies (SIGKILL, power loss)
+  stops beating, and after the grace period any worker's ``fail_stale_trials`` marks its trial FAIL,
+  exactly once, and ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` enqueues one retry;
 - two trials of one item that slipped through at the same moment are resolved by trial number: the
   later one is PRUNED unevaluated ("claimed"), never FAILED.
 
@@ -125,6 +125,11 @@ def frozen_by_number(study: optuna.Study, number: int) -> FrozenTrial:
     return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
 
 
+def popped_from_queue(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether a running trial came from the study's queue, rather than being created because it was empty."""
+    return "fixed_params" in frozen(study, trial).system_attrs
+
+
 def trials_by_item(study: optuna.Study, param: str) -> dict[Hashable, list[FrozenTrial]]:
     out: dict[Hashable, list[FrozenTrial]] = {}
     for trial in study.get_trials(deepcopy=False):
@@ -167,7 +172,7 @@ def run_shared(
 
     def objective(trial: optuna.Trial) -> float:
         record_heartbeat(study, trial)
-        if "fixed_params" not in frozen(study, trial).system_attrs:  # the queue emptied between our look and our pop
+        if not popped_from_queue(study, trial):  # the queue emptied between our look and our pop
             raise optuna.TrialPruned("no queued item left when this trial started")
         item = trial.suggest_categorical(param, choices)
         claim(study, trial, param, item)

@@ -9,24 +9,15 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import optuna
 
 from mstl.tracking.work import heartbeat_storage, run_shared
+from tests.workers import start_together
 
 ITEMS = ["a", "b", "c", "d"]
 # stale after 2x: wide enough that a loaded CI machine never makes a live worker look dead (seen at 1 s)
 HEARTBEAT_SECONDS = 3
-
-
-def start_together(out: str) -> None:
-    """Return when BARRIER_WORKERS workers writing beside ``out`` are ready (at most 60 s), so they race."""
-    barrier = int(os.environ.get("BARRIER_WORKERS", "0"))
-    Path(out + ".ready").touch()
-    deadline = time.time() + 60
-    while len(list(Path(out).parent.glob("*.ready"))) < barrier and time.time() < deadline:
-        time.sleep(0.01)
 
 
 def main() -> None:
@@ -38,7 +29,7 @@ def main() -> None:
         HeartbeatThread.start = HeartbeatThread.join = lambda self: None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, HEARTBEAT_SECONDS), load_if_exists=True)
-    start_together(out)
+    start_together(out, int(os.environ.get("BARRIER_WORKERS", "0")), timeout=60)
     evaluated = []
 
     def evaluate(trial, item):

@@ -7,23 +7,19 @@ Each worker waits for the others to be ready (files beside OUT.json) before it s
 
 import json
 import sys
-import time
-from pathlib import Path
 
 import mlflow
 import numpy as np
 from sklearn.datasets import make_blobs
 
 from mstl.soft_labels.stage import SoftLabelParams, search_k
+from tests.workers import start_together
 
 
 def main() -> None:
     storage, tracking, out, n_workers = *sys.argv[1:4], int(sys.argv[4])
     x, _ = make_blobs(n_samples=6000, centers=4, n_features=64, cluster_std=1.0, random_state=0)
-    Path(out + ".ready").touch()
-    deadline = time.time() + 120
-    while len(list(Path(out).parent.glob("*.ready"))) < n_workers and time.time() < deadline:
-        time.sleep(0.05)
+    start_together(out, n_workers, timeout=120)
     mlflow.set_tracking_uri(tracking)
     params = SoftLabelParams(manifest="x", k_values="2,4,8,16", folds=5, heartbeat_seconds=5)
     with mlflow.start_run() as parent:
