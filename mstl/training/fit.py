@@ -56,11 +56,17 @@ class FitSettings:
     augment: bool = False
     cache_frozen: bool = True
     deterministic: bool = True
+    # stop after this many epochs without a better validation accuracy (0: never, as in the paper's Target);
+    # the best epoch's weights are kept either way, so stopping only skips epochs that could not be kept
+    # unless a later one beat them (docs/choices.md)
+    patience: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.patience < 0:
+            raise ValueError(f"patience must be 0 (never stop early) or a number of epochs, got {self.patience}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
@@ -134,11 +140,12 @@ def image_dataset(
 
 
 class KeepBestWeights(keras.callbacks.Callback):
-    """Remember the full model's weights at the best validation accuracy; restore them at the end."""
+    """Remember the full model's weights at the best validation accuracy (ties: the earliest epoch);
+    restore them at the end. With ``patience``, stop once that many epochs have passed without a better one."""
 
-    def __init__(self, full_model: keras.Model, monitor: str = "val_accuracy"):
+    def __init__(self, full_model: keras.Model, monitor: str = "val_accuracy", patience: int = 0):
         super().__init__()
-        self.full_model, self.monitor = full_model, monitor
+        self.full_model, self.monitor, self.patience = full_model, monitor, patience
         self.best, self.best_epoch, self.best_weights = -np.inf, -1, None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -146,6 +153,8 @@ class KeepBestWeights(keras.callbacks.Callback):
         if value is not None and value > self.best:
             self.best, self.best_epoch = float(value), epoch
             self.best_weights = self.full_model.get_weights()
+        if self.patience and self.best_epoch >= 0 and epoch - self.best_epoch >= self.patience:
+            self.model.stop_training = True
 
     def on_train_end(self, logs=None):
         if self.best_weights is not None:
@@ -198,6 +207,21 @@ class FitResult:
     epoch_seconds: list[float]
     frozen_cache: str = "off"  # the on-disk cache of frozen features: off, hit (every part) or miss
     frozen_seconds: float = 0.0  # computing (or reading) the frozen half's features
+
+    @property
+    def epochs_run(self) -> int:
+        """Fewer than the configured epochs when ``patience`` stopped the fit early."""
+        return len(self.epoch_seconds)
+
+    def metrics(self) -> dict[str, float]:
+        """What a run logs about its fit (``best_epoch`` counts from 0, as the epoch metrics' steps do)."""
+        return {
+            "best_epoch": self.best_epoch,
+            "best_val_accuracy": self.best_val_accuracy,
+            "epochs_run": self.epochs_run,
+            "fit_seconds": self.seconds,
+            "frozen_seconds": self.frozen_seconds,
+        }
 
     def params(self, cache: ArrayCache | None = None) -> dict[str, object]:
         """What a run logs about how its fit was computed."""
@@ -292,7 +316,7 @@ def fit_classifier(
         loss=output.loss,
         metrics=["accuracy"],
     )
-    keep, timer = KeepBestWeights(model), EpochTimer()
+    keep, timer = KeepBestWeights(model, patience=config.patience), EpochTimer()
     callbacks: list[keras.callbacks.Callback] = [keep, timer]
     if config.log_to_mlflow:
         callbacks.append(MlflowEpochLogger(timer))

@@ -222,15 +222,7 @@ def run_target(params: TargetParams) -> str:
                 cache,
             )
         log_params(result.params(cache))
-        mlflow.log_metrics(
-            {
-                "best_epoch": result.best_epoch,
-                "best_val_accuracy": result.best_val_accuracy,
-                "fit_seconds": result.seconds,
-                "frozen_seconds": result.frozen_seconds,
-                "decode_seconds": decoded.seconds,
-            }
-        )
+        mlflow.log_metrics(result.metrics() | {"decode_seconds": decoded.seconds})
         model_id = None
         if params.log_model:  # the weights are stored once: in the served model, else as a checkpoint
             model_id = log_serving_model(

@@ -217,15 +217,7 @@ def run_transition(params: TransitionParams) -> str:
                 cache,
             )
         log_params(result.params(cache))
-        mlflow.log_metrics(
-            {
-                "best_epoch": result.best_epoch,
-                "best_val_accuracy": result.best_val_accuracy,
-                "fit_seconds": result.seconds,
-                "frozen_seconds": result.frozen_seconds,
-                "decode_seconds": decoded.seconds,
-            }
-        )
+        mlflow.log_metrics(result.metrics() | {"decode_seconds": decoded.seconds})
         log_checkpoint(model)
         if params.log_model:
             model_id = mlflow.keras.log_model(model, name="model").model_id

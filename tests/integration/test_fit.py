@@ -83,10 +83,26 @@ def test_frozen_layers_do_not_change():
     np.testing.assert_array_equal(before, model.get_layer("conv1").get_weights()[0])
 
 
-@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0)])
-def test_impossible_fit_parameters_are_named(field, value):
-    with pytest.raises(ValueError, match=field):
-        FitConfig(**{field: value})
+def test_stopping_early_keeps_the_same_best_weights_as_training_every_epoch():
+    patience, epochs = 1, 8
+    full, full_result = fit_once(seed=2, epochs=epochs)
+    history = full_result.history["val_accuracy"]
+    best, stop = 0, None  # the rule: stop once `patience` epochs have passed without a better accuracy
+    for epoch, value in enumerate(history):
+        best = epoch if value > history[best] else best
+        if epoch - best >= patience:
+            stop = epoch
+            break
+    assert stop is not None and stop < epochs - 1  # this seed's history does stop early, so the test tests it
+    full_weights = [w.copy() for w in full.get_weights()]
+    keras.backend.clear_session()
+    early, early_result = fit_once(seed=2, epochs=epochs, patience=patience)
+    assert early_result.epochs_run == stop + 1 == len(early_result.history["val_accuracy"])
+    assert early_result.history["val_accuracy"] == history[: stop + 1]  # the same epochs, cut short
+    assert early_result.best_epoch == best
+    if full_result.best_epoch <= stop:  # no later epoch beat it: the kept weights are the same, bit for bit
+        for x, y in zip(full_weights, early.get_weights(), strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 def test_the_shared_frozen_cache_gives_the_same_weights_and_predictions_as_no_cache(tmp_path):

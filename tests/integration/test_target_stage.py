@@ -64,7 +64,7 @@ def test_per_epoch_history_and_test_metrics_with_intervals(target_run):
             assert name == "precision" and m["test_recall"] == 0
             continue
         assert m[f"test_{name}_ci_low"] <= m[f"test_{name}"] <= m[f"test_{name}_ci_high"], name
-    assert 0 <= m["best_epoch"] <= 1
+    assert 0 <= m["best_epoch"] <= 1 and m["epochs_run"] == 2  # patience 0: every epoch
     assert m["val_accuracy"] == pytest.approx(m["best_val_accuracy"])  # the kept weights are the best epoch's
 
 

@@ -62,3 +62,26 @@ def test_one_grid_over_two_splits_shares_its_transitions_and_refuses_an_unknown_
     for bad in ("official,random", "official,official", ""):
         with pytest.raises(ValueError, match="split must be a comma list"):
             ExperimentParams(data_root=str(tmp_path), split=bad).resolved()
+
+
+def test_the_cpu_grid_stops_its_transitions_early_and_never_its_targets(tmp_path, monkeypatch):
+    (tmp_path / "iq-oth-nccd" / "Normal cases").mkdir(parents=True)
+    monkeypatch.setattr(experiment, "code_version", lambda: "v")
+
+    def patience_by_stage(**params):
+        p = ExperimentParams(data_root=str(tmp_path), **params).resolved()
+        made = [(c.stage, c.make({need: "run" for need in c.needs})[0]) for c in plan(p, "hash")]
+        return {stage: {m.patience for s, m in made if s == stage} for stage in ("transition", "target")}
+
+    assert patience_by_stage() == {"transition": {20}, "target": {0}}
+    assert patience_by_stage(transition_patience=0) == {"transition": {0}, "target": {0}}
+    assert patience_by_stage(
+        profile="paper", transition_slices_root=str(tmp_path / "iq-oth-nccd"), backbones="mobilenet_025"
+    ) == {
+        "transition": {0},
+        "target": {0},
+    }
+    name = experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path)), "1")
+    assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), transition_patience=5), "1") != name
+    with pytest.raises(ValueError, match="transition_patience must be -1"):
+        ExperimentParams(data_root=str(tmp_path), transition_patience=-2).resolved()

@@ -1,0 +1,61 @@
+"""The fit's settings and its keep-best / stop-early rule, without training a network."""
+
+import keras
+import numpy as np
+import pytest
+
+from mstl.training.fit import FitConfig, KeepBestWeights
+
+
+def stop_epoch(val_accuracies, patience):
+    """Feed ``val_accuracies`` to KeepBestWeights epoch by epoch; the epoch after which it stopped (or None)."""
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    keep = KeepBestWeights(model, patience=patience)
+    keep.set_model(model)
+    model.stop_training = False
+    for epoch, value in enumerate(val_accuracies):
+        model.get_layer(index=0).kernel.assign([[float(epoch)]])  # weights that say which epoch they are from
+        keep.on_epoch_end(epoch, {"val_accuracy": value})
+        if model.stop_training:
+            return epoch, keep
+    return None, keep
+
+
+def test_patience_stops_after_that_many_epochs_without_a_better_one_and_keeps_the_best():
+    accuracies = [0.5, 0.6, 0.6, 0.55, 0.6, 0.7, 0.7]
+    stopped, keep = stop_epoch(accuracies, patience=3)
+    assert stopped == 4  # best at epoch 1; a tie (epoch 2, 4) is not better
+    assert keep.best_epoch == 1 and keep.best == 0.6
+    keep.on_train_end()
+    assert keep.full_model.get_layer(index=0).kernel.numpy()[0, 0] == 1.0  # the best epoch's weights restored
+    # a better epoch restarts the count
+    assert stop_epoch([0.5, 0.5, 0.6, 0.6, 0.6], patience=2)[0] == 4
+    assert stop_epoch([0.5, 0.5, 0.6, 0.6, 0.7], patience=3)[0] is None
+
+
+def test_patience_zero_trains_every_epoch():
+    stopped, keep = stop_epoch([0.9] + [0.1] * 30, patience=0)
+    assert stopped is None and keep.best_epoch == 0
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("epochs", 0), ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0), ("patience", -1)],
+)
+def test_impossible_fit_parameters_are_named(field, value):
+    with pytest.raises(ValueError, match=field):
+        FitConfig(**{field: value})
+
+
+def test_fit_metrics_count_the_epochs_run():
+    from mstl.training.fit import FitResult
+
+    result = FitResult(3, 0.8, {}, True, "cut", 10.0, [1.0] * 7, "hit", 0.5)
+    assert result.metrics() == {
+        "best_epoch": 3,
+        "best_val_accuracy": 0.8,
+        "epochs_run": 7,
+        "fit_seconds": 10.0,
+        "frozen_seconds": 0.5,
+    }
+    assert np.isfinite(list(result.metrics().values())).all()
