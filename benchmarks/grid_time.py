@@ -60,17 +60,25 @@ def main() -> None:
                         "decode_seconds": run.data.metrics.get("decode_seconds", np.nan),
                         "frozen_seconds": run.data.metrics.get("frozen_seconds", np.nan),
                         "fit_seconds": run.data.metrics.get("fit_seconds", np.nan),
+                        "epochs_run": run.data.metrics.get("epochs_run", np.nan),  # logged since patience
                         "decoded_cache": run.data.params.get("decoded_cache", ""),
                         "frozen_cache": run.data.params.get("frozen_cache", ""),
                     }
                 )
     table = pd.DataFrame(rows)
-    print("\n| stage | cells run | total s | mean s per cell | of it fitting (mean s) |\n| --- | --- | --- | --- | --- |")
+    print(
+        "\n| stage | cells run | total s | mean s per cell | of it fitting (mean s) | epochs run (mean) |"
+        "\n| --- | --- | --- | --- | --- | --- |"
+    )
     for stage, group in table.groupby("stage", sort=False):
-        fit = group["fit_seconds"].mean()
+        fit, epochs = group["fit_seconds"].mean(), group["epochs_run"].mean()
         fit_text = f"{fit:.1f}" if np.isfinite(fit) else ""
-        print(f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | {group['seconds'].mean():.1f} | {fit_text} |")
-    print(f"| all | {len(table)} | {table['seconds'].sum():.0f} | |")
+        epochs_text = f"{epochs:.1f}" if np.isfinite(epochs) else ""
+        print(
+            f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | {group['seconds'].mean():.1f} | {fit_text} "
+            f"| {epochs_text} |"
+        )
+    print(f"| all | {len(table)} | {table['seconds'].sum():.0f} | | | |")
     print("\n| stage | part | cache | cells | mean s | saved in this grid (s) |\n| --- | --- | --- | --- | --- | --- |")
     for stage in ("transition", "target"):
         for part, column in (("decode", "decoded_cache"), ("frozen", "frozen_cache")):
