@@ -39,11 +39,11 @@ def image_files(spec: str) -> list[Path]:
 
 
 def run_explain(params: ExplainParams) -> str:
-    from mstl.data.images import grey_to_input
-    from mstl.evaluation.gradcam import gradcam, overlay
+    from mstl.evaluation.gradcam import GradCam, overlay
     from mstl.evaluation.montage import montage
     from mstl.models import get_backbone
     from mstl.serving import request_grey
+    from mstl.training.fit import predict_grey
 
     files = image_files(params.images)
     classifier = mlflow.pyfunc.load_model(params.model_uri).unwrap_python_model()
@@ -52,9 +52,9 @@ def run_explain(params: ExplainParams) -> str:
         mlflow.set_tag("stage", "explain")
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"} | {"n_images": len(files)})
         grey = np.stack([request_grey(f.read_bytes(), config) for f in files])
-        x = np.asarray(grey_to_input(grey, get_backbone(config["backbone"]).preprocess_input))
-        prob = np.asarray(classifier.model(x, training=False))[:, 0]
-        heatmaps = gradcam(classifier.model, x)
+        preprocess = get_backbone(config["backbone"]).preprocess_input
+        prob = predict_grey(classifier.model, grey, preprocess, defaults.BATCH_SIZE)[:, 0]
+        heatmaps = GradCam(classifier.model).on_slices(grey, preprocess)
         out = Path(tmp)
         captions = []
         for i, (f, g, h, p) in enumerate(zip(files, grey, heatmaps, prob, strict=False)):

@@ -187,9 +187,10 @@ def load_classifier(uri: str):
 
 def run_evaluate(params: EvaluateParams) -> str:
     """Evaluate one model on one labelled image set inside one MLflow run; returns the run ID."""
-    from mstl.evaluation.gradcam import error_sheet
+    from mstl.evaluation.gradcam import GradCam, error_sheet
     from mstl.evaluation.probes import shortcut_probes
     from mstl.models import get_backbone
+    from mstl.training.fit import predict_grey
 
     params.validate()
     table = labelled_files(params)
@@ -231,14 +232,13 @@ def run_evaluate(params: EvaluateParams) -> str:
             targets="label",
         )
 
-        prob = np.concatenate(
-            [np.asarray(model(_inputs(grey[i : i + 32], preprocess), training=False))[:, 0] for i in range(0, len(grey), 32)]
-        )
+        prob = predict_grey(model, grey, preprocess, defaults.BATCH_SIZE)[:, 0]
+        cam = GradCam(model)
         values = metrics_with_intervals(y, prob, threshold, params.n_bootstrap, params.seed)
         at_half = point_metrics(y, prob, 0.5)
         values |= {"sensitivity_at_0.5": at_half["recall"], "specificity_at_0.5": at_half["specificity"]}
         if 0 < y.sum() < len(y):
-            values |= shortcut_probes(model, grey, y, preprocess)
+            values |= shortcut_probes(model, grey, y, preprocess, defaults.BATCH_SIZE, cam)
         else:
             print(
                 f"{name} holds one class only ({'positive' if y.all() else 'negative'}): ROC AUC and the "
@@ -258,7 +258,7 @@ def run_evaluate(params: EvaluateParams) -> str:
         log_figure(confusion_figure(y, prob, threshold, title=f"{title}, threshold {threshold:g}"), "plots/confusion.png")
         log_figure(reliability_figure(y, prob, title=f"reliability, {title}"), "plots/reliability.png")
         log_figure(score_histogram_figure(y, prob, threshold, title=title), "plots/score_histogram.png")
-        sheet = error_sheet(model, grey, y, prob, preprocess, threshold, name, kinds=("FN", "FP"))
+        sheet = error_sheet(cam, grey, y, prob, preprocess, threshold, name, kinds=("FN", "FP"))
         if sheet is not None:
             sheet.save(Path(tmp) / "gradcam_errors.png")
             mlflow.log_artifact(str(Path(tmp) / "gradcam_errors.png"), "explanations")
@@ -277,9 +277,3 @@ def run_evaluate(params: EvaluateParams) -> str:
         )
         print(f"evaluate: {name} ({len(table)} images): {summary}")
         return run.info.run_id
-
-
-def _inputs(grey, preprocess):
-    from mstl.data.images import grey_to_input
-
-    return grey_to_input(grey, preprocess)

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from mstl import defaults
 from mstl.models.classifier import HEAD_PREFIX
 
 
@@ -23,20 +24,51 @@ def last_conv_layer(model: keras.Model) -> str:
     raise ValueError(f"model {model.name!r} has no spatial layer for Grad-CAM")
 
 
+class GradCam:
+    """Grad-CAM heat maps of one model, compiled once and reused for every batch.
+
+    The heat map needs the gradient of the score with respect to the feature map only, so the backward
+    pass runs through the head alone; in a compiled graph TensorFlow keeps just that path, where an
+    eager tape walked back through the whole network. One trace serves every batch size.
+    """
+
+    def __init__(self, model: keras.Model, layer: str | None = None) -> None:
+        self.model = model
+        self.layer = layer or last_conv_layer(model)
+        probe = keras.Model(model.inputs, [model.get_layer(self.layer).output, model.output])
+
+        def heatmaps(x: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                features, output = probe(x, training=False)
+                score = output[:, 0]
+            grads = tape.gradient(score, features)
+            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+            cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+            return tf.image.resize(cam, tf.shape(x)[1:3], method="bilinear")[..., 0]
+
+        self._heatmaps = tf.function(heatmaps, input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Heat maps in [0, 1] of shape (n, H, W) for a batch of preprocessed inputs (n, H, W, 3)."""
+        cam = self._heatmaps(tf.convert_to_tensor(x, tf.float32)).numpy()
+        peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+        return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+
+    def on_slices(self, grey: np.ndarray, preprocess_input, batch_size: int = defaults.BATCH_SIZE) -> np.ndarray:
+        """Heat maps (n, H, W) of decoded uint8 slices, through the backbone's own preprocessing, in batches."""
+        from mstl.data.images import grey_to_input
+
+        grey = np.asarray(grey)
+        if len(grey) == 0:
+            return np.zeros(grey.shape[:3])
+        return np.concatenate(
+            [self(np.asarray(grey_to_input(grey[i : i + batch_size], preprocess_input))) for i in range(0, len(grey), batch_size)]
+        )
+
+
 def gradcam(model: keras.Model, x: np.ndarray, layer: str | None = None) -> np.ndarray:
     """Heatmaps in [0, 1] of shape (n, H, W) for a batch of preprocessed inputs (n, H, W, 3)."""
-    layer = layer or last_conv_layer(model)
-    probe = keras.Model(model.inputs, [model.get_layer(layer).output, model.output])
-    x = tf.convert_to_tensor(x, tf.float32)
-    with tf.GradientTape() as tape:
-        features, output = probe(x, training=False)
-        score = output[:, 0]
-    grads = tape.gradient(score, features)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
-    cam = tf.image.resize(cam, x.shape[1:3], method="bilinear")[..., 0].numpy()
-    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+    return GradCam(model, layer)(x)
 
 
 def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -49,12 +81,11 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
     return np.clip(np.round(mixed * 255), 0, 255).astype(np.uint8)
 
 
-def explanation_sheet(model, grey: np.ndarray, preprocess_input, captions: list[str], title: str) -> Image.Image:
+def explanation_sheet(cam: GradCam, grey: np.ndarray, preprocess_input, captions: list[str], title: str) -> Image.Image:
     """Overlays for a batch of grey slices, as one captioned contact sheet."""
-    from mstl.data.images import grey_to_input
     from mstl.evaluation.montage import montage
 
-    heatmaps = gradcam(model, np.asarray(grey_to_input(grey, preprocess_input)))
+    heatmaps = cam.on_slices(grey, preprocess_input)
     return montage(
         [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)], captions, columns=min(len(grey), 6), title=title, side=160
     )
@@ -64,7 +95,7 @@ KIND_NAMES = {"TP": "true positives", "FN": "false negatives", "FP": "false posi
 
 
 def error_sheet(
-    model, grey, labels, prob, preprocess_input, threshold: float, what: str, kinds=("TP", "FN", "FP"), per_kind: int = 3
+    cam: GradCam, grey, labels, prob, preprocess_input, threshold: float, what: str, kinds=("TP", "FN", "FP"), per_kind: int = 3
 ) -> Image.Image | None:
     """Grad-CAM overlays of the most confident examples of each kind (TP, FN, FP, TN); None when there are none."""
     labels, prob = np.asarray(labels), np.asarray(prob)
@@ -84,4 +115,4 @@ def error_sheet(
     if not picks:
         return None
     title = f"Grad-CAM on {what}: " + ", ".join(KIND_NAMES[k] for k in kinds)
-    return explanation_sheet(model, np.asarray(grey)[picks], preprocess_input, captions, title)
+    return explanation_sheet(cam, np.asarray(grey)[picks], preprocess_input, captions, title)

@@ -37,28 +37,27 @@ def blank_lungs(grey: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return out
 
 
-def shortcut_probes(model, grey: np.ndarray, labels: np.ndarray, preprocess_input, batch_size: int = 32) -> dict[str, float]:
+def shortcut_probes(
+    model, grey: np.ndarray, labels: np.ndarray, preprocess_input, batch_size: int = 32, cam=None
+) -> dict[str, float]:
     """lung_attention (mean over images with a lung field), masked_lung_auc, and the share of images in which
-    a lung field was found (``lung_field_found``), for a Keras binary classifier on uint8 grey slices."""
+    a lung field was found (``lung_field_found``), for a Keras binary classifier on uint8 grey slices.
+    ``cam``: the model's ``GradCam``, when the caller has one already (it is compiled once per model)."""
     from sklearn.metrics import roc_auc_score
 
-    from mstl.data.images import grey_to_input
-    from mstl.evaluation.gradcam import gradcam
+    from mstl.evaluation.gradcam import GradCam
+    from mstl.training.fit import predict_grey
 
+    cam = cam or GradCam(model)
     masks = lung_masks(grey)
     found = masks.reshape(len(masks), -1).any(axis=1)
-    heat, blanked = [], []
-    masked = blank_lungs(grey, masks)
-    for start in range(0, len(grey), batch_size):
-        heat.append(gradcam(model, np.asarray(grey_to_input(grey[start : start + batch_size], preprocess_input))))
-        blanked.append(
-            np.asarray(model(grey_to_input(masked[start : start + batch_size], preprocess_input), training=False))[:, 0]
-        )
-    attention = lung_attention(np.concatenate(heat), masks)
+    heat = cam.on_slices(grey, preprocess_input, batch_size)
+    blanked = predict_grey(model, blank_lungs(grey, masks), preprocess_input, batch_size)[:, 0]
+    attention = lung_attention(heat, masks)
     y = np.asarray(labels).astype(int)
     two_classes = 0 < y.sum() < len(y)
     return {
         "lung_attention": float(np.nanmean(attention[found])) if found.any() else float("nan"),
-        "masked_lung_auc": float(roc_auc_score(y, np.concatenate(blanked))) if two_classes else float("nan"),
+        "masked_lung_auc": float(roc_auc_score(y, blanked)) if two_classes else float("nan"),
         "lung_field_found": float(found.mean()),
     }

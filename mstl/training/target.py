@@ -19,11 +19,12 @@ from mstl import defaults
 from mstl.data import covid_ct
 from mstl.data.images import decode_images_cached
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
+from mstl.evaluation.gradcam import GradCam
 from mstl.evaluation.probes import shortcut_probes
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
 from mstl.serving import log_serving_model, serving_config
 from mstl.tracking import MODEL_ID_TAG, log_dataset, log_figure, log_params, log_table, resolve_run, start_stage_run
-from mstl.training.fit import distribution_scope, fit_classifier, image_dataset, predict_in_batches, set_seed
+from mstl.training.fit import distribution_scope, fit_classifier, predict_grey, set_seed
 from mstl.training.params import ClassifierParams
 
 
@@ -65,7 +66,7 @@ def evaluate_split(
 ) -> pd.DataFrame:
     """Predict one split, log its metrics with CIs (linked to the logged model and the split's data set),
     pictures and predictions CSV."""
-    prob = predict_in_batches(model, image_dataset(grey, None, spec.preprocess_input, params.batch_size))[:, 0]
+    prob = predict_grey(model, grey, spec.preprocess_input, params.batch_size)[:, 0]
     labels = table["label"].to_numpy()
     estimates = bootstrap_metrics(labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed)
     values = {}
@@ -82,17 +83,18 @@ def evaluate_split(
     )
     log_table(predictions, f"predictions/{name}.csv")
     if name == "test":
-        log_explanations(model, grey, labels, prob, spec, params)
-        probes = shortcut_probes(model, grey, labels, spec.preprocess_input, params.batch_size)
+        cam = GradCam(model)
+        log_explanations(cam, grey, labels, prob, spec, params)
+        probes = shortcut_probes(model, grey, labels, spec.preprocess_input, params.batch_size, cam)
         mlflow.log_metrics({f"{name}_{k}": v for k, v in probes.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset)
     return predictions
 
 
-def log_explanations(model, grey, labels, prob, spec, params: TargetParams) -> None:
+def log_explanations(cam: GradCam, grey, labels, prob, spec, params: TargetParams) -> None:
     """Grad-CAM overlays of the most confident true positives, false negatives and false positives."""
     from mstl.evaluation.gradcam import error_sheet
 
-    sheet = error_sheet(model, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices")
+    sheet = error_sheet(cam, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices")
     if sheet is not None:
         with tempfile.TemporaryDirectory() as tmp:
             sheet.save(Path(tmp) / "gradcam_test.png")
