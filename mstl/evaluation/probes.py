@@ -10,9 +10,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from mstl import defaults
 from mstl.dicom.selection import lung_mask_8bit
+
+if TYPE_CHECKING:
+    from mstl.evaluation.gradcam import GradCam
 
 
 def lung_masks(grey: np.ndarray) -> np.ndarray:
@@ -38,7 +44,12 @@ def blank_lungs(grey: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def shortcut_probes(
-    model, grey: np.ndarray, labels: np.ndarray, preprocess_input, batch_size: int = 32, cam=None
+    model,
+    grey: np.ndarray,
+    labels: np.ndarray,
+    preprocess_input,
+    batch_size: int = defaults.BATCH_SIZE,
+    cam: GradCam | None = None,
 ) -> dict[str, float]:
     """lung_attention (mean over images with a lung field), masked_lung_auc, and the share of images in which
     a lung field was found (``lung_field_found``), for a Keras binary classifier on uint8 grey slices.
