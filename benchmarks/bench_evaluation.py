@@ -4,7 +4,7 @@ against the way it did them before:
 - the validation and test predictions and the test split's Grad-CAM pictures and shortcut probes, on the
   logged model and the real COVID-CT splits: eager calls (``model(x)`` per batch, and the Grad-CAM of
   Keras's own example: a probe model called under an eager ``GradientTape``, built for every batch)
-  against Keras's compiled ``predict_on_batch`` and one compiled ``GradCam`` per model. Each way starts
+  against one compiled forward pass (``fit.compiled_forward``) and one compiled ``GradCam`` per model. Each way starts
   from a freshly loaded model, so tracing is counted as a run pays it; the two give the same numbers,
   checked here;
 - the percentile bootstrap of the test metrics (1,000 resamples of 203 images): ROC AUC by scikit-learn's

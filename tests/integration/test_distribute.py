@@ -1,4 +1,5 @@
-"""distribute=mirrored on the CPU with two logical devices (in a fresh process: devices are fixed at start)."""
+"""distribute=mirrored on the CPU with two logical devices (in a fresh process: devices are fixed at start): training,
+then the predictions the stages make after it."""
 
 import subprocess
 import sys
@@ -27,6 +28,16 @@ SCRIPT = textwrap.dedent("""
         result = fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]),
                                 get_backbone("mobilenet_025").preprocess_input, TARGET_OUTPUT,
                                 FitConfig(epochs=1, batch_size=8, log_to_mlflow=False, cache_frozen={cache}))
+    # evaluation runs after the scope, as in the stages: one row per image, as an eager call gives
+    from mstl.data.images import grey_to_input
+    from mstl.training.fit import predict_grey
+    preprocess = get_backbone("mobilenet_025").preprocess_input
+    prob = predict_grey(model, grey, preprocess, 16)
+    eager = np.concatenate([np.asarray(model(grey_to_input(grey[i : i + 16], preprocess), training=False)) for i in range(0, 40, 16)])
+    assert prob.shape == (40, 1), prob.shape
+    np.testing.assert_allclose(prob, eager, atol=1e-6)
+    from mstl.evaluation.gradcam import GradCam
+    assert GradCam(model).on_slices(grey[:5], preprocess).shape == (5, 32, 32)
     print("REPLICAS", strategy.num_replicas_in_sync, "CACHED", result.cached_frozen, "VAL", result.best_val_accuracy)
 """)
 

@@ -1,10 +1,15 @@
-"""The fit's settings and its keep-best / stop-early rule, without training a network."""
+"""The fit's settings, its keep-best / stop-early rule, and the compiled batch predictions, without training a network."""
+
+import gc
+import weakref
 
 import keras
 import numpy as np
 import pytest
 
-from mstl.training.fit import FitConfig, KeepBestWeights
+from mstl.data.images import grey_to_input
+from mstl.models import build_classifier, get_backbone
+from mstl.training.fit import FitConfig, KeepBestWeights, compiled_forward, predict_grey
 
 
 def stop_epoch(val_accuracies, patience):
@@ -59,3 +64,19 @@ def test_fit_metrics_count_the_epochs_run():
         "frozen_seconds": 0.5,
     }
     assert np.isfinite(list(result.metrics().values())).all()
+
+
+def test_batch_predictions_equal_eager_calls_bit_for_bit_with_one_trace():
+    model = build_classifier("mobilenet_025", weights=None, image_size=32)
+    preprocess = get_backbone("mobilenet_025").preprocess_input
+    grey = np.random.default_rng(0).integers(0, 255, (11, 32, 32)).astype(np.uint8)
+    eager = np.concatenate(
+        [np.asarray(model(grey_to_input(grey[i : i + 4], preprocess), training=False)) for i in range(0, len(grey), 4)]
+    )
+    np.testing.assert_array_equal(predict_grey(model, grey, preprocess, 4), eager)  # batches of 4, 4 and 3
+    np.testing.assert_array_equal(predict_grey(model, grey, preprocess, 11), eager)
+    assert compiled_forward(model).experimental_get_tracing_count() == 1
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the compiled forward pass does not keep the model alive
