@@ -38,19 +38,14 @@ def eager_gradcam(model, x) -> np.ndarray:
     import keras
     import tensorflow as tf
 
-    from mstl.evaluation.gradcam import last_conv_layer
+    from mstl.evaluation.gradcam import last_conv_layer, scaled_to_peak, weighted_feature_map
 
     probe = keras.Model(model.inputs, [model.get_layer(last_conv_layer(model)).output, model.output])
     x = tf.convert_to_tensor(x, tf.float32)
     with tf.GradientTape() as tape:
         features, output = probe(x, training=False)
         score = output[:, 0]
-    grads = tape.gradient(score, features)
-    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
-    cam = tf.image.resize(cam, x.shape[1:3], method="bilinear")[..., 0].numpy()
-    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+    return scaled_to_peak(weighted_feature_map(features, tape.gradient(score, features), x.shape[1:3]).numpy())
 
 
 def model_evaluation(model_dir: str, data_root: str, repeats: int) -> list[tuple[str, float, float]]:

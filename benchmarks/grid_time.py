@@ -71,9 +71,8 @@ def main() -> None:
         "\n| --- | --- | --- | --- | --- | --- |"
     )
     for stage, group in table.groupby("stage", sort=False):
-        fit, epochs = group["fit_seconds"].mean(), group["epochs_run"].mean()
-        fit_text = f"{fit:.1f}" if np.isfinite(fit) else ""
-        epochs_text = f"{epochs:.1f}" if np.isfinite(epochs) else ""
+        fit, epochs = (group[column].mean() for column in ("fit_seconds", "epochs_run"))
+        fit_text, epochs_text = (f"{mean:.1f}" if np.isfinite(mean) else "" for mean in (fit, epochs))
         print(
             f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | {group['seconds'].mean():.1f} | {fit_text} "
             f"| {epochs_text} |"

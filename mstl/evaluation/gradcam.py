@@ -24,6 +24,20 @@ def last_conv_layer(model: keras.Model) -> str:
     raise ValueError(f"model {model.name!r} has no spatial layer for Grad-CAM")
 
 
+def weighted_feature_map(features: tf.Tensor, grads: tf.Tensor, size) -> tf.Tensor:
+    """Grad-CAM's map before scaling: the feature map weighted by its gradient's mean per channel,
+    rectified, resized to the image's ``size`` (height, width)."""
+    weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
+    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
+    return tf.image.resize(cam, size, method="bilinear")[..., 0]
+
+
+def scaled_to_peak(cam: np.ndarray) -> np.ndarray:
+    """Each map divided by its own maximum, so in [0, 1]; an all-zero map stays zero."""
+    peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
+    return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+
+
 class GradCam:
     """Grad-CAM heat maps of one model, compiled once and reused for every batch.
 
@@ -41,29 +55,22 @@ class GradCam:
             with tf.GradientTape() as tape:
                 features, output = probe(x, training=False)
                 score = output[:, 0]
-            grads = tape.gradient(score, features)
-            weights = tf.reduce_mean(grads, axis=(1, 2), keepdims=True)
-            cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
-            return tf.image.resize(cam, tf.shape(x)[1:3], method="bilinear")[..., 0]
+            return weighted_feature_map(features, tape.gradient(score, features), tf.shape(x)[1:3])
 
         self._heatmaps = tf.function(heatmaps, input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x) -> np.ndarray:
         """Heat maps in [0, 1] of shape (n, H, W) for a batch of preprocessed inputs (n, H, W, 3)."""
-        cam = self._heatmaps(tf.convert_to_tensor(x, tf.float32)).numpy()
-        peak = cam.reshape(len(cam), -1).max(axis=1).reshape(-1, 1, 1)
-        return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0.0)
+        return scaled_to_peak(self._heatmaps(tf.convert_to_tensor(x, tf.float32)).numpy())
 
     def on_slices(self, grey: np.ndarray, preprocess_input, batch_size: int = defaults.BATCH_SIZE) -> np.ndarray:
-        """Heat maps (n, H, W) of decoded uint8 slices, through the backbone's own preprocessing, in batches."""
-        from mstl.data.images import grey_to_input
+        """Heat maps (n, H, W) of decoded uint8 slices, in the batches the predictions use (``fit.image_dataset``)."""
+        from mstl.training.fit import image_dataset
 
         grey = np.asarray(grey)
         if len(grey) == 0:
             return np.zeros(grey.shape[:3])
-        return np.concatenate(
-            [self(np.asarray(grey_to_input(grey[i : i + batch_size], preprocess_input))) for i in range(0, len(grey), batch_size)]
-        )
+        return np.concatenate([self(x) for x in image_dataset(grey, None, preprocess_input, batch_size)])
 
 
 def gradcam(model: keras.Model, x: np.ndarray, layer: str | None = None) -> np.ndarray:
