@@ -17,7 +17,6 @@ import binascii
 import io
 import json
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -29,6 +28,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mstl import PACKAGE_DIR, defaults
 from mstl.data.images import ImageReadError, open_grey
 from mstl.data.preprocessing import Preprocessing
+from mstl.tracking import mlflow_false_alarms_silenced
 
 INPUT_COLUMN = "image"
 
@@ -97,7 +97,9 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.preprocess_input = get_backbone(self.config["backbone"]).preprocess_input
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        # The hint says what pyfunc passes (the signature's DataFrame); MLflow infers no schema from it
+        # (the logged signature is the schema) and stops warning that predict has no type hints.
         from mstl.data.images import grey_to_input
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -166,8 +168,7 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
         artifacts = {"keras_model": str(keras_path), "config": str(config_path)}
         loaded = CTClassifier()  # only to compute the output signature; a fresh one is logged
         loaded.load_context(type("Context", (), {"artifacts": artifacts}))
-        with warnings.catch_warnings():  # "integer columns cannot hold missing values": label never is missing
-            warnings.simplefilter("ignore", UserWarning)
+        with mlflow_false_alarms_silenced():
             signature = infer_signature(example, loaded.predict(None, example))
         return mlflow.pyfunc.log_model(
             name=name,

@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -128,20 +129,44 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
         mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
 
+@contextlib.contextmanager
+def mlflow_false_alarms_silenced():
+    """Silence two MLflow warnings that never apply here, by their exact text, so that a warning a
+    user does see means something: every other warning still shows.
+
+    - "Inferred schema contains integer column(s) ... cannot represent missing values": our integer
+      columns are class labels, which are never missing (a missing label is refused when read).
+    - "can be interpreted in multiple ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource":
+      MLflow registers its local-file data set source twice (for the schemes "" and "file") and then
+      finds a local path matched by both copies of the one class. A real ambiguity (two different
+      classes) still warns.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Hint: Inferred schema contains integer column", UserWarning)
+        warnings.filterwarnings(
+            "ignore",
+            r"The specified dataset source can be interpreted in multiple ways: "
+            r"LocalArtifactDatasetSource, LocalArtifactDatasetSource\.",
+            UserWarning,
+        )
+        yield
+
+
 def log_dataset(df: pd.DataFrame, name: str, source: str, digest: str, context: str, targets: str | None = None):
     """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and return it,
     so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the table)."""
-    dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
     from mstl.tracking.work import retry_lost_race  # not at import: it brings Optuna
 
-    # Two grid workers logging the same new data set at once: the store looks the data set up, finds none,
-    # and both insert it; the second insert breaks the unique key (experiment, name, digest). The data set
-    # exists now, so the retry finds it and only links it to this run.
-    retry_lost_race(
-        lambda: mlflow.log_input(dataset, context=context),
-        lambda exc: isinstance(exc, mlflow.exceptions.MlflowException) and is_duplicate_dataset(exc),
-        attempts=3,
-    )
+    with mlflow_false_alarms_silenced():  # the source is resolved here, the schema inferred when logged
+        dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
+        # Two grid workers logging the same new data set at once: the store looks the data set up, finds
+        # none, and both insert it; the second insert breaks the unique key (experiment, name, digest). The
+        # data set exists now, so the retry finds it and only links it to this run.
+        retry_lost_race(
+            lambda: mlflow.log_input(dataset, context=context),
+            lambda exc: isinstance(exc, mlflow.exceptions.MlflowException) and is_duplicate_dataset(exc),
+            attempts=3,
+        )
     return dataset
 
 

@@ -21,3 +21,17 @@ def test_serving_requirements_are_the_installed_runtime_dependencies_pinned():
     assert len(set(pins) & {"tensorflow", "tensorflow-cpu"}) == 1  # exactly the TensorFlow build installed here
     for name, requirement in pins.items():  # every pin is exactly what runs here
         assert str(requirement.specifier) == f"=={metadata.version(name)}"
+
+
+def test_defining_the_served_model_raises_no_mlflow_warning():
+    """MLflow checks ``predict``'s type hints when the class is defined (on every import of mstl.serving:
+    each Target run, each `mlflow models serve`); without one it warns to add one."""
+    import importlib
+    import warnings
+
+    import mstl.serving
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        importlib.reload(mstl.serving)
+    assert [str(w.message) for w in caught] == []
