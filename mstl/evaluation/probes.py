@@ -34,6 +34,13 @@ def lung_attention(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
     return np.divide(inside, total, out=np.full(len(total), np.nan), where=total > 0)
 
 
+def mean_lung_attention(attention: np.ndarray, found: np.ndarray) -> float:
+    """The mean over images with a lung field and some heat; NaN where no image has both (a model whose
+    heat maps are all zero, as after one epoch at tiny settings), without numpy's empty-mean warning."""
+    scored = np.asarray(found, dtype=bool) & np.isfinite(attention)
+    return float(attention[scored].mean()) if scored.any() else float("nan")
+
+
 def blank_lungs(grey: np.ndarray, masks: np.ndarray) -> np.ndarray:
     """The slices with each lung field filled with its own mean grey level."""
     out = np.array(grey, copy=True)
@@ -68,7 +75,7 @@ def shortcut_probes(
     y = np.asarray(labels).astype(int)
     two_classes = 0 < y.sum() < len(y)
     return {
-        "lung_attention": float(np.nanmean(attention[found])) if found.any() else float("nan"),
+        "lung_attention": mean_lung_attention(attention, found),
         "masked_lung_auc": float(roc_auc_score(y, blanked)) if two_classes else float("nan"),
         "lung_field_found": float(found.mean()),
     }

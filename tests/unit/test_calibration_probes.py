@@ -1,11 +1,13 @@
 """Calibration metrics against hand-computed values; the shortcut probes on inputs whose answer is known."""
 
+import warnings
+
 import numpy as np
 import pytest
 
 from mstl.dicom.selection import lung_mask_8bit, otsu_threshold
 from mstl.evaluation.calibration import brier_score, expected_calibration_error, reliability_bins
-from mstl.evaluation.probes import blank_lungs, lung_attention
+from mstl.evaluation.probes import blank_lungs, lung_attention, mean_lung_attention
 
 
 def test_brier_by_hand():
@@ -47,6 +49,16 @@ def phantom_slice(size=128):
     grey[60:64, 40:44] = 200  # a nodule inside the left lung
     grey[2:8, 2:30] = 255  # burnt-in text, outside the body
     return grey, lungs
+
+
+def test_mean_lung_attention_skips_images_without_a_lung_field_or_heat_and_never_warns():
+    attention = np.array([1.0, np.nan, 0.5, 0.25])  # NaN: an all-zero heat map
+    found = np.array([True, True, True, False])  # the last image has no lung field
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would fail the test
+        assert mean_lung_attention(attention, found) == 0.75
+        assert np.isnan(mean_lung_attention(np.full(3, np.nan), np.ones(3, bool)))
+        assert np.isnan(mean_lung_attention(attention, np.zeros(4, bool)))
 
 
 def test_eight_bit_lung_field_finds_both_lungs_with_their_contents_and_not_the_air():
