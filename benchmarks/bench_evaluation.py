@@ -62,7 +62,7 @@ def model_evaluation(model_dir: str, data_root: str, repeats: int) -> list[tuple
     from mstl.data.preprocessing import Preprocessing
     from mstl.defaults import BATCH_SIZE
     from mstl.evaluation.gradcam import GradCam, error_sheet
-    from mstl.evaluation.probes import blank_lungs, lung_attention, lung_masks, shortcut_probes
+    from mstl.evaluation.probes import blank_lungs, lung_attention, lung_masks, mean_lung_attention, shortcut_probes
     from mstl.models import cache_cut_index, get_backbone, split_at_cut
     from mstl.training.fit import predict_grey
 
@@ -95,7 +95,7 @@ def model_evaluation(model_dir: str, data_root: str, repeats: int) -> list[tuple
         heat = np.concatenate([eager_gradcam(model, x) for x in batches(test)])
         blanked = np.concatenate([np.asarray(model(x, training=False)) for x in batches(blank_lungs(test, masks))])[:, 0]
         found = masks.reshape(len(masks), -1).any(axis=1)
-        out["probes"] = (float(np.nanmean(lung_attention(heat, masks)[found])), float(roc_auc_score(labels, blanked)))
+        out["probes"] = (mean_lung_attention(lung_attention(heat, masks), found), float(roc_auc_score(labels, blanked)))
         eager_gradcam(model, batches(test[:9])[0])  # the error sheet's nine overlays
         times["probes"] = time.perf_counter() - start
         return times | {"out": out}

@@ -238,7 +238,7 @@ def run_evaluate(params: EvaluateParams) -> str:
         at_half = point_metrics(y, prob, 0.5)
         values |= {"sensitivity_at_0.5": at_half["recall"], "specificity_at_0.5": at_half["specificity"]}
         if 0 < y.sum() < len(y):
-            values |= shortcut_probes(model, grey, y, preprocess, defaults.BATCH_SIZE, cam)
+            values |= shortcut_probes(model, grey, y, preprocess, cam=cam)
         else:
             print(
                 f"{name} holds one class only ({'positive' if y.all() else 'negative'}): ROC AUC and the "
