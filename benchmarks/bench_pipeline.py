@@ -14,6 +14,8 @@ Each variant runs in its own process so its peak memory (max RSS) is its own.
 Writes JSON lines to --out and a Markdown table to stdout.
 
     python benchmarks/bench_pipeline.py --data-root ../shared/data --epochs 4
+    python benchmarks/bench_pipeline.py --variants decode_once_cache,decode_once_cache_frozen_features \
+        --repeats 3 --threads 1   # two variants in turn, three times each
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -116,13 +119,19 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
     parser.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: its default)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
+    parser.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times")
     parser.add_argument("--out", default="bench-out/pipeline.jsonl")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.data_root, args.epochs, args.image_size, args.batch_size, args.threads)))
         return
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     rows = []
-    for variant in VARIANTS:
+    for variant in variants * args.repeats:
         cmd = [
             sys.executable,
             __file__,
@@ -136,16 +145,19 @@ def main() -> None:
             str(args.image_size),
             "--batch-size",
             str(args.batch_size),
+            "--threads",
+            str(args.threads),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"{variant}: {rows[-1]}", flush=True)
-    peer = rows[0]["later_epoch_s"]
+    peer = statistics.median(r["later_epoch_s"] for r in rows if r["variant"] == variants[0])
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w") as f:
         for row in rows:
             row["speedup_vs_peer"] = peer / row["later_epoch_s"]
             f.write(json.dumps(row) + "\n")
+    print(f"\nspeed-up against {variants[0]} (the median of its runs)")
     print("\n| variant | first epoch (s) | later epochs (s, median) | images/s | speed-up vs peer | peak RSS (MB) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
