@@ -505,5 +505,10 @@ def run_compare(params: CompareParams) -> str:
                 "n_external_sets": int(external["digest"].nunique()) if len(external) else 0,
             }
         )
-        print(f"compare: {len(runs)} Target runs; report in {out / 'report.md'}")
+        # both experiments by name: the one this run is logged in is easily taken for the searched one
+        logged_in = client.get_experiment(run.info.experiment_id).name
+        print(
+            f"compare: {len(runs)} Target runs of experiment {params.search_experiment!r}{scope}; report in "
+            f"{out / 'report.md'}; this compare run is in experiment {logged_in!r}"
+        )
         return run.info.run_id

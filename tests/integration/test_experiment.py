@@ -77,7 +77,10 @@ def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
         EXPERIMENT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compare: 3 Target runs" in result.stdout  # the grid's cells, the reused imagenet run included
+    grid = grids[1].info.run_id
+    # the grid's cells, the reused imagenet run included; the searched experiment and the grid named
+    assert f"compare: 3 Target runs of experiment '{EXPERIMENT}', grid run {grid}; report in" in result.stdout
+    assert f"this compare run is in experiment '{EXPERIMENT}'" in result.stdout
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Bonferroni" in report or "Holm" in report
 
