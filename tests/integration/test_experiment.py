@@ -70,17 +70,20 @@ def test_compare_can_be_limited_to_one_grid(mlflow_server, tmp_path):
     client = MlflowClient(mlflow_server)
     exp = client.get_experiment_by_name(EXPERIMENT)
     grids = sorted(client.search_runs([exp.experiment_id], "tags.stage = 'experiment'"), key=lambda r: r.info.start_time)
+    grid = grids[1].info.run_id
+    reports = EXPERIMENT + "-reports"  # the compare run is logged apart from the experiment it searches
     result = run_entry_point(
         "compare",
-        {"search_experiment": EXPERIMENT, "parent_run": grids[1].info.run_id, "out_dir": tmp_path / "report"},
+        {"search_experiment": EXPERIMENT, "parent_run": grid, "out_dir": tmp_path / "report"},
         mlflow_server,
-        EXPERIMENT,
+        reports,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    grid = grids[1].info.run_id
-    # the grid's cells, the reused imagenet run included; the searched experiment and the grid named
+    # the grid's cells, the reused imagenet run included; both experiments named, each as what it is
     assert f"compare: 3 Target runs of experiment '{EXPERIMENT}', grid run {grid}; report in" in result.stdout
-    assert f"this compare run is in experiment '{EXPERIMENT}'" in result.stdout
+    assert f"this compare run is in experiment '{reports}'" in result.stdout
+    logged = client.search_runs([client.get_experiment_by_name(reports).experiment_id], "tags.stage = 'compare'")
+    assert len(logged) == 1 and logged[0].data.params["search_experiment"] == EXPERIMENT
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Bonferroni" in report or "Holm" in report
 
