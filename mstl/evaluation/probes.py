@@ -58,8 +58,9 @@ def shortcut_probes(
     batch_size: int = defaults.BATCH_SIZE,
     cam: GradCam | None = None,
 ) -> dict[str, float]:
-    """lung_attention (``mean_lung_attention``: over images with a lung field and some heat), masked_lung_auc, and the share of images in which
-    a lung field was found (``lung_field_found``), for a Keras binary classifier on uint8 grey slices.
+    """lung_attention (``mean_lung_attention``: over images with a lung field and some heat), masked_lung_auc,
+    and the share of images in which a lung field was found (``lung_field_found``), for a Keras binary
+    classifier on uint8 grey slices.
     ``cam``: the model's ``GradCam``, when the caller has one already (it is compiled once per model)."""
     from sklearn.metrics import roc_auc_score
 
