@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (see README.md):
 #   make target   runs the main job (Target stage, MobileNet-0.25, COVID-CT, embedded MLflow store)
-#   make test     runs the unit tests;  make integration  the slower ones;  make check  both;  make lint
+#   make test     runs the unit tests;  make integration  the slower ones;  make check  both;  make lint (ruff, import contract)
 SHELL := /bin/bash
 # Python 3.11, 3.12 or 3.13; another venv for another Python: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3.11
@@ -81,6 +81,7 @@ check: weights
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # Benchmarks (minutes; the soft-label scale run about 15): results are recorded in docs/benchmarks.md.
 bench: weights

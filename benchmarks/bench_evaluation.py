@@ -58,7 +58,8 @@ def model_evaluation(model_dir: str, data_root: str, repeats: int) -> list[tuple
     from sklearn.metrics import roc_auc_score
 
     from mstl.data import covid_ct
-    from mstl.data.images import decode_images, grey_to_input
+    from mstl.data.images import decode_images
+    from mstl.data.pipeline import grey_to_input
     from mstl.data.preprocessing import Preprocessing
     from mstl.defaults import BATCH_SIZE
     from mstl.evaluation.gradcam import GradCam, error_sheet
@@ -151,7 +152,7 @@ def main() -> None:
     from mlflow.utils.environment import infer_pip_requirements
 
     from mstl.evaluation.metrics import bootstrap, bootstrap_metrics, point_metrics
-    from mstl.serving import serving_requirements
+    from mstl.inference.pyfunc import serving_requirements
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-dir", required=True, help="a logged Target model's artifacts folder (holds MLmodel)")

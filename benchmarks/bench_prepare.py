@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def measure(root: str, export_dir: str) -> dict:
-    from mstl.dicom.prepare import PrepareParams, build_export
+    from mstl.stages.prepare import PrepareParams, build_export
 
     start = time.perf_counter()
     export = build_export(PrepareParams(dicom_root=root, export_dir=export_dir))

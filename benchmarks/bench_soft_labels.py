@@ -34,7 +34,7 @@ def scale(n: int, d: int, clusters: int, folds: int, k_values: str) -> dict:
     import mlflow
     import numpy as np
 
-    from mstl.soft_labels.stage import SoftLabelParams, search_k
+    from mstl.stages.soft_labels import SoftLabelParams, search_k
 
     rng = np.random.default_rng(0)
     centers = rng.normal(0, 1, (clusters, d)).astype(np.float32)

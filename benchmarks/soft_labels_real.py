@@ -34,10 +34,10 @@ def main() -> None:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
-    from mstl.dicom.prepare import PrepareParams, build_export
     from mstl.soft_labels.features import cached_features
     from mstl.soft_labels.search import CRITERIA, fold_scores
-    from mstl.soft_labels.stage import reduce_features
+    from mstl.stages.prepare import PrepareParams, build_export
+    from mstl.stages.soft_labels import reduce_features
 
     with tempfile.TemporaryDirectory() as tmp:
         export = build_export(

@@ -1,7 +1,7 @@
 """`mlflow run . -e target`: fine-tune a backbone on COVID-CT and evaluate it (the paper's Target step)."""
 
-from mstl.cli import run_stage
-from mstl.training.target import TargetParams, run_target
+from mstl.stages.cli import run_stage
+from mstl.stages.target import TargetParams, run_target
 
 if __name__ == "__main__":
     run_stage(TargetParams, run_target, "target")

@@ -6,6 +6,7 @@ Stages (one module each): ``mstl.data`` (COVID-CT and image decoding), ``mstl.mo
 """
 
 import os as _os
+from importlib import metadata
 from pathlib import Path as _Path
 
 __version__ = "0.1.0"
@@ -13,12 +14,13 @@ PACKAGE_DIR = _Path(__file__).resolve().parent  # the package's source (code ver
 
 # TensorFlow's C++ start-up chatter (oneDNN, CPU features) hides the progress lines people need.
 _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Figures are written to files, never shown: no display needed, the same backend everywhere.
+_os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def tensorflow_build(installed=None) -> str:
     """Which TensorFlow build is installed ("tensorflow" or "tensorflow-cpu"); an error naming the fix
     when there is none, or both (two packages owning one folder break each other)."""
-    from importlib import metadata
 
     def present(name: str) -> bool:
         try:

@@ -1,7 +1,7 @@
 """Target data (COVID-CT), image decoding to grey, and the tf.data pipeline."""
 
 from mstl.data.covid_ct import SPLIT_MODES, files_sha256, index_images, load_split, split_sha256, split_table
-from mstl.data.images import DecodedImages, ImageReadError, decode_images, grey_to_input, load_grey, to_grey
+from mstl.data.images import DecodedImages, ImageReadError, decode_images, load_grey, to_grey
 
 __all__ = [
     "SPLIT_MODES",
@@ -9,7 +9,6 @@ __all__ = [
     "ImageReadError",
     "decode_images",
     "files_sha256",
-    "grey_to_input",
     "index_images",
     "load_grey",
     "load_split",

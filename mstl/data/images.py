@@ -145,12 +145,3 @@ def decode_images_cached(
         cache.store("decoded", key + "-lung-field-missing", np.asarray(decoded.lung_field_missing, dtype=np.int64))
     decoded.seconds = time.perf_counter() - start
     return decoded
-
-
-def grey_to_input(grey_batch, preprocess_input):
-    """uint8 grey (n, h, w) -> the backbone's float input (n, h, w, 3), via its own ``preprocess_input``."""
-    import tensorflow as tf
-
-    x = tf.cast(grey_batch, tf.float32)[..., None]
-    x = tf.repeat(x, 3, axis=-1)
-    return preprocess_input(x)

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from mstl.data.images import IMAGE_SUFFIXES
 
@@ -95,9 +98,6 @@ def difference_hash(grey: Image.Image, side: int = HASH_SIDE) -> np.ndarray:
 
 def group_near_duplicates(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS, chunk: int = 256) -> np.ndarray:
     """Connected components of slices whose hashes differ in at most ``max_bits`` bits (a group id each)."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     hashes = np.asarray(hashes, dtype=np.uint8)
     n = len(hashes)
     rows, cols = [], []
@@ -114,3 +114,15 @@ def group_near_duplicates(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BIT
     _, first = np.unique(labels, return_index=True)
     order = np.argsort(np.argsort(first))
     return order[labels]
+
+
+def check_two_classes(labels: pd.Series, origin: str) -> None:
+    """A hard (supervised) Transition task needs at least two classes."""
+    present = sorted(labels.dropna().unique().tolist())
+    if len(present) < 2:
+        which = f"only class {present[0]!r}" if present else "no labelled slice"
+        raise ValueError(
+            f"the hard task has a single class: {which} in {origin}. A hard Transition needs two classes "
+            "(e.g. benign and malignant, or tumour and no tumour slice labels); use slice labels, add "
+            "negatives, or use strategy=soft"
+        )

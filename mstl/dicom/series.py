@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import get_decoder
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -57,8 +58,6 @@ def missing_decoder(ds: pydicom.Dataset) -> str | None:
     if uid is None or not uid.is_compressed:
         return None
     try:
-        from pydicom.pixels import get_decoder
-
         decoder = get_decoder(uid)
     except (NotImplementedError, ValueError):
         return f"compressed transfer syntax {uid.name} ({uid}) has no pixel decoder in pydicom"

@@ -1,7 +1,6 @@
 """Metrics with bootstrap confidence intervals, and the ROC / confusion-matrix pictures."""
 
 from mstl.evaluation.metrics import METRIC_NAMES, Estimate, bootstrap_metrics, confusion, point_metrics
-from mstl.evaluation.montage import montage
 from mstl.evaluation.plots import confusion_figure, roc_figure
 
 __all__ = [
@@ -10,7 +9,6 @@ __all__ = [
     "bootstrap_metrics",
     "confusion",
     "confusion_figure",
-    "montage",
     "point_metrics",
     "roc_figure",
 ]

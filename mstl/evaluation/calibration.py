@@ -3,6 +3,7 @@ and the reliability diagram, plus the score histogram per class."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 N_BINS = 10
@@ -33,8 +34,6 @@ def expected_calibration_error(y_true, y_prob, n_bins: int = N_BINS) -> float:
 
 
 def reliability_figure(y_true, y_prob, title: str = "reliability", n_bins: int = N_BINS):
-    import matplotlib.pyplot as plt
-
     bins = reliability_bins(y_true, y_prob, n_bins)
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1, label="perfectly calibrated")
@@ -59,8 +58,6 @@ def reliability_figure(y_true, y_prob, title: str = "reliability", n_bins: int =
 
 
 def score_histogram_figure(y_true, y_prob, threshold: float, title: str = "scores per class"):
-    import matplotlib.pyplot as plt
-
     y, p = np.asarray(y_true).astype(int), np.asarray(y_prob, dtype=float)
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     edges = np.linspace(0, 1, 21)

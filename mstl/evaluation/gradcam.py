@@ -8,11 +8,14 @@ whether a model looks at the lungs or at shortcuts such as the image border or b
 from __future__ import annotations
 
 import keras
+import matplotlib
 import numpy as np
 import tensorflow as tf
 from PIL import Image
 
 from mstl import defaults
+from mstl.data.montage import montage
+from mstl.data.pipeline import image_dataset
 from mstl.models.classifier import HEAD_PREFIX
 
 
@@ -64,9 +67,7 @@ class GradCam:
         return scaled_to_peak(self._heatmaps(tf.convert_to_tensor(x, tf.float32)).numpy())
 
     def on_slices(self, grey: np.ndarray, preprocess_input, batch_size: int = defaults.BATCH_SIZE) -> np.ndarray:
-        """Heat maps (n, H, W) of decoded uint8 slices, in the batches the predictions use (``fit.image_dataset``)."""
-        from mstl.training.fit import image_dataset
-
+        """Heat maps (n, H, W) of decoded uint8 slices, in the batches the predictions use (``image_dataset``)."""
         grey = np.asarray(grey)
         if len(grey) == 0:
             return np.zeros(grey.shape[:3])
@@ -80,8 +81,6 @@ def gradcam(model: keras.Model, x: np.ndarray, layer: str | None = None) -> np.n
 
 def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     """RGB uint8: the grey slice with the heatmap in a red-yellow colour scale on top."""
-    import matplotlib
-
     colours = matplotlib.colormaps["jet"](heatmap)[..., :3]
     base = np.repeat(np.asarray(grey, dtype=np.float64)[..., None] / 255.0, 3, axis=-1)
     mixed = (1 - alpha * heatmap[..., None]) * base + alpha * heatmap[..., None] * colours
@@ -90,8 +89,6 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
 
 def explanation_sheet(cam: GradCam, grey: np.ndarray, preprocess_input, captions: list[str], title: str) -> Image.Image:
     """Overlays for a batch of grey slices, as one captioned contact sheet."""
-    from mstl.evaluation.montage import montage
-
     heatmaps = cam.on_slices(grey, preprocess_input)
     return montage(
         [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)], captions, columns=min(len(grey), 6), title=title, side=160

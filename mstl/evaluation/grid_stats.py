@@ -6,6 +6,7 @@ differences the test set could have detected (power), so a null result can be re
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from scipy import stats
@@ -160,8 +161,6 @@ def detectable_differences(runs: pd.DataFrame, paired: pd.DataFrame, power: floa
 def forest_figure(paired: pd.DataFrame, summary: pd.DataFrame, data: str = "test"):
     """Per-seed paired differences (MSTL - ImageNet) with 95 % intervals, and their mean over seeds (diamond),
     for AUC and sensitivity, one row per split, strategy and seed."""
-    import matplotlib.pyplot as plt
-
     metrics = ["auc", "sensitivity"]
     rows = paired[(paired["data"] == data) & (paired["metric"] == "auc")].sort_values(["backbone", "split", "strategy", "seed"])
     labels = []

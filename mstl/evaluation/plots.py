@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import roc_curve
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import roc_curve  # noqa: E402
-
-from mstl.evaluation.metrics import Estimate, confusion  # noqa: E402
+from mstl.evaluation.metrics import Estimate, confusion
 
 
 def roc_figure(y_true, y_prob, auc: Estimate | None = None, title: str = "ROC") -> plt.Figure:

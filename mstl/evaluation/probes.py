@@ -10,15 +10,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from mstl import defaults
 from mstl.dicom.selection import lung_mask_8bit
-
-if TYPE_CHECKING:
-    from mstl.evaluation.gradcam import GradCam
+from mstl.evaluation.gradcam import GradCam
+from mstl.inference.predict import predict_grey
 
 
 def lung_masks(grey: np.ndarray) -> np.ndarray:
@@ -62,11 +60,6 @@ def shortcut_probes(
     and the share of images in which a lung field was found (``lung_field_found``), for a Keras binary
     classifier on uint8 grey slices.
     ``cam``: the model's ``GradCam``, when the caller has one already (it is compiled once per model)."""
-    from sklearn.metrics import roc_auc_score
-
-    from mstl.evaluation.gradcam import GradCam
-    from mstl.training.fit import predict_grey
-
     cam = cam or GradCam(model)
     masks = lung_masks(grey)
     found = masks.reshape(len(masks), -1).any(axis=1)

@@ -1,129 +1,21 @@
-"""The `compare` stage: the paper's Table III and Figures 5-7 from the Target runs on a tracking server,
+"""The compare report's parts: the paper's Table III and Figures 5-7 from the Target runs on a tracking server,
 with confidence intervals, paired tests against the ImageNet baseline, and an operating point chosen on
 validation data. Written as Markdown + PNG + CSV and logged as the compare run's artifacts.
 """
 
 from __future__ import annotations
 
-import tempfile
-from dataclasses import asdict, dataclass
+import shutil
 from pathlib import Path
 
-import mlflow
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score, roc_curve
 
-from mstl import defaults
-from mstl.evaluation.grid_stats import SETTING, comparisons, detectable_differences, forest_figure, over_seeds
+from mstl.evaluation.grid_stats import SETTING
 from mstl.evaluation.metrics import METRIC_NAMES, point_metrics
-from mstl.evaluation.plots import confusion_figure
 from mstl.evaluation.stats import threshold_for_recall
-from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri
-
-
-@dataclass(frozen=True)
-class CompareParams:
-    """Parameters of `-e compare`."""
-
-    search_experiment: str = defaults.EXPERIMENT_NAME
-    parent_run: str = ""  # only Target runs under this run (e.g. one experiment grid), at any depth
-    target_recall: float = 0.95
-    out_dir: str = "exports/report"
-    results_doc: str = ""  # a Markdown file (e.g. docs/results.md) whose results section is regenerated
-    experiment: str = defaults.EXPERIMENT_NAME
-
-    def validate(self) -> None:
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-
-
-def descends_from(run, ancestor: str, parents: dict[str, str]) -> bool:
-    current = run.data.tags.get("mlflow.parentRunId")
-    while current:
-        if current == ancestor:
-            return True
-        current = parents.get(current)
-    return False
-
-
-def grid_members(client, run_id: str, tmp: Path) -> set[str] | None:
-    """The run IDs of an experiment grid's cells, whichever worker ran them and whether reused
-    (its ``grid/cells.csv``); None for a run that is not a grid."""
-    if "grid/cells.csv" not in {a.path for a in client.list_artifacts(run_id, "grid")}:
-        return None
-    return set(pd.read_csv(client.download_artifacts(run_id, "grid/cells.csv", str(tmp)))["run_id"])
-
-
-def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd.DataFrame:
-    """One row per finished Target run (under ``parent_run`` when given): tags, seed, metrics, val/test predictions."""
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise ValueError(f"no experiment named {experiment_name!r} on {tracking_uri()}")
-    everything = client.search_runs([experiment.experiment_id], max_results=50_000)
-    parents = {r.info.run_id: r.data.tags.get("mlflow.parentRunId", "") for r in everything}
-    members = grid_members(client, parent_run, tmp) if parent_run else None
-    runs = [
-        r
-        for r in everything
-        if r.data.tags.get("stage") == "target"
-        and r.info.status == "FINISHED"
-        and (not parent_run or (r.info.run_id in members if members is not None else descends_from(r, parent_run, parents)))
-    ]
-    if not runs:
-        where = f"under run {parent_run}" if parent_run else f"in experiment {experiment_name!r}"
-        raise ValueError(f"no finished Target run {where}")
-    rows = []
-    for run in runs:
-        folder = tmp / run.info.run_id
-        folder.mkdir()
-        predictions = {
-            part: pd.read_csv(client.download_artifacts(run.info.run_id, f"predictions/{part}.csv", str(folder)))
-            for part in ("val", "test")
-        }
-        rows.append(
-            {
-                "run_id": run.info.run_id,
-                "backbone": run.data.tags.get("backbone"),
-                "strategy": run.data.tags.get("strategy"),
-                "split": run.data.tags.get("split"),
-                "seed": int(run.data.params.get("seed", 0)),
-                "image_size": int(run.data.params.get("image_size", 0)),
-                "epochs": int(run.data.params.get("epochs", 0)),
-                "threshold": float(run.data.params.get("threshold", defaults.THRESHOLD)),
-                "model_id": run.data.tags.get(MODEL_ID_TAG, ""),
-                "metrics": run.data.metrics,
-                "val": predictions["val"],
-                "test": predictions["test"],
-            }
-        )
-    return pd.DataFrame(rows)
-
-
-def collect_external(client, runs: pd.DataFrame, tmp: Path) -> pd.DataFrame:
-    """The `evaluate` runs (in any experiment) of these Target runs' logged models: one row per Target run and
-    external data set (the latest evaluation when there are several), with its metrics and predictions."""
-    wanted = {m: run_id for m, run_id in zip(runs["model_id"], runs["run_id"], strict=True) if m}
-    if not wanted:
-        return pd.DataFrame(columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"])
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(experiments, "tags.stage = 'evaluate' and attributes.status = 'FINISHED'", max_results=50_000)
-    latest: dict[tuple[str, str], object] = {}
-    for ev in sorted(found, key=lambda r: r.info.start_time):
-        model_id = ev.data.tags.get("mstl.evaluated_model_id", "")
-        if model_id in wanted:
-            latest[(wanted[model_id], ev.data.tags["data_digest"])] = ev
-    rows = []
-    for (run_id, digest), ev in latest.items():
-        folder = tmp / "external" / ev.info.run_id
-        folder.mkdir(parents=True)
-        predictions = pd.read_csv(client.download_artifacts(ev.info.run_id, "predictions.csv", str(folder)))
-        name = ev.data.tags["data_name"]
-        rows.append(
-            {"run_id": run_id, "data": name, "digest": digest, "evaluate_run_id": ev.info.run_id, "metrics": ev.data.metrics}
-            | {"predictions": predictions}
-        )
-    return pd.DataFrame(rows, columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"])
-
 
 EXTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity")
 
@@ -182,9 +74,6 @@ def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
 
 
 def roc_panel(runs: pd.DataFrame, key: str, title: str):
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     first = runs.sort_values("seed").groupby(SETTING).head(1)
     groups = list(first.groupby(key))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), dpi=110, squeeze=False)
@@ -427,8 +316,6 @@ RESULTS_START, RESULTS_END = "<!-- mstl:results:start -->", "<!-- mstl:results:e
 def write_results_doc(report_dir: Path, doc: Path) -> None:
     """Put the report into ``doc`` between the results markers (appended when they are missing), one heading
     level down, with its figures copied to ``<doc folder>/results/``: documentation generated, not typed."""
-    import shutil
-
     figures = doc.parent / "results"
     figures.mkdir(parents=True, exist_ok=True)
     for png in report_dir.glob("*.png"):
@@ -443,72 +330,3 @@ def write_results_doc(report_dir: Path, doc: Path) -> None:
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     doc.write_text(text)
-
-
-def run_compare(params: CompareParams) -> str:
-    params.validate()
-    client = mlflow.MlflowClient(tracking_uri())
-    with tempfile.TemporaryDirectory() as tmp, start_stage_run(params.experiment, "compare") as run:
-        mlflow.set_tag("stage", "compare")
-        log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
-        runs = collect(client, params.search_experiment, Path(tmp), params.parent_run)
-        out = Path(params.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        table = table_iii(runs, params.target_recall)
-        external = collect_external(client, runs, Path(tmp))
-        outside = external_table(runs, external)
-        paired = comparisons(runs, external)
-        table.to_csv(out / "table_iii.csv", index=False)
-        if not outside.empty:
-            outside.to_csv(out / "external.csv", index=False)
-        paired.to_csv(out / "paired_tests.csv", index=False)
-        summary = detectable = None
-        if not paired.empty:
-            summary, detectable = over_seeds(paired), detectable_differences(runs, paired)
-            summary.to_csv(out / "over_seeds.csv", index=False)
-            detectable.to_csv(out / "detectable_differences.csv", index=False)
-            forest_figure(paired, summary).savefig(out / "forest_test.png")
-        roc_panel(runs, "backbone", "Figure 5: ROC per architecture").savefig(out / "fig5_roc_per_architecture.png")
-        roc_panel(runs, "strategy", "Figure 6: ROC per strategy").savefig(out / "fig6_roc_per_strategy.png")
-        ranked = (
-            runs.assign(
-                val_recall=[m.get("val_recall", np.nan) for m in runs["metrics"]],
-                val_auc=[m.get("val_roc_auc", np.nan) for m in runs["metrics"]],
-            )
-            .sort_values(["val_recall", "val_auc"], ascending=False)
-            .head(2)
-        )
-        for i, (_, r) in enumerate(ranked.iterrows()):
-            confusion_figure(
-                r["test"]["label"], r["test"]["probability"], r["threshold"], title=f"{r['backbone']} / {r['strategy']} (test)"
-            ).savefig(out / f"fig7_confusion_{i + 1}.png")
-        scope = f", grid run {params.parent_run}" if params.parent_run else ""
-        provenance = (
-            f"Generated by `compare` (run {run.info.run_id}) from {len(runs)} finished Target runs of experiment "
-            f"`{params.search_experiment}`{scope} on {tracking_uri()}. Every figure comes from the runs named in "
-            "the tables (full IDs in the CSVs logged beside this report)."
-        )
-        report = markdown_report(table, paired, ranked, params.target_recall, outside, summary, detectable, provenance)
-        (out / "report.md").write_text(report)
-        import matplotlib.pyplot as plt
-
-        plt.close("all")
-        if params.results_doc:
-            write_results_doc(out, Path(params.results_doc))
-            print(f"compare: results section of {params.results_doc} regenerated")
-        mlflow.log_artifacts(str(out), "report")
-        mlflow.log_metrics(
-            {
-                "n_target_runs": len(runs),
-                "n_significant": int(paired["significant"].sum()) if len(paired) else 0,
-                "n_significant_holm": int(paired["significant_holm"].sum()) if len(paired) else 0,
-                "n_external_sets": int(external["digest"].nunique()) if len(external) else 0,
-            }
-        )
-        # both experiments by name: the one this run is logged in is easily taken for the searched one
-        logged_in = client.get_experiment(run.info.experiment_id).name
-        print(
-            f"compare: {len(runs)} Target runs of experiment {params.search_experiment!r}{scope}; report in "
-            f"{out / 'report.md'}; this compare run is in experiment {logged_in!r}"
-        )
-        return run.info.run_id

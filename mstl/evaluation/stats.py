@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
+from scipy.optimize import brentq
 
 
 @dataclass(frozen=True)
@@ -130,8 +131,6 @@ def detectable_paired_proportion_difference(n: int, discordant: float, alpha: fl
     solve n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 for d."""
     if n < 1 or not 0 < discordant <= 1:
         raise ValueError(f"need n >= 1 and a discordant share in (0, 1], got n={n}, discordant={discordant}")
-    from scipy.optimize import brentq
-
     za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
 
     def needed(d: float) -> float:

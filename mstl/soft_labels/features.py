@@ -12,9 +12,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 from tqdm.auto import tqdm
 
 from mstl.data.images import load_grey
+from mstl.data.pipeline import grey_to_input
 from mstl.models.backbones import check_image_size, get_backbone, resolve_weights
 
 
@@ -28,10 +30,6 @@ def features_key(files: list[Path], backbone: str, weights: str, image_size: int
 def extract_features(files: list[Path], backbone: str, weights: str, image_size: int, batch_size: int = 32) -> np.ndarray:
     """(n, d) float32: each slice decoded to grey, replicated to 3 channels, the backbone's own
     preprocessing, the conv base, flattened."""
-    import tensorflow as tf
-
-    from mstl.data.images import grey_to_input
-
     spec = get_backbone(backbone)
     check_image_size(spec, image_size)
     base = spec.build(resolve_weights(weights), image_size)

@@ -15,10 +15,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import pandas as pd
 
 from mstl import PACKAGE_DIR, defaults
+from mstl.tracking.work import retry_lost_race  # not at import: it brings Optuna
 
 EMBEDDED_URI = "sqlite:///mlflow.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
@@ -155,8 +157,6 @@ def mlflow_false_alarms_silenced():
 def log_dataset(df: pd.DataFrame, name: str, source: str, digest: str, context: str, targets: str | None = None):
     """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and return it,
     so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the table)."""
-    from mstl.tracking.work import retry_lost_race  # not at import: it brings Optuna
-
     with mlflow_false_alarms_silenced():  # the source is resolved here, the schema inferred when logged
         dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
         # Two grid workers logging the same new data set at once: the store looks the data set up, finds
@@ -182,8 +182,6 @@ DIGEST_CHARS = 16  # MLflow stores a data set digest in at most 36 characters
 
 
 def log_figure(fig, artifact_file: str) -> None:
-    import matplotlib.pyplot as plt
-
     mlflow.log_figure(fig, artifact_file)
     plt.close(fig)
 

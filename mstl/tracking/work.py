@@ -20,13 +20,12 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
-
-if TYPE_CHECKING:
-    import sqlalchemy
+from sqlalchemy import event
 
 HEARTBEAT_SECONDS = 30
 SQLITE_LOCK_WAIT_SECONDS = 60  # how long a SQLite transaction waits for another worker's lock before failing
@@ -57,7 +56,6 @@ def lock_sqlite_transactions_at_begin(engine: sqlalchemy.engine.Engine) -> None:
     the write. Two workers could both read WAITING and both run the trial (optuna/optuna#4621; 10-16 % of
     pops with four processes here). Taken at ``BEGIN``, the lock makes the read and the write one step.
     """
-    from sqlalchemy import event
 
     @event.listens_for(engine, "connect")
     def _no_implicit_begin(dbapi_connection, _record) -> None:
@@ -74,8 +72,6 @@ def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> o
     """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that, they are stale."""
     if heartbeat_seconds < 1:
         raise ValueError(f"heartbeat_seconds must be at least 1, got {heartbeat_seconds}")
-    import sqlalchemy.exc
-
     sqlite = url.startswith("sqlite")
 
     def storage() -> optuna.storages.RDBStorage:

@@ -1,6 +1,5 @@
-"""Fitting (with the frozen half computed once) and the Target stage."""
+"""Fitting (with the frozen half computed once) and what a fit logs."""
 
-from mstl.training.fit import FitConfig, FitResult, fit_classifier, image_dataset, set_seed
-from mstl.training.target import TargetParams, run_target
+from mstl.training.fit import FitConfig, FitResult, fit_classifier, set_seed
 
-__all__ = ["FitConfig", "FitResult", "TargetParams", "fit_classifier", "image_dataset", "run_target", "set_seed"]
+__all__ = ["FitConfig", "FitResult", "fit_classifier", "set_seed"]

@@ -10,7 +10,6 @@ what callers save, evaluate and log.
 from __future__ import annotations
 
 import time
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -21,7 +20,8 @@ import tensorflow as tf
 
 from mstl import defaults
 from mstl.array_cache import ArrayCache, content_key, outcome
-from mstl.data.images import grey_to_input
+from mstl.data.pipeline import image_dataset
+from mstl.inference.predict import predict_grey
 from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 
 
@@ -97,47 +97,6 @@ def distribution_scope(name: str):
     print(f"distribute=mirrored: {strategy.num_replicas_in_sync} replica(s) on {[d.name for d in devices]}")
     with strategy.scope():
         yield strategy
-
-
-def augmenter(seed: int) -> keras.Sequential:
-    """Mild, CT-plausible augmentation (off by default, as in the paper)."""
-    return keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomRotation(0.05, fill_mode="constant", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
-        ],
-        name="augment",
-    )
-
-
-def image_dataset(
-    grey: np.ndarray,
-    labels: np.ndarray | None,
-    preprocess_input,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int = 0,
-    augment: bool = False,
-) -> tf.data.Dataset:
-    """Decoded uint8 slices -> cache -> shuffle -> batch -> (augment) -> backbone input -> prefetch."""
-    items = grey if labels is None else (grey, labels)
-    ds = tf.data.Dataset.from_tensor_slices(items).cache()
-    if shuffle:
-        ds = ds.shuffle(len(grey), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size)
-    aug = augmenter(seed) if augment else None
-
-    def prepare(x):
-        if aug is not None:
-            x = tf.squeeze(aug(tf.cast(x[..., None], tf.float32), training=True), -1)
-        return grey_to_input(x, preprocess_input)
-
-    if labels is None:
-        ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
-        ds = ds.map(lambda x, y: (prepare(x), y), num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 class KeepBestWeights(keras.callbacks.Callback):
@@ -249,37 +208,6 @@ def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_si
             grey,
         ]
     )
-
-
-_FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def compiled_forward(model: keras.Model):
-    """The model's inference-mode forward pass, compiled once per model for any batch size and kept while
-    the model lives. A plain ``tf.function``, not Keras's ``predict_on_batch``: that one follows the
-    distribution strategy the model was compiled under and returned every replica's copy of the batch
-    (twice the rows under ``distribute=mirrored`` with two devices); this one runs as an eager call does."""
-    forward = _FORWARD.get(model)
-    if forward is None:
-        model_ref = weakref.ref(model)  # the cache must not keep the model alive
-        signature = [tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
-        forward = tf.function(lambda x: model_ref()(x, training=False), input_signature=signature)
-        _FORWARD[model] = forward
-    return forward
-
-
-def predict_in_batches(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarray:
-    """The model's outputs over a dataset of input batches, in inference mode, through its compiled forward
-    pass: the frozen half, the validation and test predictions and the probes skip Python's
-    layer-by-layer dispatch and give the same numbers as an eager call, bit for bit
-    (tests/unit/test_fit.py)."""
-    forward = compiled_forward(model)
-    return np.concatenate([forward(tf.cast(x, tf.float32)).numpy() for x in dataset], axis=0)
-
-
-def predict_grey(model: keras.Model, grey: np.ndarray, preprocess_input, batch_size: int) -> np.ndarray:
-    """The model's outputs for decoded uint8 slices, in batches."""
-    return predict_in_batches(model, image_dataset(grey, None, preprocess_input, batch_size))
 
 
 def fit_classifier(

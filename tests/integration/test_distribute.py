@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent("""
                                 get_backbone("mobilenet_025").preprocess_input, TARGET_OUTPUT,
                                 FitConfig(epochs=1, batch_size=8, log_to_mlflow=False, cache_frozen={cache}))
     # evaluation runs after the scope, as in the stages: one row per image, as an eager call gives
-    from mstl.data.images import grey_to_input
+    from mstl.data.pipeline import grey_to_input
     from mstl.training.fit import predict_grey
     preprocess = get_backbone("mobilenet_025").preprocess_input
     prob = predict_grey(model, grey, preprocess, 16)

@@ -4,8 +4,10 @@ import keras
 import numpy as np
 import pytest
 
+from mstl.data.pipeline import image_dataset
+from mstl.inference.predict import predict_in_batches
 from mstl.models import TARGET_OUTPUT, build_classifier, get_backbone
-from mstl.training.fit import FitConfig, fit_classifier, image_dataset, predict_in_batches, set_seed
+from mstl.training.fit import FitConfig, fit_classifier, set_seed
 
 pytestmark = pytest.mark.integration  # trains a network
 

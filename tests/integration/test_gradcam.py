@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mstl.data.images import grey_to_input
+from mstl.data.pipeline import grey_to_input
 from mstl.evaluation.gradcam import gradcam, last_conv_layer, overlay
 from mstl.models import TARGET_OUTPUT, build_classifier, get_backbone
 from mstl.training.fit import FitConfig, fit_classifier, set_seed

@@ -12,8 +12,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mstl.data.images import ImageReadError
-from mstl.serving import serving_requirements
-from mstl.training.target import TargetParams, run_target
+from mstl.inference.pyfunc import serving_requirements
+from mstl.stages.target import TargetParams, run_target
 from tests.conftest import copy_or_link_tree, run_entry_point
 
 pytestmark = pytest.mark.integration
@@ -255,7 +255,8 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(
             assert 0 <= answer["probability"] <= 1 and answer["label"] == int(answer["probability"] >= 0.5)
 
         # the served probability is the model's on the training preprocessing
-        from mstl.data.images import grey_to_input, open_grey
+        from mstl.data.images import open_grey
+        from mstl.data.pipeline import grey_to_input
         from mstl.data.preprocessing import Preprocessing
         from mstl.models import get_backbone
 

@@ -117,8 +117,8 @@ def test_manifest_is_downloaded_when_the_export_folder_is_gone(local_tracking, d
     """Another machine (or a cleaned cache): the slices come from the prepare run's artifacts."""
     import shutil
 
-    from mstl.dicom.prepare import PrepareParams, run_prepare
-    from mstl.training.transition import load_manifest
+    from mstl.stages.prepare import PrepareParams, run_prepare
+    from mstl.stages.transition import load_manifest
 
     run_id = run_prepare(PrepareParams(dicom_root=str(data_root / "lung-pet-ct-dx"), export_dir=str(tmp_path / "exports")))
     local, folder = load_manifest(run_id)
@@ -135,7 +135,7 @@ def evaluate_on_a_folder_set(client, tracking, experiment, data_root, tmp_path):
 
     import mlflow
 
-    from mstl.evaluation.evaluate import EvaluateParams, run_evaluate
+    from mstl.stages.evaluate import EvaluateParams, run_evaluate
 
     folder = tmp_path / "hospital-x"
     for label, name in ((1, "CT_COVID"), (0, "CT_NonCOVID")):

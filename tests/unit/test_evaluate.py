@@ -5,14 +5,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mstl.evaluation.evaluate import (
-    EvaluateParams,
-    EvaluationInputError,
-    decode_set,
-    external_metrics,
-    labelled_files,
-    patient_level,
-)
+from mstl.data.labelled import EvaluationInputError, labelled_files
+from mstl.inference.pyfunc import decode_set
+from mstl.stages.evaluate import EvaluateParams, external_metrics, patient_level
 from tests.dicom_factory import write_slice
 
 CONFIG = {"image_size": 64, "window_width": 1500.0, "window_level": -600.0}
@@ -28,18 +23,18 @@ def test_missing_positive_folder_lists_the_folders_found(tmp_path):
     image(tmp_path / "covid" / "a.png")
     image(tmp_path / "normal" / "b.png")
     with pytest.raises(EvaluationInputError, match="'COVID'.*found: covid, normal"):
-        labelled_files(EvaluateParams(images_root=str(tmp_path), positive_class="COVID"))
+        labelled_files(images_root=str(tmp_path), positive_class="COVID")
 
 
 def test_folder_set_labels_by_folder_and_csv_set_resolves_relative_paths(tmp_path):
     image(tmp_path / "set" / "covid" / "a.png")
     image(tmp_path / "set" / "normal" / "b.bmp")
-    table = labelled_files(EvaluateParams(images_root=str(tmp_path / "set"), positive_class="covid"))
+    table = labelled_files(images_root=str(tmp_path / "set"), positive_class="covid")
     assert table.sort_values("path")["label"].tolist() == [1, 0]
     pd.DataFrame({"path": ["set/covid/a.png", "set/normal/b.bmp"], "label": [1, 0], "patient_id": ["p1", "p2"]}).to_csv(
         tmp_path / "labels.csv", index=False
     )
-    table = labelled_files(EvaluateParams(labels_csv=str(tmp_path / "labels.csv")))
+    table = labelled_files(labels_csv=str(tmp_path / "labels.csv"))
     assert table["path"].tolist() == [str(tmp_path / "set/covid/a.png"), str(tmp_path / "set/normal/b.bmp")]
     assert table["patient_id"].tolist() == ["p1", "p2"]
 
@@ -60,10 +55,10 @@ def test_impossible_parameters_are_named(kw, match):
 
 def test_bad_labels_and_missing_csv_are_named(tmp_path):
     with pytest.raises(EvaluationInputError, match="labels_csv not found"):
-        labelled_files(EvaluateParams(labels_csv=str(tmp_path / "nope.csv")))
+        labelled_files(labels_csv=str(tmp_path / "nope.csv"))
     pd.DataFrame({"path": ["a.png"], "label": ["covid"]}).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(EvaluationInputError, match="0 or 1.*covid"):
-        labelled_files(EvaluateParams(labels_csv=str(tmp_path / "bad.csv")))
+        labelled_files(labels_csv=str(tmp_path / "bad.csv"))
 
 
 def test_unreadable_tiny_and_non_ct_files_are_named_or_skipped_and_listed(tmp_path):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mstl import experiment
-from mstl.experiment import IQ_OTH_NCCD_LABELS, ExperimentParams, plan
+from mstl.stages import experiment
+from mstl.stages.experiment import IQ_OTH_NCCD_LABELS, ExperimentParams, plan
 from mstl.training.fit import set_threads
 
 

@@ -7,9 +7,10 @@ import keras
 import numpy as np
 import pytest
 
-from mstl.data.images import grey_to_input
+from mstl.data.pipeline import grey_to_input
+from mstl.inference.predict import compiled_forward, predict_grey
 from mstl.models import build_classifier, get_backbone
-from mstl.training.fit import FitConfig, KeepBestWeights, compiled_forward, predict_grey
+from mstl.training.fit import FitConfig, KeepBestWeights
 
 
 def stop_epoch(val_accuracies, patience):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mstl.data.images import grey_to_input
+from mstl.data.pipeline import grey_to_input
 from mstl.evaluation.gradcam import GradCam, last_conv_layer
 from mstl.models import build_classifier, get_backbone
 from mstl.training.fit import set_seed

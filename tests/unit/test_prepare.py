@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from mstl.dicom import prepare
-from mstl.dicom.prepare import PrepareParams, build_export
+from mstl.stages import prepare
+from mstl.stages.prepare import PrepareParams, build_export
 from tests.conftest import DATA_ROOT, need_shared
 from tests.dicom_factory import write_series, write_slice
 

@@ -83,7 +83,7 @@ def test_intensity_options_and_bad_values():
 def test_training_and_serving_prepare_a_file_identically(tmp_path):
     """decode_images (training) and request_grey (served model, evaluate, explain) give the same pixels."""
     from mstl import defaults
-    from mstl.serving import request_grey, serving_config
+    from mstl.inference.pyfunc import request_grey, serving_config
 
     path = tmp_path / "slice.png"
     synthetic_slice(300, 260).convert("RGB").save(path)

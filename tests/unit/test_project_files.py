@@ -7,15 +7,15 @@ import tomllib
 import pytest
 import yaml
 
-from mstl.dicom.prepare import PrepareParams
-from mstl.evaluation.evaluate import EvaluateParams
-from mstl.evaluation.report import CompareParams
-from mstl.experiment import ExperimentParams
-from mstl.explain import ExplainParams
-from mstl.soft_labels.stage import SoftLabelParams
-from mstl.tracking.registry import PromoteParams
-from mstl.training.target import TargetParams
-from mstl.training.transition import TransitionParams
+from mstl.stages.compare import CompareParams
+from mstl.stages.evaluate import EvaluateParams
+from mstl.stages.experiment import ExperimentParams
+from mstl.stages.explain import ExplainParams
+from mstl.stages.prepare import PrepareParams
+from mstl.stages.promote import PromoteParams
+from mstl.stages.soft_labels import SoftLabelParams
+from mstl.stages.target import TargetParams
+from mstl.stages.transition import TransitionParams
 from tests.conftest import REPO
 
 

@@ -3,7 +3,7 @@
 import mlflow
 import pytest
 
-from mstl.tracking.registry import PromoteParams, candidates
+from mstl.stages.promote import PromoteParams, candidates
 
 
 def make_run(client, experiment_id, recall, auc, status="FINISHED", log_model="true", test_recall=0.5):

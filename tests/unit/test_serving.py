@@ -6,7 +6,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-from mstl.serving import serving_requirements
+from mstl.inference.pyfunc import serving_requirements
 
 PYPROJECT = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
 
@@ -24,14 +24,14 @@ def test_serving_requirements_are_the_installed_runtime_dependencies_pinned():
 
 
 def test_defining_the_served_model_raises_no_mlflow_warning():
-    """MLflow checks ``predict``'s type hints when the class is defined (on every import of mstl.serving:
+    """MLflow checks ``predict``'s type hints when the class is defined (on every import of mstl.inference.pyfunc:
     each Target run, each `mlflow models serve`); without one it warns to add one."""
     import importlib
     import warnings
 
-    import mstl.serving
+    import mstl.inference.pyfunc
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        importlib.reload(mstl.serving)
+        importlib.reload(mstl.inference.pyfunc)
     assert [str(w.message) for w in caught] == []

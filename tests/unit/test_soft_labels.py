@@ -6,8 +6,9 @@ import optuna
 import pytest
 from sklearn.datasets import make_blobs
 
-from mstl.soft_labels import check_features, fold_scores, parse_k_range, parse_k_values, stage
-from mstl.soft_labels.stage import SoftLabelParams, reduce_features, search_k
+from mstl.soft_labels import check_features, fold_scores, parse_k_range, parse_k_values
+from mstl.stages import soft_labels as stage
+from mstl.stages.soft_labels import SoftLabelParams, reduce_features, search_k
 
 
 @pytest.fixture(scope="module")

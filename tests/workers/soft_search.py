@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 from sklearn.datasets import make_blobs
 
-from mstl.soft_labels.stage import SoftLabelParams, search_k
+from mstl.stages.soft_labels import SoftLabelParams, search_k
 from tests.workers import start_together
 
 

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from PIL import Image
 
 from mstl import defaults
 from mstl.data.images import IMAGE_SUFFIXES
+from mstl.data.montage import montage
+from mstl.evaluation.gradcam import GradCam, overlay
+from mstl.inference.pyfunc import load_classifier, request_grey
 from mstl.tracking import log_params, start_stage_run
 
 
@@ -39,27 +43,18 @@ def image_files(spec: str) -> list[Path]:
 
 
 def run_explain(params: ExplainParams) -> str:
-    from mstl.evaluation.gradcam import GradCam, overlay
-    from mstl.evaluation.montage import montage
-    from mstl.models import get_backbone
-    from mstl.serving import request_grey
-    from mstl.training.fit import predict_grey
-
     files = image_files(params.images)
-    classifier = mlflow.pyfunc.load_model(params.model_uri).unwrap_python_model()
+    classifier = load_classifier(params.model_uri)[0]
     config = classifier.config
     with start_stage_run(params.experiment, "explain") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tag("stage", "explain")
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"} | {"n_images": len(files)})
         grey = np.stack([request_grey(f.read_bytes(), config) for f in files])
-        preprocess = get_backbone(config["backbone"]).preprocess_input
-        prob = predict_grey(classifier.model, grey, preprocess, defaults.BATCH_SIZE)[:, 0]
-        heatmaps = GradCam(classifier.model).on_slices(grey, preprocess)
+        prob = classifier.predict_grey(grey)
+        heatmaps = GradCam(classifier.model).on_slices(grey, classifier.preprocess_input)
         out = Path(tmp)
         captions = []
         for i, (f, g, h, p) in enumerate(zip(files, grey, heatmaps, prob, strict=False)):
-            from PIL import Image
-
             Image.fromarray(overlay(g, h)).save(out / f"{i:03d}_{f.stem[:40]}.png")
             captions.append(f"{i:03d} p={p:.2f}")
         montage(

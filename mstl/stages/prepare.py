@@ -26,9 +26,11 @@ from tqdm.auto import tqdm
 from mstl import defaults
 from mstl.array_cache import sha256_file
 from mstl.data.images import ImageReadError, open_grey
+from mstl.data.montage import montage
 from mstl.data.slices import (
     DROP,
     NEAR_DUPLICATE_BITS,
+    check_two_classes,
     difference_hash,
     group_near_duplicates,
     parse_label_map,
@@ -36,7 +38,6 @@ from mstl.data.slices import (
 )
 from mstl.dicom.selection import AIR_HU, MIN_LUNG_FRACTION, lung_area, select_slices
 from mstl.dicom.series import ScanResult, read_hu, scan, window
-from mstl.evaluation.montage import montage
 from mstl.tracking import log_params, start_stage_run
 
 EXPORT_VERSION = "1"  # bump when the export's content for the same input changes
@@ -147,18 +148,6 @@ def read_labels(params: PrepareParams) -> tuple[str, dict[str, tuple[int | None,
             )
         out[k] = (None if value == DROP else int(value), name)
     return key, out
-
-
-def check_two_classes(labels: pd.Series, origin: str) -> None:
-    """A hard (supervised) Transition task needs at least two classes."""
-    present = sorted(labels.dropna().unique().tolist())
-    if len(present) < 2:
-        which = f"only class {present[0]!r}" if present else "no labelled slice"
-        raise ValueError(
-            f"the hard task has a single class: {which} in {origin}. A hard Transition needs two classes "
-            "(e.g. benign and malignant, or tumour and no tumour slice labels); use slice labels, add "
-            "negatives, or use strategy=soft"
-        )
 
 
 def write_skipped(skipped: list[tuple[str, str]], folder: Path) -> None:

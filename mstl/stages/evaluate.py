@@ -9,7 +9,6 @@ and their label the maximum of their slices' labels (a patient with any COVID sl
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,12 +19,15 @@ import pandas as pd
 
 from mstl import defaults
 from mstl.data.covid_ct import combined_sha256
+from mstl.data.labelled import labelled_files
 from mstl.evaluation.calibration import brier_score, expected_calibration_error, reliability_figure, score_histogram_figure
+from mstl.evaluation.gradcam import GradCam, error_sheet
 from mstl.evaluation.metrics import bootstrap, point_metrics
 from mstl.evaluation.plots import confusion_figure, roc_figure
+from mstl.evaluation.probes import shortcut_probes
+from mstl.inference.pyfunc import decode_set, load_classifier, model_version
 from mstl.tracking import log_dataset, log_figure, log_params, log_table, start_stage_run, tracking_uri
 
-MIN_SIDE = 32  # smaller images carry no lung detail at the networks' inputs; refused by name
 EXTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "brier", "ece")
 
 
@@ -43,10 +45,6 @@ def external_metrics(y, p, threshold: float) -> dict[str, float]:
         "brier": brier_score(y, p),
         "ece": expected_calibration_error(y, p),
     }
-
-
-class EvaluationInputError(ValueError):
-    """A file or value of the evaluation set that cannot be used; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -85,67 +83,6 @@ def negative_predictive_value(y, p, threshold: float) -> float:
     return float((y[negatives] == 0).mean()) if negatives.any() else float("nan")
 
 
-def labelled_files(params: EvaluateParams) -> pd.DataFrame:
-    """path, label (0/1) and patient_id (may be empty) of every image of the set."""
-    if params.images_root:
-        root = Path(params.images_root)
-        if not root.is_dir():
-            raise EvaluationInputError(f"images_root is not a folder: {root}")
-        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-        if params.positive_class not in folders:
-            raise EvaluationInputError(
-                f"no sub-folder named {params.positive_class!r} under {root}; found: {', '.join(folders) or 'none'}"
-            )
-        rows = [
-            {"path": str(f), "label": int(folder == params.positive_class), "patient_id": ""}
-            for folder in folders
-            for f in sorted((root / folder).rglob("*"))
-            if f.is_file() and not f.name.startswith(".")
-        ]
-        table = pd.DataFrame(rows, columns=["path", "label", "patient_id"])
-    else:
-        csv = Path(params.labels_csv)
-        if not csv.is_file():
-            raise EvaluationInputError(f"labels_csv not found: {csv}")
-        table = pd.read_csv(csv, dtype={"patient_id": str})
-        missing = {"path", "label"} - set(table.columns)
-        if missing:
-            raise EvaluationInputError(f"labels_csv {csv} needs columns path,label[,patient_id]; missing {sorted(missing)}")
-        bad = table.loc[~table["label"].astype(str).isin(["0", "1"]), "label"]
-        if len(bad):
-            raise EvaluationInputError(f"labels_csv {csv}: labels must be 0 or 1, found {sorted(set(map(str, bad)))[:5]}")
-        table["path"] = [str(p if Path(p).is_absolute() else csv.parent / p) for p in table["path"]]
-        table["label"] = table["label"].astype(int)
-        table["patient_id"] = table["patient_id"].fillna("") if "patient_id" in table else ""
-    if table.empty:
-        raise EvaluationInputError(f"no image files in {params.images_root or params.labels_csv}")
-    return table[["path", "label", "patient_id"]].reset_index(drop=True)
-
-
-def decode_set(
-    table: pd.DataFrame, config: dict, skip_unreadable: bool
-) -> tuple[np.ndarray, list[str], list[int], list[tuple[str, str]]]:
-    """Each file through the served model's own preprocessing: (grey, sha256s, kept rows, skipped (path, reason))."""
-    from mstl.serving import BadRequest, request_grey
-
-    grey, hashes, kept, skipped = [], [], [], []
-    for i, path in enumerate(table["path"]):
-        try:
-            data = Path(path).read_bytes()
-            grey.append(request_grey(data, config, MIN_SIDE))
-        except (BadRequest, OSError) as exc:
-            reason = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
-            if not skip_unreadable:
-                raise EvaluationInputError(f"cannot use {path}: {reason}") from None
-            skipped.append((path, reason))
-            continue
-        hashes.append(hashlib.sha256(data).hexdigest())
-        kept.append(i)
-    if not grey:
-        raise EvaluationInputError("no usable image in the set: every file was skipped")
-    return np.stack(grey), hashes, kept, skipped
-
-
 def metrics_with_intervals(y, p, threshold: float, n_bootstrap: int, seed: int, prefix: str = "") -> dict[str, float]:
     out = {}
     for name, est in bootstrap(lambda yy, pp: external_metrics(yy, pp, threshold), y, p, n_bootstrap, seed=seed).items():
@@ -159,45 +96,14 @@ def patient_level(y, p, patients) -> tuple[np.ndarray, np.ndarray]:
     return frame["y"].max().to_numpy(), frame["p"].mean().to_numpy()
 
 
-def model_version(client, uri: str):
-    """The registered version a ``models:/name/version`` or ``models:/name@alias`` URI names, else None."""
-    if not uri.startswith("models:/") or uri.startswith("models:/m-"):
-        return None
-    ref = uri[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    name, _, version = ref.partition("/")
-    return client.get_model_version(name, version) if version.isdigit() else None
-
-
-def load_classifier(uri: str):
-    """The served pyfunc's Python model (Keras model + config) and its logged-model ID, or an error naming the URI."""
-    if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
-        uri = uri.rstrip("/") + "/classifier"
-    try:
-        info = mlflow.models.get_model_info(uri)
-        classifier = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except Exception as exc:  # MlflowException, OSError, ...: the URI does not resolve to a served model
-        raise EvaluationInputError(f"model_uri {uri!r} does not resolve to an mstl model on {tracking_uri()}: {exc}") from None
-    if not hasattr(classifier, "config"):
-        raise EvaluationInputError(f"model_uri {uri!r} is not an mstl served classifier")
-    return classifier, info.model_id, uri
-
-
 def run_evaluate(params: EvaluateParams) -> str:
     """Evaluate one model on one labelled image set inside one MLflow run; returns the run ID."""
-    from mstl.evaluation.gradcam import GradCam, error_sheet
-    from mstl.evaluation.probes import shortcut_probes
-    from mstl.models import get_backbone
-    from mstl.training.fit import predict_grey
-
     params.validate()
-    table = labelled_files(params)
+    table = labelled_files(params.images_root, params.positive_class, params.labels_csv)
     classifier, model_id, uri = load_classifier(params.model_uri)
     config, model = classifier.config, classifier.model
     threshold = params.threshold or float(config["threshold"])
-    preprocess = get_backbone(config["backbone"]).preprocess_input
+    preprocess = classifier.preprocess_input
     client = mlflow.MlflowClient(tracking_uri())
     grey, hashes, kept, skipped = decode_set(table, config, params.skip_unreadable)
     table = table.iloc[kept].reset_index(drop=True).assign(sha256=hashes)
@@ -232,7 +138,7 @@ def run_evaluate(params: EvaluateParams) -> str:
             targets="label",
         )
 
-        prob = predict_grey(model, grey, preprocess, defaults.BATCH_SIZE)[:, 0]
+        prob = classifier.predict_grey(grey)
         cam = GradCam(model)
         values = metrics_with_intervals(y, prob, threshold, params.n_bootstrap, params.seed)
         at_half = point_metrics(y, prob, 0.5)

@@ -3,6 +3,6 @@ mstl package logged beside it) instead of unpickling a Python object."""
 
 from mlflow.models import set_model
 
-from mstl.serving import CTClassifier
+from mstl.inference.pyfunc import CTClassifier
 
 set_model(CTClassifier())

@@ -23,14 +23,14 @@ import pandas as pd
 from mstl import defaults
 from mstl.data import covid_ct
 from mstl.data.preprocessing import Preprocessing
-from mstl.dicom.prepare import PrepareParams, export_key, run_prepare
 from mstl.models import PAPER_BACKBONES, get_backbone
-from mstl.soft_labels.stage import SoftLabelParams, run_soft_labels
+from mstl.stages.prepare import PrepareParams, export_key, run_prepare
+from mstl.stages.soft_labels import SoftLabelParams, run_soft_labels
+from mstl.stages.target import TargetParams, run_target
+from mstl.stages.transition import TransitionParams, run_transition
 from mstl.tracking import code_version, find_finished_run, log_params, log_table, run_tags, start_stage_run, tracking_uri
 from mstl.tracking.work import HEARTBEAT_SECONDS, heartbeat_storage, run_shared, trials_by_item
 from mstl.training.fit import set_threads
-from mstl.training.target import TargetParams, run_target
-from mstl.training.transition import TransitionParams, run_transition
 
 STRATEGIES = ("imagenet", "hard", "soft")
 IQ_OTH_NCCD = "iq-oth-nccd"

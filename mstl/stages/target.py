@@ -19,12 +19,14 @@ from mstl import defaults
 from mstl.data import covid_ct
 from mstl.data.images import decode_images_cached
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
-from mstl.evaluation.gradcam import GradCam
+from mstl.evaluation.gradcam import GradCam, error_sheet
 from mstl.evaluation.probes import shortcut_probes
+from mstl.inference.predict import predict_grey
+from mstl.inference.pyfunc import log_serving_model, serving_config
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
-from mstl.serving import log_serving_model, serving_config
 from mstl.tracking import MODEL_ID_TAG, log_dataset, log_figure, log_params, log_table, resolve_run, start_stage_run
-from mstl.training.fit import distribution_scope, fit_classifier, predict_grey, set_seed
+from mstl.training.checkpoints import log_checkpoint, log_model_structure
+from mstl.training.fit import distribution_scope, fit_classifier, set_seed
 from mstl.training.params import ClassifierParams
 
 
@@ -92,8 +94,6 @@ def evaluate_split(
 
 def log_explanations(cam: GradCam, grey, labels, prob, spec, params: TargetParams) -> None:
     """Grad-CAM overlays of the most confident true positives, false negatives and false positives."""
-    from mstl.evaluation.gradcam import error_sheet
-
     sheet = error_sheet(cam, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices")
     if sheet is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -252,18 +252,3 @@ def log_lung_field_missing(index: pd.DataFrame, decoded, params: TargetParams) -
     if missing.any():
         log_table(index.loc[missing, ["file", "split", "label"]], "data/lung_field_missing.csv")
         print(f"lung_crop: no lung field found in {int(missing.sum())} slice(s), used whole; see data/lung_field_missing.csv")
-
-
-def log_model_structure(model) -> None:
-    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-    frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
-    first_trainable = next(layer.name for layer in model.layers if layer.trainable)
-    log_params({"trainable_params": trainable, "frozen_params": frozen, "first_trainable_layer": first_trainable})
-
-
-def log_checkpoint(model) -> None:
-    """The best-validation weights, loadable with ``model.load_weights``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "best.weights.h5"
-        model.save_weights(path)
-        mlflow.log_artifact(str(path), "checkpoints")

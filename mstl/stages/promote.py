@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 import mlflow
 
 from mstl import defaults
+from mstl.stages.evaluate import EvaluateParams, run_evaluate
 from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri
 
-SERVED_MODEL = "classifier"  # the pyfunc that answers images and DICOM (mstl.serving)
+SERVED_MODEL = "classifier"  # the pyfunc that answers images and DICOM (mstl.inference.pyfunc)
 MODEL_NAME = "mstl-covid-ct"
 REPORTED = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
@@ -48,7 +49,6 @@ class PromoteParams:
             self.evaluation("x").validate()
 
     def evaluation(self, model_uri: str):
-        from mstl.evaluation.evaluate import EvaluateParams
 
         return EvaluateParams(
             model_uri=model_uri,
@@ -149,7 +149,6 @@ def external_tag(params: PromoteParams, metric: str) -> str:
 def external_check(client, params: PromoteParams, version) -> str:
     """Evaluate the new version on the external set (a nested evaluate run that tags the version);
     return the sentence the version's description gains."""
-    from mstl.evaluation.evaluate import run_evaluate
 
     run_id = run_evaluate(params.evaluation(f"models:/{params.model_name}/{version.version}"))
     m = client.get_run(run_id).data.metrics

@@ -14,23 +14,35 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
+import keras
 import mlflow
 import numpy as np
 import pandas as pd
+import pydicom
 from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from packaging.requirements import Requirement
+from PIL import Image
 
 from mstl import PACKAGE_DIR, defaults
 from mstl.data.images import ImageReadError, open_grey
+from mstl.data.labelled import EvaluationInputError
 from mstl.data.preprocessing import Preprocessing
-from mstl.tracking import mlflow_false_alarms_silenced
+from mstl.dicom.series import dataset_hu, window
+from mstl.inference.predict import predict_grey
+from mstl.models import get_backbone
+from mstl.tracking import mlflow_false_alarms_silenced, tracking_uri
 
 INPUT_COLUMN = "image"
+MIN_SIDE = 32  # smaller images carry no lung detail at the networks' inputs; refused by name
 
 
 class BadRequest(MlflowException):
@@ -46,11 +58,6 @@ def request_grey(data: bytes, config: dict, min_side: int = 0) -> np.ndarray:
     if not data:
         raise BadRequest("empty image: the request's image field decodes to 0 bytes")
     if len(data) > 132 and data[128:132] == b"DICM":
-        import pydicom
-        from PIL import Image
-
-        from mstl.dicom.series import dataset_hu, window
-
         try:
             ds = pydicom.dcmread(io.BytesIO(data))
         except Exception as exc:
@@ -89,19 +96,17 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
     """Keras classifier + its preprocessing + its operating threshold."""
 
     def load_context(self, context) -> None:
-        import keras
-
-        from mstl.models import get_backbone
-
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
         self.preprocess_input = get_backbone(self.config["backbone"]).preprocess_input
 
+    def predict_grey(self, grey: np.ndarray) -> np.ndarray:
+        """The probability of the positive class for decoded slices (the one batched prediction)."""
+        return predict_grey(self.model, grey, self.preprocess_input, defaults.BATCH_SIZE)[:, 0]
+
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # The hint says what pyfunc passes (the signature's DataFrame); MLflow infers no schema from it
         # (the logged signature is the schema) and stops warning that predict has no type hints.
-        from mstl.data.images import grey_to_input
-
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if INPUT_COLUMN not in frame.columns or frame.empty:
             raise BadRequest(f"send a DataFrame with a non-empty column {INPUT_COLUMN!r} of base64-encoded image or DICOM bytes")
@@ -112,7 +117,7 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
                 greys.append(request_grey(decode_field(value), c))
             except BadRequest as exc:
                 raise BadRequest(f"row {row}: {exc.message}") from None
-        probability = np.asarray(self.model(grey_to_input(np.stack(greys), self.preprocess_input), training=False))[:, 0]
+        probability = self.predict_grey(np.stack(greys))
         return pd.DataFrame({"probability": probability.astype(float), "label": (probability >= c["threshold"]).astype(int)})
 
 
@@ -132,10 +137,6 @@ def serving_requirements() -> list[str] | None:
     (it missed pydicom, imported only for DICOM input) and without ``mstl`` itself, which travels as code
     and is not on PyPI; it also spares the inference subprocess. None when mstl runs without being
     installed: MLflow then infers."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
     try:
         declared = metadata.requires("mstl") or []
     except metadata.PackageNotFoundError:
@@ -157,8 +158,6 @@ def serving_requirements() -> list[str] | None:
 
 def log_serving_model(model, config: dict, example_file: str | Path, name: str = "classifier"):
     """Log the pyfunc (with the mstl package as code, a signature and a real input example)."""
-    from mlflow.models import infer_signature
-
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "classifier.keras"
         model.save(keras_path)
@@ -172,10 +171,58 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
             signature = infer_signature(example, loaded.predict(None, example))
         return mlflow.pyfunc.log_model(
             name=name,
-            python_model=str(PACKAGE_DIR / "serving_model.py"),
+            python_model=str(PACKAGE_DIR / "stages" / "serve.py"),
             artifacts=artifacts,
             code_paths=[str(PACKAGE_DIR)],
             signature=signature,
             input_example=example,
             pip_requirements=serving_requirements(),
         )
+
+
+def decode_set(
+    table: pd.DataFrame, config: dict, skip_unreadable: bool
+) -> tuple[np.ndarray, list[str], list[int], list[tuple[str, str]]]:
+    """Each file through the served model's own preprocessing: (grey, sha256s, kept rows, skipped (path, reason))."""
+    grey, hashes, kept, skipped = [], [], [], []
+    for i, path in enumerate(table["path"]):
+        try:
+            data = Path(path).read_bytes()
+            grey.append(request_grey(data, config, MIN_SIDE))
+        except (BadRequest, OSError) as exc:
+            reason = exc.message if isinstance(exc, BadRequest) else f"{type(exc).__name__}: {exc}"
+            if not skip_unreadable:
+                raise EvaluationInputError(f"cannot use {path}: {reason}") from None
+            skipped.append((path, reason))
+            continue
+        hashes.append(hashlib.sha256(data).hexdigest())
+        kept.append(i)
+    if not grey:
+        raise EvaluationInputError("no usable image in the set: every file was skipped")
+    return np.stack(grey), hashes, kept, skipped
+
+
+def model_version(client, uri: str):
+    """The registered version a ``models:/name/version`` or ``models:/name@alias`` URI names, else None."""
+    if not uri.startswith("models:/") or uri.startswith("models:/m-"):
+        return None
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, version = ref.partition("/")
+    return client.get_model_version(name, version) if version.isdigit() else None
+
+
+def load_classifier(uri: str):
+    """The served pyfunc's Python model (Keras model + config) and its logged-model ID, or an error naming the URI."""
+    if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
+        uri = uri.rstrip("/") + "/classifier"
+    try:
+        info = mlflow.models.get_model_info(uri)
+        classifier = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except Exception as exc:  # MlflowException, OSError, ...: the URI does not resolve to a served model
+        raise EvaluationInputError(f"model_uri {uri!r} does not resolve to an mstl model on {tracking_uri()}: {exc}") from None
+    if not hasattr(classifier, "config"):
+        raise EvaluationInputError(f"model_uri {uri!r} is not an mstl served classifier")
+    return classifier, info.model_id, uri

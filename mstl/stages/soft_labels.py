@@ -11,21 +11,24 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import optuna
 import pandas as pd
 from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
+from sklearn.random_projection import GaussianRandomProjection
 
 from mstl import defaults
 from mstl.data.images import load_grey
-from mstl.evaluation.montage import montage
+from mstl.data.montage import montage
 from mstl.models.backbones import check_image_size, get_backbone
 from mstl.soft_labels.features import cached_features
 from mstl.soft_labels.search import CRITERIA, check_counts, check_features, fold_scores, parse_k_range, parse_k_values
 from mstl.tracking import log_figure, log_params, log_table, start_stage_run, tracking_uri
+from mstl.tracking.inputs import load_manifest, log_export_input
 from mstl.tracking.work import HEARTBEAT_SECONDS, claim, heartbeat_storage, run_shared
-from mstl.training.transition import load_manifest, log_export_input
 
 REDUCTIONS = ("none", "pca", "random")
 
@@ -80,11 +83,7 @@ def reduce_features(features: np.ndarray, method: str, dim: int, seed: int) -> n
         return np.asarray(features)
     dim = min(dim, features.shape[1], len(features) if method == "pca" else features.shape[1])
     if method == "pca":
-        from sklearn.decomposition import PCA
-
         return PCA(n_components=dim, random_state=seed).fit_transform(features).astype(np.float32)
-    from sklearn.random_projection import GaussianRandomProjection
-
     return GaussianRandomProjection(n_components=dim, random_state=seed).fit_transform(features).astype(np.float32)
 
 
@@ -165,8 +164,6 @@ def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: 
 
 
 def criterion_figure(study: optuna.Study, criterion: str, folds: int):
-    import matplotlib.pyplot as plt
-
     trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.params["k"])
     ks = [t.params["k"] for t in trials]
     means = [t.value for t in trials]
