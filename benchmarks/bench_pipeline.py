@@ -8,13 +8,15 @@ half, batch 32, SGD.
   images (the usual layout for it), no cache: every epoch decodes and resizes every PNG/JPG again;
 - ours, decode once + tf.data cache, full network every step (``cache_frozen=false``);
 - ours, + frozen half computed once (the default);
-- ours, + frozen half computed once and BatchNorm of the trained half frozen too (``train_batchnorm=false``).
+- ours, + frozen half computed once and BatchNorm of the trained half frozen too
+(``train_batchnorm=false``).
 
 Each variant runs in its own process so its peak memory (max RSS) is its own.
 Writes JSON lines to --out and a Markdown table to stdout.
 
     python benchmarks/bench_pipeline.py --data-root ../shared/data --epochs 4
-    python benchmarks/bench_pipeline.py --variants decode_once_cache,decode_once_cache_frozen_features \
+    python benchmarks/bench_pipeline.py --variants
+    decode_once_cache,decode_once_cache_frozen_features \
         --repeats 3 --threads 1   # two variants in turn, three times each
 """
 
@@ -38,7 +40,9 @@ VARIANTS = (
 )
 
 
-def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batch_size: int, threads: int = 0) -> dict:
+def run_variant(
+    variant: str, data_root: str, epochs: int, image_size: int, batch_size: int, threads: int = 0
+) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -51,7 +55,13 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
     set_threads(threads)
     set_seed(0)
     spec = get_backbone("mobilenet_025")
-    model = build_classifier("mobilenet_025", "imagenet", image_size, TARGET_OUTPUT, train_batchnorm=(variant != VARIANTS[3]))
+    model = build_classifier(
+        "mobilenet_025",
+        "imagenet",
+        image_size,
+        TARGET_OUTPUT,
+        train_batchnorm=(variant != VARIANTS[3]),
+    )
     index = covid_ct.load_split(data_root, "official")
     train, val = index[index["split"] == "train"], index[index["split"] == "val"]
     start = time.perf_counter()
@@ -77,15 +87,33 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
             )
             return ds.map(lambda x, y: (spec.preprocess_input(x), y)).prefetch(tf.data.AUTOTUNE)
 
-        model.compile(optimizer=keras.optimizers.SGD(1e-3, momentum=0.9), loss="binary_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.SGD(1e-3, momentum=0.9),
+            loss="binary_crossentropy",
+            metrics=["accuracy"],
+        )
         timer = EpochTimer()
-        model.fit(folder("train", True), validation_data=folder("val", False), epochs=epochs, callbacks=[timer], verbose=0)
+        model.fit(
+            folder("train", True),
+            validation_data=folder("val", False),
+            epochs=epochs,
+            callbacks=[timer],
+            verbose=0,
+        )
         epoch_seconds = timer.seconds
     else:
         decoded = decode_images(index["path"].tolist(), image_size)
         y = index["label"].to_numpy().astype("float32")
-        is_train, is_val = (index["split"] == "train").to_numpy(), (index["split"] == "val").to_numpy()
-        config = FitConfig(epochs=epochs, batch_size=batch_size, log_to_mlflow=False, cache_frozen=(variant != VARIANTS[1]))
+        is_train, is_val = (
+            (index["split"] == "train").to_numpy(),
+            (index["split"] == "val").to_numpy(),
+        )
+        config = FitConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            log_to_mlflow=False,
+            cache_frozen=(variant != VARIANTS[1]),
+        )
         result = fit_classifier(
             model,
             (decoded.pixels[is_train], y[is_train]),
@@ -112,19 +140,40 @@ def run_variant(variant: str, data_root: str, epochs: int, image_size: int, batc
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-root", default=os.environ.get("MSTL_SHARED", "../shared") + "/data")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
-    parser.add_argument("--threads", type=int, default=0, help="TensorFlow threads (0: its default)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, run in this order")
-    parser.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times")
+    parser.add_argument(
+        "--variant", choices=VARIANTS, help="run one variant in this process (internal)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=0, help="TensorFlow threads (0: its default)"
+    )
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated, run in this order"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="run the variants in turn this many times"
+    )
     parser.add_argument("--out", default="bench-out/pipeline.jsonl")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.data_root, args.epochs, args.image_size, args.batch_size, args.threads)))
+        print(
+            json.dumps(
+                run_variant(
+                    args.variant,
+                    args.data_root,
+                    args.epochs,
+                    args.image_size,
+                    args.batch_size,
+                    args.threads,
+                )
+            )
+        )
         return
     variants = args.variants.split(",")
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -158,11 +207,15 @@ def main() -> None:
             row["speedup_vs_peer"] = peer / row["later_epoch_s"]
             f.write(json.dumps(row) + "\n")
     print(f"\nspeed-up against {variants[0]} (the median of its runs)")
-    print("\n| variant | first epoch (s) | later epochs (s, median) | images/s | speed-up vs peer | peak RSS (MB) |")
+    print(
+        "\n| variant | first epoch (s) | later epochs (s, median) | images/s | speed-up vs peer | "
+        "peak RSS (MB) |"
+    )
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['variant']} | {r['first_epoch_s']:.1f} | {r['later_epoch_s']:.2f} | {r['later_images_per_s']:.0f} "
+            f"| {r['variant']} | {r['first_epoch_s']:.1f} | {r['later_epoch_s']:.2f} | "
+            f"{r['later_images_per_s']:.0f} "
             f"| {r['speedup_vs_peer']:.1f}x | {r['peak_rss_mb']:.0f} |"
         )
 

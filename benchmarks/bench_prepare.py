@@ -1,4 +1,5 @@
-"""prepare_transition throughput (read, HU, lung selection, PNG write) and peak memory on one long series.
+"""prepare_transition throughput (read, HU, lung selection, PNG write) and peak memory on one long
+series.
 
 - real: the 60-slice Lung-PET-CT-Dx sample in ../shared (512 x 512);
 - synthetic: one series of --slices 512 x 512 slices written with pydicom (a phantom with lungs that
@@ -51,12 +52,22 @@ def write_synthetic(folder: Path, n: int) -> None:
     uid = generate_uid()
     profile = np.sin(np.linspace(0, np.pi, n)) ** 2
     for k in range(n):
-        write_slice(folder / f"{k:05d}.dcm", uid, z=0.625 * k, instance=k + 1, pixels=phantom(512, float(profile[k])))
+        write_slice(
+            folder / f"{k:05d}.dcm",
+            uid,
+            z=0.625 * k,
+            instance=k + 1,
+            pixels=phantom(512, float(profile[k])),
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shared", default=os.environ.get("MSTL_SHARED", str(REPO.parent / "shared")))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--shared", default=os.environ.get("MSTL_SHARED", str(REPO.parent / "shared"))
+    )
     parser.add_argument("--slices", type=int, default=500)
     parser.add_argument("--measure", help="internal: measure one folder in this process")
     parser.add_argument("--export-dir")
@@ -73,7 +84,14 @@ def main() -> None:
             (f"synthetic ({args.slices} in one series)", synthetic),
         ):
             out = subprocess.run(
-                [sys.executable, __file__, "--measure", str(root), "--export-dir", str(Path(tmp) / "exports" / name[:4])],
+                [
+                    sys.executable,
+                    __file__,
+                    "--measure",
+                    str(root),
+                    "--export-dir",
+                    str(Path(tmp) / "exports" / name[:4]),
+                ],
                 capture_output=True,
                 text=True,
                 check=True,
@@ -85,7 +103,8 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(
-            f"| {r['input']} | {r['slices']} | {r['kept']} | {r['seconds']:.1f} | {r['slices_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
+            f"| {r['input']} | {r['slices']} | {r['kept']} | {r['seconds']:.1f} | "
+            f"{r['slices_per_s']:.0f} | {r['peak_rss_mb']:.0f} |"
         )
 
 

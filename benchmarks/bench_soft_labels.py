@@ -42,7 +42,9 @@ def scale(n: int, d: int, clusters: int, folds: int, k_values: str) -> dict:
     features = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 512):
         stop = min(n, start + 512)
-        features[start:stop] = centers[truth[start:stop]] + rng.normal(0, 3.0, (stop - start, d)).astype(np.float32)
+        features[start:stop] = centers[truth[start:stop]] + rng.normal(
+            0, 3.0, (stop - start, d)
+        ).astype(np.float32)
     made = peak_mb()
     with tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
@@ -91,14 +93,18 @@ def throughput(shared: str, n: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("part", choices=["scale", "throughput"])
     parser.add_argument("--slices", type=int, default=10_176)
     parser.add_argument("--dim", type=int, default=51_200)
     parser.add_argument("--clusters", type=int, default=8)
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--k-values", default="2,4,8,16")
-    parser.add_argument("--shared", default=os.environ.get("MSTL_SHARED", str(REPO.parent / "shared")))
+    parser.add_argument(
+        "--shared", default=os.environ.get("MSTL_SHARED", str(REPO.parent / "shared"))
+    )
     parser.add_argument("--throughput-slices", type=int, default=256)
     args = parser.parse_args()
     if args.part == "scale":

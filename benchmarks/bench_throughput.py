@@ -1,9 +1,11 @@
 """Training throughput (images/s) of the Target network at 224 px: full forward + backward steps of
-batch 32 with the paper's frozen half, on whatever device TensorFlow sees (CPU here; on a GPU machine
+batch 32 with the paper's frozen half, on whatever device TensorFlow sees (CPU here; on a GPU
+machine
 pass --mixed-precision to compare float32 with mixed float16).
 
     python benchmarks/bench_throughput.py --backbones mobilenet_025,densenet121
-    python benchmarks/bench_throughput.py --backbones densenet121,densenet169 --mixed-precision   # GPU
+    python benchmarks/bench_throughput.py --backbones densenet121,densenet169 --mixed-precision   #
+    GPU
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ def measure(backbone: str, image_size: int, batch: int, steps: int, policy: str)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--backbones", default="mobilenet_025,densenet121")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)

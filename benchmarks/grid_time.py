@@ -1,5 +1,7 @@
-"""Where an experiment grid's time went, read back from its runs: per stage (cells that ran, reused ones
-left out), and for the Transition and Target cells the decode and frozen-feature time with the shared
+"""Where an experiment grid's time went, read back from its runs: per stage (cells that ran, reused
+ones
+left out), and for the Transition and Target cells the decode and frozen-feature time with the
+shared
 on-disk cache missing against hitting, so what each saving bought is measured on the grid itself.
 
     python benchmarks/grid_time.py --experiment cpu-profile [--tracking-uri sqlite:///mlflow.db]
@@ -18,11 +20,14 @@ import pandas as pd
 
 
 def grids(client, experiment: str) -> dict[str, list]:
-    """The finished worker runs of each grid (one Optuna study, ``mstl.grid`` tag), first started first."""
+    """The finished worker runs of each grid (one Optuna study, ``mstl.grid`` tag), first started
+    first."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise SystemExit(f"no experiment {experiment!r}")
-    runs = client.search_runs([exp.experiment_id], "tags.stage = 'experiment' and attributes.status = 'FINISHED'")
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.stage = 'experiment' and attributes.status = 'FINISHED'"
+    )
     by_grid: dict[str, list] = {}
     for run in sorted(runs, key=lambda r: r.info.start_time):
         by_grid.setdefault(run.data.tags.get("mstl.grid", run.info.run_id), []).append(run)
@@ -41,14 +46,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, workers in grids(client, args.experiment).items():
             # every worker ends knowing every cell: one worker's list is the grid's
-            cells = pd.read_csv(client.download_artifacts(workers[0].info.run_id, "grid/cells.csv", tmp))
-            wall = (max(w.info.end_time for w in workers) - min(w.info.start_time for w in workers)) / 1000
+            cells = pd.read_csv(
+                client.download_artifacts(workers[0].info.run_id, "grid/cells.csv", tmp)
+            )
+            wall = (
+                max(w.info.end_time for w in workers) - min(w.info.start_time for w in workers)
+            ) / 1000
             ran = cells[~cells["reused"]]
             busy = ran["seconds"].sum() / (wall * len(workers))
             print(
-                f"grid {name} (split {workers[0].data.params.get('split')}, {len(workers)} worker(s), threads "
-                f"{workers[0].data.params.get('threads', 'default')}): {wall:.0f} s wall, {len(ran)} cells run, "
-                f"{int(cells['reused'].sum())} reused; the workers spent {busy:.0%} of the wall time in cells"
+                f"grid {name} (split {workers[0].data.params.get('split')}, {len(workers)} "
+                "worker(s), threads "
+                f"{workers[0].data.params.get('threads', 'default')}): {wall:.0f} s wall, "
+                f"{len(ran)} cells run, "
+                f"{int(cells['reused'].sum())} reused; the workers spent {busy:.0%} of the wall "
+                "time in cells"
             )
             for _, cell in ran.iterrows():
                 run = client.get_run(cell["run_id"])
@@ -60,25 +72,34 @@ def main() -> None:
                         "decode_seconds": run.data.metrics.get("decode_seconds", np.nan),
                         "frozen_seconds": run.data.metrics.get("frozen_seconds", np.nan),
                         "fit_seconds": run.data.metrics.get("fit_seconds", np.nan),
-                        "epochs_run": run.data.metrics.get("epochs_run", np.nan),  # logged since patience
+                        "epochs_run": run.data.metrics.get(
+                            "epochs_run", np.nan
+                        ),  # logged since patience
                         "decoded_cache": run.data.params.get("decoded_cache", ""),
                         "frozen_cache": run.data.params.get("frozen_cache", ""),
                     }
                 )
     table = pd.DataFrame(rows)
     print(
-        "\n| stage | cells run | total s | mean s per cell | of it fitting (mean s) | epochs run (mean) |"
+        "\n| stage | cells run | total s | mean s per cell | of it fitting (mean s) | epochs run "
+        "(mean) |"
         "\n| --- | --- | --- | --- | --- | --- |"
     )
     for stage, group in table.groupby("stage", sort=False):
         fit, epochs = (group[column].mean() for column in ("fit_seconds", "epochs_run"))
-        fit_text, epochs_text = (f"{mean:.1f}" if np.isfinite(mean) else "" for mean in (fit, epochs))
+        fit_text, epochs_text = (
+            f"{mean:.1f}" if np.isfinite(mean) else "" for mean in (fit, epochs)
+        )
         print(
-            f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | {group['seconds'].mean():.1f} | {fit_text} "
+            f"| {stage} | {len(group)} | {group['seconds'].sum():.0f} | "
+            f"{group['seconds'].mean():.1f} | {fit_text} "
             f"| {epochs_text} |"
         )
     print(f"| all | {len(table)} | {table['seconds'].sum():.0f} | | | |")
-    print("\n| stage | part | cache | cells | mean s | saved in this grid (s) |\n| --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| stage | part | cache | cells | mean s | saved in this grid (s) |\n| --- | --- | --- | "
+        "--- | --- | --- |"
+    )
     for stage in ("transition", "target"):
         for part, column in (("decode", "decoded_cache"), ("frozen", "frozen_cache")):
             group = table[table["stage"] == stage]
@@ -87,9 +108,16 @@ def main() -> None:
             hit = group.loc[group[column] == "hit", seconds]
             for outcome, values in (("miss", miss), ("hit", hit)):
                 if len(values):
-                    saved = (miss.mean() - hit.mean()) * len(hit) if outcome == "hit" and len(miss) else np.nan
+                    saved = (
+                        (miss.mean() - hit.mean()) * len(hit)
+                        if outcome == "hit" and len(miss)
+                        else np.nan
+                    )
                     saved_text = f"{saved:.0f}" if np.isfinite(saved) else ""
-                    print(f"| {stage} | {part} | {outcome} | {len(values)} | {values.mean():.2f} | {saved_text} |")
+                    print(
+                        f"| {stage} | {part} | {outcome} | {len(values)} | {values.mean():.2f} | "
+                        f"{saved_text} |"
+                    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""`mlflow run . -e compare`: Table III, Figures 5-7 and paired tests from the Target runs on the server."""
+"""`mlflow run . -e compare`: Table III, Figures 5-7 and paired tests from the Target runs on the
+server."""
 
 from mstl.stages.cli import run_stage
 from mstl.stages.compare import CompareParams, run_compare

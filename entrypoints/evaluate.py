@@ -1,4 +1,5 @@
-"""`mlflow run . -e evaluate`: score a logged or registered model on any labelled CT image set and track it."""
+"""`mlflow run . -e evaluate`: score a logged or registered model on any labelled CT image set and
+track it."""
 
 from mstl.stages.cli import run_stage
 from mstl.stages.evaluate import EvaluateParams, run_evaluate

@@ -1,4 +1,5 @@
-"""`mlflow run . -e experiment`: the paper's grid (backbones x {imagenet, hard, soft} x seeds), finished work reused."""
+"""`mlflow run . -e experiment`: the paper's grid (backbones x {imagenet, hard, soft} x seeds),
+finished work reused."""
 
 from mstl.stages.cli import run_stage
 from mstl.stages.experiment import ExperimentParams, run_experiment

@@ -1,4 +1,5 @@
-"""`mlflow run . -e explain`: Grad-CAM overlays for any image or DICOM slice and any logged or registered model."""
+"""`mlflow run . -e explain`: Grad-CAM overlays for any image or DICOM slice and any logged or
+registered model."""
 
 from mstl.stages.cli import run_stage
 from mstl.stages.explain import ExplainParams, run_explain

@@ -1,4 +1,5 @@
-"""`mlflow run . -e prepare_transition`: DICOM CT (or 2-D slice folders) -> selected lung slices + manifest."""
+"""`mlflow run . -e prepare_transition`: DICOM CT (or 2-D slice folders) -> selected lung slices +
+manifest."""
 
 from mstl.stages.cli import run_stage
 from mstl.stages.prepare import PrepareParams, run_prepare

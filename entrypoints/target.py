@@ -1,4 +1,5 @@
-"""`mlflow run . -e target`: fine-tune a backbone on COVID-CT and evaluate it (the paper's Target step)."""
+"""`mlflow run . -e target`: fine-tune a backbone on COVID-CT and evaluate it (the paper's Target
+step)."""
 
 from mstl.stages.cli import run_stage
 from mstl.stages.target import TargetParams, run_target

@@ -19,7 +19,8 @@ _os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def tensorflow_build(installed=None) -> str:
-    """Which TensorFlow build is installed ("tensorflow" or "tensorflow-cpu"); an error naming the fix
+    """Which TensorFlow build is installed ("tensorflow" or "tensorflow-cpu"); an error naming the
+    fix
     when there is none, or both (two packages owning one folder break each other)."""
 
     def present(name: str) -> bool:
@@ -33,8 +34,11 @@ def tensorflow_build(installed=None) -> str:
     if len(found) == 2:
         raise ImportError(
             "both tensorflow and tensorflow-cpu are installed and overwrite each other's files: "
-            "keep one (pip uninstall -y tensorflow tensorflow-cpu, then pip install -e '.[cpu]' or '.[gpu]')"
+            "keep one (pip uninstall -y tensorflow tensorflow-cpu, then pip install -e '.[cpu]' or "
+            "'.[gpu]')"
         )
     if not found:
-        raise ImportError("TensorFlow is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA machine)")
+        raise ImportError(
+            "TensorFlow is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA machine)"
+        )
     return found[0]

@@ -1,12 +1,17 @@
-"""An on-disk, content-addressed cache of arrays, shared by the processes of one machine (or one shared folder).
+"""An on-disk, content-addressed cache of arrays, shared by the processes of one machine (or one
+shared folder).
 
 Used for what many runs of a grid compute identically: the decoded slices of a data set (key: the
-files' SHA-256s and the preprocessing) and the frozen lower half's features of those slices (key: the
-frozen weights, the slices' pixels and the backbone). A key is a SHA-256 of everything the value depends
+files' SHA-256s and the preprocessing) and the frozen lower half's features of those slices (key:
+the
+frozen weights, the slices' pixels and the backbone). A key is a SHA-256 of everything the value
+depends
 on, so a changed input is a different entry, never a stale hit.
 
-Each entry is ``<key>.npy`` beside ``<key>.json`` holding the array file's SHA-256 and size. An entry is
-written to a temporary file and renamed into place, so a reader never sees half a file; on reading, the
+Each entry is ``<key>.npy`` beside ``<key>.json`` holding the array file's SHA-256 and size. An
+entry is
+written to a temporary file and renamed into place, so a reader never sees half a file; on reading,
+the
 file is checked against its record, and an entry that fails (truncated, corrupt, record missing) is
 recomputed and replaced, never loaded. Two processes computing one entry at once both write the same
 bytes; the last rename wins.
@@ -27,7 +32,8 @@ KEY_VERSION = b"mstl-array-cache-v1"
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, read in chunks: the one file hash of the project (downloads, data sets,
+    """The SHA-256 of a file's bytes, read in chunks: the one file hash of the project (downloads,
+    data sets,
     exports, cache keys)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -37,7 +43,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
-    """SHA-256 over the parts, each length-prefixed (so ("ab", "c") and ("a", "bc") differ); arrays by dtype,
+    """SHA-256 over the parts, each length-prefixed (so ("ab", "c") and ("a", "bc") differ); arrays
+    by dtype,
     shape and bytes."""
     digest = hashlib.sha256(KEY_VERSION)
     for part in parts:
@@ -54,14 +61,16 @@ def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
 
 
 def outcome(cache: ArrayCache | None, kind: str) -> str:
-    """off, hit or miss: how a run's use of the cache for one kind of array fared (miss if any part missed)."""
+    """off, hit or miss: how a run's use of the cache for one kind of array fared (miss if any part
+    missed)."""
     if cache is None:
         return "off"
     return "miss" if cache.misses.get(kind) else "hit" if cache.hits.get(kind) else "off"
 
 
 class ArrayCache:
-    """``get(kind, key, compute)``: the cached array, or ``compute()`` stored; counts hits and misses."""
+    """``get(kind, key, compute)``: the cached array, or ``compute()`` stored; counts hits and
+    misses."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -73,7 +82,8 @@ class ArrayCache:
         return self.folder / kind / f"{key}.npy"
 
     def load(self, kind: str, key: str) -> np.ndarray | None:
-        """The stored array, or None when absent or damaged (then it is reported and will be rewritten)."""
+        """The stored array, or None when absent or damaged (then it is reported and will be
+        rewritten)."""
         data, record = self.path(kind, key), self.path(kind, key).with_suffix(".json")
         if not data.exists():
             return None
@@ -92,10 +102,17 @@ class ArrayCache:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".npy.tmp", delete=False) as tmp:
             np.save(tmp, np.ascontiguousarray(array), allow_pickle=False)
-        record = {"sha256": sha256_file(Path(tmp.name)), "bytes": Path(tmp.name).stat().st_size, "shape": list(array.shape)}
-        with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".json.tmp", delete=False) as rec:
+        record = {
+            "sha256": sha256_file(Path(tmp.name)),
+            "bytes": Path(tmp.name).stat().st_size,
+            "shape": list(array.shape),
+        }
+        with tempfile.NamedTemporaryFile(
+            "w", dir=target.parent, suffix=".json.tmp", delete=False
+        ) as rec:
             json.dump(record, rec)
-        # the record first: a reader that sees the new array also sees its record (an old record fails the check)
+        # the record first: a reader that sees the new array also sees its record (an old record
+        # fails the check)
         os.replace(rec.name, target.with_suffix(".json"))
         os.replace(tmp.name, target)
 

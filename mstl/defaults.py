@@ -34,7 +34,8 @@ SPLIT = "official"
 BACKBONE = "mobilenet_025"
 WEIGHTS = "imagenet"
 EXPERIMENT_NAME = "mstl"
-# Local, git-ignored working folders: exports of prepare_transition, feature cache and Optuna storage.
+# Local, git-ignored working folders: exports of prepare_transition, feature cache and Optuna
+# storage.
 EXPORT_DIR = ".cache/exports"
 CACHE_DIR = ".cache"
 # The paper's grid of cluster counts for the soft labels.

@@ -18,7 +18,8 @@ SHARED = Path(os.environ.get("MSTL_SHARED") or REPO.parent / "shared").resolve()
 DATA_ROOT = SHARED / "data"
 VENV_BIN = Path(sys.executable).parent
 
-# Keras reads KERAS_HOME when it is imported: point it at the project cache before any test imports it.
+# Keras reads KERAS_HOME when it is imported: point it at the project cache before any test imports
+# it.
 os.environ.setdefault("KERAS_HOME", str(REPO / ".cache" / "keras"))
 
 
@@ -40,7 +41,9 @@ def pytest_runtest_setup(item):
 
 def need_shared(path: Path) -> Path:
     if not _current["integration"]:
-        pytest.fail(f"a unit test reached for {path}: tests that use ../shared are marked integration")
+        pytest.fail(
+            f"a unit test reached for {path}: tests that use ../shared are marked integration"
+        )
     if not path.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{path} is missing: CI must have ../shared beside the clone")
@@ -55,7 +58,8 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def keras_home() -> Path:
-    """A Keras cache holding MobileNet-0.25's ImageNet file, fetched through Keras's own get_file."""
+    """A Keras cache holding MobileNet-0.25's ImageNet file, fetched through Keras's own
+    get_file."""
     weights = need_shared(SHARED / "weights")
     from mstl.models import prefetch_imagenet_weights
 
@@ -106,7 +110,9 @@ def mlflow_server(tmp_path_factory) -> str:
             pass
         if proc.poll() is not None or time.time() > deadline:
             proc.kill()
-            pytest.fail(f"mlflow server did not start; log:\n{(root / 'server.log').read_text()[-3000:]}")
+            pytest.fail(
+                f"mlflow server did not start; log:\n{(root / 'server.log').read_text()[-3000:]}"
+            )
         time.sleep(0.5)
     yield uri
     proc.terminate()
@@ -120,12 +126,28 @@ def mlflow_server(tmp_path_factory) -> str:
 MLFLOW_RUN_STATE = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
-def run_entry_point(entry: str, params: dict, tracking_uri: str, experiment: str, timeout: int = 900):
+def run_entry_point(
+    entry: str, params: dict, tracking_uri: str, experiment: str, timeout: int = 900
+):
     """`mlflow run . -e ENTRY --env-manager local` in the repo, as a user would type it."""
-    cmd = [str(VENV_BIN / "mlflow"), "run", str(REPO), "-e", entry, "--env-manager", "local", "--experiment-name", experiment]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "run",
+        str(REPO),
+        "-e",
+        entry,
+        "--env-manager",
+        "local",
+        "--experiment-name",
+        experiment,
+    ]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
+    env = dict(
+        os.environ,
+        MLFLOW_TRACKING_URI=tracking_uri,
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    )
     for leaked in MLFLOW_RUN_STATE:  # set by in-process runs (mlflow.set_experiment exports the ID)
         env.pop(leaked, None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -170,11 +192,14 @@ def postgres_bin(name: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def postgres_uri(tmp_path_factory) -> str:
-    """A real PostgreSQL server on 127.0.0.1 (Debian's postgresql; .ci/run installs it), database mlflow."""
+    """A real PostgreSQL server on 127.0.0.1 (Debian's postgresql; .ci/run installs it), database
+    mlflow."""
     initdb, pg_ctl = postgres_bin("initdb"), postgres_bin("pg_ctl")
     if not (initdb and pg_ctl):
         if os.environ.get("CI"):
-            pytest.fail("PostgreSQL server programs not found: .ci/run installs Debian's postgresql")
+            pytest.fail(
+                "PostgreSQL server programs not found: .ci/run installs Debian's postgresql"
+            )
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
     import tempfile
 
@@ -193,10 +218,24 @@ def postgres_uri(tmp_path_factory) -> str:
             pytest.fail(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}")
 
     run(initdb, "-D", str(data), "-U", "postgres", "--auth=trust")
-    run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "start", "-o", f"-h 127.0.0.1 -p {port} -k {root}")
+    run(
+        pg_ctl,
+        "-D",
+        str(data),
+        "-l",
+        str(root / "server.log"),
+        "-w",
+        "start",
+        "-o",
+        f"-h 127.0.0.1 -p {port} -k {root}",
+    )
     try:
-        run(postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow")
+        run(
+            postgres_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"
+        )
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data), "-m", "fast", "stop"], capture_output=True
+        )
         shutil.rmtree(root, ignore_errors=True)

@@ -10,7 +10,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless, 
 
 
 def phantom(size: int = 64, lungs: float = 1.0) -> np.ndarray:
-    """Stored values (HU + 1024) of a body ellipse in air with two lungs scaled by ``lungs`` (0 = none)."""
+    """Stored values (HU + 1024) of a body ellipse in air with two lungs scaled by ``lungs`` (0 =
+    none)."""
     yy, xx = np.mgrid[:size, :size] / size - 0.5
     hu = np.full((size, size), -1000.0)
     hu[(xx / 0.42) ** 2 + (yy / 0.32) ** 2 <= 1] = 40.0
@@ -70,8 +71,11 @@ def write_slice(
     return path
 
 
-def write_series(folder: Path, n: int = 12, series_uid: str | None = None, **kwargs) -> tuple[str, list[Path]]:
-    """A series from abdomen (no lungs) through the chest to the neck, written in shuffled file order."""
+def write_series(
+    folder: Path, n: int = 12, series_uid: str | None = None, **kwargs
+) -> tuple[str, list[Path]]:
+    """A series from abdomen (no lungs) through the chest to the neck, written in shuffled file
+    order."""
     series_uid = series_uid or generate_uid()
     lung_profile = np.sin(np.linspace(0, np.pi, n)) ** 2  # 0 at both ends, 1 mid-lung
     order = np.random.default_rng(0).permutation(n)

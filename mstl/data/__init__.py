@@ -1,6 +1,13 @@
 """Target data (COVID-CT), image decoding to grey, and the tf.data pipeline."""
 
-from mstl.data.covid_ct import SPLIT_MODES, files_sha256, index_images, load_split, split_sha256, split_table
+from mstl.data.covid_ct import (
+    SPLIT_MODES,
+    files_sha256,
+    index_images,
+    load_split,
+    split_sha256,
+    split_table,
+)
 from mstl.data.images import DecodedImages, ImageReadError, decode_images, load_grey, to_grey
 
 __all__ = [

@@ -24,7 +24,10 @@ CLASSES = {"COVID": 1, "NonCOVID": 0}  # folder CT_<class>, label
 SPLITS = ("train", "val", "test")
 SPLIT_MODES = ("official", "paper", "patient")
 # Table II of the paper: images per (class, split).
-PAPER_COUNTS = {"COVID": {"train": 196, "val": 56, "test": 97}, "NonCOVID": {"train": 251, "val": 56, "test": 90}}
+PAPER_COUNTS = {
+    "COVID": {"train": 196, "val": 56, "test": 97},
+    "NonCOVID": {"train": 251, "val": 56, "test": 90},
+}
 PATIENT_FRACTIONS = {"train": 0.60, "val": 0.15, "test": 0.25}
 
 
@@ -98,7 +101,11 @@ def index_images(data_root: str | Path, require_patients: bool = False) -> pd.Da
 def official_split(index: pd.DataFrame, root: Path) -> pd.Series:
     split = pd.Series("", index=index.index, dtype=object)
     for cls in CLASSES:
-        by_name = {Path(f).name: i for i, f in zip(index.index, index["file"], strict=False) if index.at[i, "class"] == cls}
+        by_name = {
+            Path(f).name: i
+            for i, f in zip(index.index, index["file"], strict=False)
+            if index.at[i, "class"] == cls
+        }
         for part in SPLITS:
             list_file = root / "splits" / cls / f"{part}CT_{cls}.txt"
             if not list_file.is_file():
@@ -106,14 +113,21 @@ def official_split(index: pd.DataFrame, root: Path) -> pd.Series:
             names = [n.strip() for n in list_file.read_text().splitlines() if n.strip()]
             missing = [n for n in names if n not in by_name]
             if missing:
-                raise ValueError(f"split file {list_file} names {len(missing)} image(s) not in CT_{cls}/: {missing[:5]}")
+                raise ValueError(
+                    f"split file {list_file} names {len(missing)} image(s) not in CT_{cls}/: "
+                    f"{missing[:5]}"
+                )
             for n in names:
                 if split[by_name[n]]:
-                    raise ValueError(f"image {cls}/{n} is listed in two split files (second: {list_file})")
+                    raise ValueError(
+                        f"image {cls}/{n} is listed in two split files (second: {list_file})"
+                    )
                 split[by_name[n]] = part
     unassigned = index.loc[split == "", "file"].tolist()
     if unassigned:
-        raise ValueError(f"{len(unassigned)} image(s) are in no official split file, e.g. {unassigned[:5]}")
+        raise ValueError(
+            f"{len(unassigned)} image(s) are in no official split file, e.g. {unassigned[:5]}"
+        )
     return split
 
 
@@ -124,7 +138,9 @@ def paper_split(index: pd.DataFrame, seed: int) -> pd.Series:
     for cls, counts in PAPER_COUNTS.items():
         members = index.index[index["class"] == cls].to_numpy()
         if len(members) != sum(counts.values()):
-            raise ValueError(f"the paper split needs {sum(counts.values())} {cls} images, found {len(members)}")
+            raise ValueError(
+                f"the paper split needs {sum(counts.values())} {cls} images, found {len(members)}"
+            )
         members = rng.permutation(members)
         start = 0
         for part in SPLITS:
@@ -133,11 +149,15 @@ def paper_split(index: pd.DataFrame, seed: int) -> pd.Series:
     return split
 
 
-def patient_split(index: pd.DataFrame, seed: int, fractions: dict[str, float] = PATIENT_FRACTIONS) -> pd.Series:
+def patient_split(
+    index: pd.DataFrame, seed: int, fractions: dict[str, float] = PATIENT_FRACTIONS
+) -> pd.Series:
     """A seeded 60:15:25 split by image count, stratified by class and grouped by patient."""
     if (index["patient_id"] == "").any():
         missing = index.loc[index["patient_id"] == "", "file"].tolist()
-        raise ValueError(f"the patient split needs a patient ID for every image; missing for {missing[:5]}")
+        raise ValueError(
+            f"the patient split needs a patient ID for every image; missing for {missing[:5]}"
+        )
     rng = np.random.default_rng(seed)
     split = pd.Series("", index=index.index, dtype=object)
     bounds = np.cumsum([fractions[p] for p in SPLITS])
@@ -147,7 +167,8 @@ def patient_split(index: pd.DataFrame, seed: int, fractions: dict[str, float] = 
         patients = rng.permutation(sizes.index.to_numpy())
         total, done = len(sub), 0
         for patient in patients:
-            # Assign each patient to the first split whose cumulative quota its midpoint falls within.
+            # Assign each patient to the first split whose cumulative quota its midpoint falls
+            # within.
             mid = (done + sizes[patient] / 2) / total
             part = SPLITS[min(int(np.searchsorted(bounds, mid)), len(SPLITS) - 1)]
             split[sub.index[sub["patient_id"] == patient]] = part
@@ -173,7 +194,11 @@ def load_split(data_root: str | Path, mode: str, seed: int = 0) -> pd.DataFrame:
 
 def split_table(index: pd.DataFrame) -> pd.DataFrame:
     """The columns of the split that identify it (no machine-specific paths), in a stable order."""
-    return index[["file", "class", "label", "patient_id", "split"]].sort_values("file").reset_index(drop=True)
+    return (
+        index[["file", "class", "label", "patient_id", "split"]]
+        .sort_values("file")
+        .reset_index(drop=True)
+    )
 
 
 def split_sha256(index: pd.DataFrame) -> str:

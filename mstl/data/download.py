@@ -48,11 +48,13 @@ DATASETS = {"covid-ct": (COVID_CT_SOURCES, "covid-ct.sha256")}
 
 
 class ChecksumError(ValueError):
-    """Downloaded or extracted bytes differ from the expected SHA-256; the message names the file."""
+    """Downloaded or extracted bytes differ from the expected SHA-256; the message names the
+    file."""
 
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:
-    """Stream ``url`` to ``dest`` atomically; with ``sha256``, a mismatch raises and leaves nothing behind."""
+    """Stream ``url`` to ``dest`` atomically; with ``sha256``, a mismatch raises and leaves nothing
+    behind."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
@@ -66,7 +68,9 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Pa
                     digest.update(block)
                     bar.update(len(block))
         if sha256 and digest.hexdigest() != sha256.lower():
-            raise ChecksumError(f"SHA-256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}")
+            raise ChecksumError(
+                f"SHA-256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}"
+            )
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,7 +110,9 @@ def member_path(member: zipfile.ZipInfo, target: Path) -> Path | None:
     if pure.is_absolute() or (pure.parts and ":" in pure.parts[0]):
         raise UnsafeArchiveError(f"refusing archive member {name!r}: absolute path")
     if ".." in pure.parts:
-        raise UnsafeArchiveError(f"refusing archive member {name!r}: it climbs out of the folder with '..'")
+        raise UnsafeArchiveError(
+            f"refusing archive member {name!r}: it climbs out of the folder with '..'"
+        )
     if member.is_dir() or "__MACOSX" in pure.parts or pure.name.startswith("."):
         return None
     out = (target / Path(*pure.parts)).resolve()

@@ -43,7 +43,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
-    """Decode an image file (or its bytes) to an 8-bit grey PIL image, or raise ImageReadError naming it."""
+    """Decode an image file (or its bytes) to an 8-bit grey PIL image, or raise ImageReadError
+    naming it."""
     is_bytes = isinstance(source, (bytes, bytearray))
     name = name or ("image bytes" if is_bytes else str(source))
     try:
@@ -62,7 +63,8 @@ def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Ima
 
 
 def load_grey(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Read one image as a (image_size, image_size) uint8 grey array (plain resize), or raise ImageReadError."""
+    """Read one image as a (image_size, image_size) uint8 grey array (plain resize), or raise
+    ImageReadError."""
     return Preprocessing(image_size)(open_grey(path))
 
 
@@ -73,7 +75,9 @@ class DecodedImages:
     pixels: np.ndarray  # (n, size, size) uint8
     kept: list[int]  # indices into the requested paths
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    lung_field_missing: list[int] = field(default_factory=list)  # kept paths that lung_crop left whole
+    lung_field_missing: list[int] = field(
+        default_factory=list
+    )  # kept paths that lung_crop left whole
     seconds: float = 0.0  # wall time of decoding (or of reading the cache)
 
 
@@ -87,10 +91,15 @@ def decode_images(
     """Decode many images in threads (PIL releases the GIL), with a progress bar.
 
     An unreadable file raises ImageReadError unless ``skip_unreadable``; then it is left out
-    and reported in ``unreadable`` so callers can log it. Nothing is dropped silently. ``preprocessing``
+    and reported in ``unreadable`` so callers can log it. Nothing is dropped silently.
+    ``preprocessing``
     is a :class:`Preprocessing` or, for the plain resize, an image size.
     """
-    prepare = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing(int(preprocessing))
+    prepare = (
+        preprocessing
+        if isinstance(preprocessing, Preprocessing)
+        else Preprocessing(int(preprocessing))
+    )
     workers = workers or min(8, os.cpu_count() or 1)
     out = np.zeros((len(paths), prepare.image_size, prepare.image_size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
@@ -107,7 +116,13 @@ def decode_images(
             return i, str(exc)
 
     with ThreadPoolExecutor(workers) as pool:
-        for i, error in tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=desc, unit="img", mininterval=2):
+        for i, error in tqdm(
+            pool.map(work, range(len(paths))),
+            total=len(paths),
+            desc=desc,
+            unit="img",
+            mininterval=2,
+        ):
             if error is None:
                 ok[i] = True
             else:
@@ -122,8 +137,10 @@ def decode_images_cached(
     skip_unreadable: bool = False,
     cache: ArrayCache | None = None,
 ) -> DecodedImages:
-    """``decode_images`` through ``cache`` when given, keyed by the files' SHA-256s and the preprocessing, so
-    the runs of a grid decode a data set once. A set with an unreadable file is decoded afresh every time."""
+    """``decode_images`` through ``cache`` when given, keyed by the files' SHA-256s and the
+    preprocessing, so
+    the runs of a grid decode a data set once. A set with an unreadable file is decoded afresh every
+    time."""
     start = time.perf_counter()
     if cache is None:
         decoded = decode_images(paths, preprocessing, skip_unreadable)
@@ -138,10 +155,16 @@ def decode_images_cached(
     hit = pixels is not None and missing is not None and len(pixels) == len(paths)
     cache.count("decoded", hit)
     if hit:
-        return DecodedImages(pixels, list(range(len(paths))), [], missing.tolist(), time.perf_counter() - start)
+        return DecodedImages(
+            pixels, list(range(len(paths))), [], missing.tolist(), time.perf_counter() - start
+        )
     decoded = decode_images(paths, preprocessing, skip_unreadable)
     if not decoded.unreadable:
         cache.store("decoded", key, decoded.pixels)
-        cache.store("decoded", key + "-lung-field-missing", np.asarray(decoded.lung_field_missing, dtype=np.int64))
+        cache.store(
+            "decoded",
+            key + "-lung-field-missing",
+            np.asarray(decoded.lung_field_missing, dtype=np.int64),
+        )
     decoded.seconds = time.perf_counter() - start
     return decoded

@@ -1,4 +1,5 @@
-"""A labelled image set from a user: class folders (one holding the positives) or a CSV of path,label[,patient_id]."""
+"""A labelled image set from a user: class folders (one holding the positives) or a CSV of
+path,label[,patient_id]."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ class EvaluationInputError(ValueError):
     """A file or value of the evaluation set that cannot be used; the message names it."""
 
 
-def labelled_files(images_root: str = "", positive_class: str = "", labels_csv: str = "") -> pd.DataFrame:
+def labelled_files(
+    images_root: str = "", positive_class: str = "", labels_csv: str = ""
+) -> pd.DataFrame:
     """path, label (0/1) and patient_id (may be empty) of every image of the set."""
     if images_root:
         root = Path(images_root)
@@ -20,7 +23,8 @@ def labelled_files(images_root: str = "", positive_class: str = "", labels_csv: 
         folders = sorted(p.name for p in root.iterdir() if p.is_dir())
         if positive_class not in folders:
             raise EvaluationInputError(
-                f"no sub-folder named {positive_class!r} under {root}; found: {', '.join(folders) or 'none'}"
+                f"no sub-folder named {positive_class!r} under {root}; found: "
+                f"{', '.join(folders) or 'none'}"
             )
         rows = [
             {"path": str(f), "label": int(folder == positive_class), "patient_id": ""}
@@ -36,10 +40,14 @@ def labelled_files(images_root: str = "", positive_class: str = "", labels_csv: 
         table = pd.read_csv(csv, dtype={"patient_id": str})
         missing = {"path", "label"} - set(table.columns)
         if missing:
-            raise EvaluationInputError(f"labels_csv {csv} needs columns path,label[,patient_id]; missing {sorted(missing)}")
+            raise EvaluationInputError(
+                f"labels_csv {csv} needs columns path,label[,patient_id]; missing {sorted(missing)}"
+            )
         bad = table.loc[~table["label"].astype(str).isin(["0", "1"]), "label"]
         if len(bad):
-            raise EvaluationInputError(f"labels_csv {csv}: labels must be 0 or 1, found {sorted(set(map(str, bad)))[:5]}")
+            raise EvaluationInputError(
+                f"labels_csv {csv}: labels must be 0 or 1, found {sorted(set(map(str, bad)))[:5]}"
+            )
         table["path"] = [str(p if Path(p).is_absolute() else csv.parent / p) for p in table["path"]]
         table["label"] = table["label"].astype(int)
         table["patient_id"] = table["patient_id"].fillna("") if "patient_id" in table else ""

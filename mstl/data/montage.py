@@ -1,4 +1,5 @@
-"""Contact sheets of CT slices, drawn with Pillow (no matplotlib), fast enough for every series of a study."""
+"""Contact sheets of CT slices, drawn with Pillow (no matplotlib), fast enough for every series of a
+study."""
 
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ def montage(
     for k, (image, caption, color) in enumerate(zip(images, captions, colors, strict=False)):
         x = (k % columns) * cell_w + pad
         y = title_h + (k // columns) * cell_h + pad
-        thumb = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
+        thumb = Image.fromarray(np.asarray(image, dtype=np.uint8)).resize(
+            (side, side), Image.Resampling.BILINEAR
+        )
         sheet.paste(thumb.convert("RGB"), (x, y + caption_h))
         if color:
-            draw.rectangle([x - 2, y + caption_h - 2, x + side + 1, y + caption_h + side + 1], outline=color, width=3)
+            draw.rectangle(
+                [x - 2, y + caption_h - 2, x + side + 1, y + caption_h + side + 1],
+                outline=color,
+                width=3,
+            )
         draw.multiline_text((x, y), caption, fill=color or "black", spacing=1)
     return sheet

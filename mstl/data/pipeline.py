@@ -1,4 +1,5 @@
-"""The tf.data pipeline shared by training and prediction: decoded uint8 slices in, backbone input out."""
+"""The tf.data pipeline shared by training and prediction: decoded uint8 slices in, backbone input
+out."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def image_dataset(
     seed: int = 0,
     augment: bool = False,
 ) -> tf.data.Dataset:
-    """Decoded uint8 slices -> cache -> shuffle -> batch -> (augment) -> backbone input -> prefetch."""
+    """Decoded uint8 slices -> cache -> shuffle -> batch -> (augment) -> backbone input ->
+    prefetch."""
     items = grey if labels is None else (grey, labels)
     ds = tf.data.Dataset.from_tensor_slices(items).cache()
     if shuffle:
@@ -49,7 +51,8 @@ def image_dataset(
 
 
 def grey_to_input(grey_batch, preprocess_input):
-    """uint8 grey (n, h, w) -> the backbone's float input (n, h, w, 3), via its own ``preprocess_input``."""
+    """uint8 grey (n, h, w) -> the backbone's float input (n, h, w, 3), via its own
+    ``preprocess_input``."""
     x = tf.cast(grey_batch, tf.float32)[..., None]
     x = tf.repeat(x, 3, axis=-1)
     return preprocess_input(x)

@@ -9,7 +9,8 @@ borders, arrows and scanner-specific grey levels that differ by class):
   widened to a square so the anatomy keeps its aspect ratio, then resize. Captions, page borders and
   most of the outside air fall away. A slice in which no lung field is found is kept whole and
   counted (``lung_field_missing``), never dropped.
-- ``intensity``: ``equalize`` (global histogram equalisation) or ``clahe`` (contrast-limited adaptive
+- ``intensity``: ``equalize`` (global histogram equalisation) or ``clahe`` (contrast-limited
+adaptive
   histogram equalisation, Zuiderveld 1994: 8x8 tiles, clip limit 2) after the resize, so grey levels
   no longer carry the scanner's or the paper's contrast settings.
 """
@@ -25,23 +26,37 @@ from PIL import Image, ImageOps
 from mstl.dicom.selection import lung_mask_8bit
 
 INTENSITIES = ("none", "clahe", "equalize")
-LUNG_CROP_MARGIN = 0.1  # of the lung field's box, on every side: keeps the pleura and the chest wall
-MASK_SIDE = 256  # the lung field is found on a copy this wide: the box, not the outline, is what is used
+LUNG_CROP_MARGIN = (
+    0.1  # of the lung field's box, on every side: keeps the pleura and the chest wall
+)
+MASK_SIDE = (
+    256  # the lung field is found on a copy this wide: the box, not the outline, is what is used
+)
 CLAHE_TILES = 8
 CLAHE_CLIP_LIMIT = 2.0  # times the mean bin count of a tile's histogram (OpenCV's convention)
 
 
-def clahe(grey: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP_LIMIT) -> np.ndarray:
-    """Contrast-limited adaptive histogram equalisation of a uint8 image: each tile's histogram is clipped at
-    ``clip_limit`` times its mean bin count, the excess spread over all bins, and each pixel mapped through
+def clahe(
+    grey: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP_LIMIT
+) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of a uint8 image: each tile's histogram is
+    clipped at
+    ``clip_limit`` times its mean bin count, the excess spread over all bins, and each pixel mapped
+    through
     the bilinear blend of its four nearest tiles' cumulative histograms."""
     grey = np.asarray(grey, dtype=np.uint8)
     h, w = grey.shape
     th, tw = math.ceil(h / tiles), math.ceil(w / tiles)
     padded = np.pad(grey, ((0, th * tiles - h), (0, tw * tiles - w)), mode="reflect")
-    blocks = padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
+    blocks = (
+        padded.reshape(tiles, th, tiles, tw).transpose(0, 2, 1, 3).reshape(tiles * tiles, th * tw)
+    )
     offsets = (np.arange(tiles * tiles) * 256)[:, None]
-    hist = np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * 256).reshape(tiles, tiles, 256).astype(float)
+    hist = (
+        np.bincount((blocks + offsets).ravel(), minlength=tiles * tiles * 256)
+        .reshape(tiles, tiles, 256)
+        .astype(float)
+    )
     limit = max(1.0, clip_limit * th * tw / 256)
     excess = np.clip(hist - limit, 0, None).sum(axis=-1, keepdims=True)
     hist = np.minimum(hist, limit) + excess / 256
@@ -63,11 +78,18 @@ def clahe(grey: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
-def lung_box(grey: Image.Image, margin: float = LUNG_CROP_MARGIN) -> tuple[int, int, int, int] | None:
-    """(left, top, right, bottom) of the square crop around the lung field, or None when none is found."""
+def lung_box(
+    grey: Image.Image, margin: float = LUNG_CROP_MARGIN
+) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the square crop around the lung field, or None when none is
+    found."""
     width, height = grey.size
     scale = min(1.0, MASK_SIDE / max(width, height))
-    small = grey if scale == 1.0 else grey.resize((max(1, round(width * scale)), max(1, round(height * scale))))
+    small = (
+        grey
+        if scale == 1.0
+        else grey.resize((max(1, round(width * scale)), max(1, round(height * scale))))
+    )
     mask = lung_mask_8bit(np.asarray(small))
     if not mask.any():
         return None
@@ -88,7 +110,8 @@ def lung_box(grey: Image.Image, margin: float = LUNG_CROP_MARGIN) -> tuple[int, 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """From a decoded 8-bit grey slice to the (image_size, image_size) uint8 array the network reads."""
+    """From a decoded 8-bit grey slice to the (image_size, image_size) uint8 array the network
+    reads."""
 
     image_size: int
     lung_crop: bool = False
@@ -96,7 +119,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
-            raise ValueError(f"unknown intensity {self.intensity!r}; use one of {', '.join(INTENSITIES)}")
+            raise ValueError(
+                f"unknown intensity {self.intensity!r}; use one of {', '.join(INTENSITIES)}"
+            )
         if int(self.image_size) < 1:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
 
@@ -108,9 +133,14 @@ class Preprocessing:
             found = box is not None
             if found:
                 grey = grey.crop(box)
-        pixels = np.asarray(grey.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        pixels = np.asarray(
+            grey.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR),
+            dtype=np.uint8,
+        )
         if self.intensity == "equalize":
-            pixels = np.asarray(ImageOps.equalize(Image.fromarray(pixels, mode="L")), dtype=np.uint8)
+            pixels = np.asarray(
+                ImageOps.equalize(Image.fromarray(pixels, mode="L")), dtype=np.uint8
+            )
         elif self.intensity == "clahe":
             pixels = clahe(pixels)
         return pixels, found
@@ -123,5 +153,10 @@ class Preprocessing:
 
     @classmethod
     def from_config(cls, config: dict) -> Preprocessing:
-        """From a served model's config; models logged before these options were added used neither."""
-        return cls(int(config["image_size"]), bool(config.get("lung_crop", False)), str(config.get("intensity", "none")))
+        """From a served model's config; models logged before these options were added used
+        neither."""
+        return cls(
+            int(config["image_size"]),
+            bool(config.get("lung_crop", False)),
+            str(config.get("intensity", "none")),
+        )

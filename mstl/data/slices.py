@@ -37,7 +37,8 @@ def parse_label_map(text: str) -> dict[str, str]:
 
 @dataclass
 class SliceFolder:
-    """What was found under ``slices_root``: usable images, their labels, and everything left out."""
+    """What was found under ``slices_root``: usable images, their labels, and everything left
+    out."""
 
     files: list[Path]
     labels: list[str]
@@ -56,7 +57,10 @@ def scan_slice_folder(root: str | Path, label_map: dict[str, str]) -> SliceFolde
         raise ValueError(f"slices_root {root} has no class sub-folders")
     unknown = set(label_map) - {f.name.lower() for f in folders}
     if unknown:
-        raise ValueError(f"label_map names folder(s) {sorted(unknown)} not found in {root}; folders: {[f.name for f in folders]}")
+        raise ValueError(
+            f"label_map names folder(s) {sorted(unknown)} not found in {root}; folders: "
+            f"{[f.name for f in folders]}"
+        )
     files, labels, skipped, duplicates = [], [], [], []
     seen: dict[str, Path] = {}
     for folder in folders:
@@ -86,7 +90,9 @@ def natural_key(name: str) -> list:
 
 
 HASH_SIDE = 16  # 16 x 16 = 256-bit difference hash
-NEAR_DUPLICATE_BITS = 24  # at most ~9 % of the bits differ: measured on IQ-OTH/NCCD, docs/transition.md
+NEAR_DUPLICATE_BITS = (
+    24  # at most ~9 % of the bits differ: measured on IQ-OTH/NCCD, docs/transition.md
+)
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
 
 
@@ -96,8 +102,11 @@ def difference_hash(grey: Image.Image, side: int = HASH_SIDE) -> np.ndarray:
     return np.packbits((small[:, 1:] > small[:, :-1]).ravel())
 
 
-def group_near_duplicates(hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS, chunk: int = 256) -> np.ndarray:
-    """Connected components of slices whose hashes differ in at most ``max_bits`` bits (a group id each)."""
+def group_near_duplicates(
+    hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS, chunk: int = 256
+) -> np.ndarray:
+    """Connected components of slices whose hashes differ in at most ``max_bits`` bits (a group id
+    each)."""
     hashes = np.asarray(hashes, dtype=np.uint8)
     n = len(hashes)
     rows, cols = [], []
@@ -122,7 +131,9 @@ def check_two_classes(labels: pd.Series, origin: str) -> None:
     if len(present) < 2:
         which = f"only class {present[0]!r}" if present else "no labelled slice"
         raise ValueError(
-            f"the hard task has a single class: {which} in {origin}. A hard Transition needs two classes "
-            "(e.g. benign and malignant, or tumour and no tumour slice labels); use slice labels, add "
+            f"the hard task has a single class: {which} in {origin}. A hard Transition needs two "
+            "classes "
+            "(e.g. benign and malignant, or tumour and no tumour slice labels); use slice labels, "
+            "add "
             "negatives, or use strategy=soft"
         )

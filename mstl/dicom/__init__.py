@@ -1,6 +1,16 @@
-"""DICOM CT in: series grouping and ordering, HU, lung windowing, automated lung-slice selection, export."""
+"""DICOM CT in: series grouping and ordering, HU, lung windowing, automated lung-slice selection,
+export."""
 
 from mstl.dicom.selection import lung_area, lung_mask, select_slices
 from mstl.dicom.series import Series, SliceHeader, read_hu, scan, window
 
-__all__ = ["Series", "SliceHeader", "lung_area", "lung_mask", "read_hu", "scan", "select_slices", "window"]
+__all__ = [
+    "Series",
+    "SliceHeader",
+    "lung_area",
+    "lung_mask",
+    "read_hu",
+    "scan",
+    "select_slices",
+    "window",
+]

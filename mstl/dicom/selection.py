@@ -18,8 +18,11 @@ MIN_COMPONENT_FRACTION = 0.001
 MIN_LUNG_FRACTION = 0.35
 
 
-def enclosed_components(mask: np.ndarray, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> np.ndarray:
-    """The parts of ``mask`` whose connected components do not touch the image border and are not specks."""
+def enclosed_components(
+    mask: np.ndarray, min_component_fraction: float = MIN_COMPONENT_FRACTION
+) -> np.ndarray:
+    """The parts of ``mask`` whose connected components do not touch the image border and are not
+    specks."""
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -31,7 +34,9 @@ def enclosed_components(mask: np.ndarray, min_component_fraction: float = MIN_CO
     return keep[labels]
 
 
-def lung_mask(hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> np.ndarray:
+def lung_mask(
+    hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION
+) -> np.ndarray:
     """Air inside the body: below ``air_hu`` and not connected to the image border."""
     return enclosed_components(hu < air_hu, min_component_fraction)
 
@@ -54,11 +59,15 @@ MAX_BORDER_SHARE = 0.25
 
 
 def lung_mask_8bit(
-    grey: np.ndarray, min_component_fraction: float = LUNG_FIELD_MIN_FRACTION, max_border_share: float = MAX_BORDER_SHARE
+    grey: np.ndarray,
+    min_component_fraction: float = LUNG_FIELD_MIN_FRACTION,
+    max_border_share: float = MAX_BORDER_SHARE,
 ) -> np.ndarray:
-    """The lung field of an 8-bit slice with no HU (a PNG or JPG): as ``lung_mask`` does with HU, the dark
+    """The lung field of an 8-bit slice with no HU (a PNG or JPG): as ``lung_mask`` does with HU,
+    the dark
     pixels (below Otsu's threshold) that are not the air around the body. Slices cut from papers are
-    often cropped through a lung, so a dark region counts as outside air only when it runs along more
+    often cropped through a lung, so a dark region counts as outside air only when it runs along
+    more
     than ``max_border_share`` of the image's edge, not merely when it touches it. Holes in the field
     (vessels, nodules, consolidation) are filled, so what the lungs contain belongs to them."""
     dark = np.asarray(grey) < otsu_threshold(grey)
@@ -73,12 +82,16 @@ def lung_mask_8bit(
     return ndimage.binary_fill_holes(keep[labels])
 
 
-def lung_area(hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION) -> float:
+def lung_area(
+    hu: np.ndarray, air_hu: float = AIR_HU, min_component_fraction: float = MIN_COMPONENT_FRACTION
+) -> float:
     """Fraction of the image covered by lung (air inside the body)."""
     return float(lung_mask(hu, air_hu, min_component_fraction).mean())
 
 
-def select_slices(areas: np.ndarray, min_lung_fraction: float = MIN_LUNG_FRACTION) -> tuple[np.ndarray, np.ndarray]:
+def select_slices(
+    areas: np.ndarray, min_lung_fraction: float = MIN_LUNG_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
     """(keep mask, lung fraction relative to the series' maximum) for one series' lung areas."""
     if not 0 <= min_lung_fraction <= 1:
         raise ValueError(f"min_lung_fraction must be in [0, 1], got {min_lung_fraction}")

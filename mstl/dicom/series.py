@@ -1,4 +1,5 @@
-"""Reading DICOM CT as TCIA delivers it: any file name, grouped by series, ordered along the slice normal.
+"""Reading DICOM CT as TCIA delivers it: any file name, grouped by series, ordered along the slice
+normal.
 
 Every file is tried with pydicom; what cannot be used is skipped with a reason that is reported,
 never dropped silently.
@@ -64,11 +65,15 @@ def missing_decoder(ds: pydicom.Dataset) -> str | None:
     if decoder.is_available:
         return None
     needs = "; or ".join(decoder.missing_dependencies) or "a plugin"
-    return f"compressed transfer syntax {uid.name} ({uid}) needs a decoder that is not installed: {needs}"
+    return (
+        f"compressed transfer syntax {uid.name} ({uid}) needs a decoder that is not installed: "
+        f"{needs}"
+    )
 
 
 def read_header(path: Path) -> SliceHeader | str:
-    """A usable CT slice's header, or the reason it cannot be used. Raises InvalidDicomError for non-DICOM."""
+    """A usable CT slice's header, or the reason it cannot be used. Raises InvalidDicomError for
+    non-DICOM."""
     ds = pydicom.dcmread(path, defer_size="1 KB")  # pixel data stays on disk until needed
     modality = str(ds.get("Modality", "")).upper()
     if modality != "CT":
@@ -84,9 +89,17 @@ def read_header(path: Path) -> SliceHeader | str:
     position = ds.get("ImagePositionPatient")
     orientation = ds.get("ImageOrientationPatient")
     instance = ds.get("InstanceNumber")
-    has_position = position is not None and orientation is not None and len(position) == 3 and len(orientation) == 6
+    has_position = (
+        position is not None
+        and orientation is not None
+        and len(position) == 3
+        and len(orientation) == 6
+    )
     if not has_position and instance in (None, ""):
-        return "missing position tags (ImagePositionPatient/ImageOrientationPatient and InstanceNumber)"
+        return (
+            "missing position tags "
+            "(ImagePositionPatient/ImageOrientationPatient and InstanceNumber)"
+        )
     return SliceHeader(
         path=str(path),
         patient_id=str(ds.get("PatientID", "")),
@@ -97,12 +110,16 @@ def read_header(path: Path) -> SliceHeader | str:
         position=tuple(float(v) for v in position) if has_position else None,
         orientation=tuple(float(v) for v in orientation) if has_position else None,
         shape=(int(ds.Rows), int(ds.Columns)),
-        slope=float(ds.get("RescaleSlope", 1) or 1),  # recorded for the manifest; dataset_hu applies them
+        slope=float(
+            ds.get("RescaleSlope", 1) or 1
+        ),  # recorded for the manifest; dataset_hu applies them
         intercept=float(ds.get("RescaleIntercept", 0) or 0),
     )
 
 
-def order_series(slices: list[SliceHeader]) -> tuple[list[SliceHeader], str, list[float], list[tuple[str, str]]]:
+def order_series(
+    slices: list[SliceHeader],
+) -> tuple[list[SliceHeader], str, list[float], list[tuple[str, str]]]:
     """Sort by position along the slice normal (IOP row x column), else by InstanceNumber.
 
     Slices without position tags in a series where others have them are skipped; so are slices
@@ -120,7 +137,9 @@ def order_series(slices: list[SliceHeader]) -> tuple[list[SliceHeader], str, lis
     if with_position:
         for s in kept:
             if s.position is None:
-                skipped.append((s.path, "missing position tags (ImagePositionPatient/ImageOrientationPatient)"))
+                skipped.append(
+                    (s.path, "missing position tags (ImagePositionPatient/ImageOrientationPatient)")
+                )
         orientation = np.asarray(with_position[0].orientation)
         normal = np.cross(orientation[:3], orientation[3:])
         keyed = sorted(with_position, key=lambda s: float(np.dot(normal, s.position)))
@@ -143,7 +162,11 @@ def scan(root: str | os.PathLike, progress=None) -> ScanResult:
         try:
             header = read_header(path)
         except (InvalidDicomError, EOFError, OSError, KeyError, ValueError, AttributeError) as exc:
-            if isinstance(exc, InvalidDicomError) or "DICM" in str(exc) or isinstance(exc, EOFError):
+            if (
+                isinstance(exc, InvalidDicomError)
+                or "DICM" in str(exc)
+                or isinstance(exc, EOFError)
+            ):
                 result.non_dicom += 1
             else:
                 result.skipped.append((str(path), f"unreadable DICOM: {type(exc).__name__}: {exc}"))
@@ -156,12 +179,15 @@ def scan(root: str | os.PathLike, progress=None) -> ScanResult:
         ordered, how, positions, skipped = order_series(slices)
         result.skipped.extend(skipped)
         if ordered:
-            result.series.append(Series(uid, ordered[0].patient_id, ordered[0].study_uid, ordered, how, positions))
+            result.series.append(
+                Series(uid, ordered[0].patient_id, ordered[0].study_uid, ordered, how, positions)
+            )
     return result
 
 
 def dataset_hu(ds: pydicom.Dataset) -> np.ndarray:
-    """Hounsfield units: stored value x RescaleSlope (0028,1053) + RescaleIntercept (0028,1052), as float32."""
+    """Hounsfield units: stored value x RescaleSlope (0028,1053) + RescaleIntercept (0028,1052), as
+    float32."""
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     return ds.pixel_array.astype(np.float32) * np.float32(slope) + np.float32(intercept)

@@ -1,4 +1,5 @@
-"""Calibration: does a predicted 0.8 mean COVID 8 times in 10? Brier score, expected calibration error
+"""Calibration: does a predicted 0.8 mean COVID 8 times in 10? Brier score, expected calibration
+error
 and the reliability diagram, plus the score histogram per class."""
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ N_BINS = 10
 
 
 def brier_score(y_true, y_prob) -> float:
-    """Mean squared difference between the probability and the 0/1 truth (0 is perfect, 0.25 is a coin)."""
+    """Mean squared difference between the probability and the 0/1 truth (0 is perfect, 0.25 is a
+    coin)."""
     y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
     return float(np.mean((p - y) ** 2))
 
 
 def reliability_bins(y_true, y_prob, n_bins: int = N_BINS) -> list[tuple[float, float, int]]:
-    """(mean probability, observed positive fraction, count) per equal-width bin of [0, 1]; empty bins left out.
+    """(mean probability, observed positive fraction, count) per equal-width bin of [0, 1]; empty
+    bins left out.
     A probability of exactly 1 falls in the last bin."""
     y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
     index = np.minimum((p * n_bins).astype(int), n_bins - 1)
@@ -30,7 +33,12 @@ def reliability_bins(y_true, y_prob, n_bins: int = N_BINS) -> list[tuple[float, 
 def expected_calibration_error(y_true, y_prob, n_bins: int = N_BINS) -> float:
     """Sum over bins of (bin share of images) x |observed positive fraction - mean probability|."""
     n = len(np.asarray(y_true))
-    return float(sum(count / n * abs(observed - mean) for mean, observed, count in reliability_bins(y_true, y_prob, n_bins)))
+    return float(
+        sum(
+            count / n * abs(observed - mean)
+            for mean, observed, count in reliability_bins(y_true, y_prob, n_bins)
+        )
+    )
 
 
 def reliability_figure(y_true, y_prob, title: str = "reliability", n_bins: int = N_BINS):
@@ -44,7 +52,9 @@ def reliability_figure(y_true, y_prob, title: str = "reliability", n_bins: int =
         label=f"model (ECE {expected_calibration_error(y_true, y_prob, n_bins):.3f})",
     )
     for mean, observed, count in bins:
-        ax.annotate(str(count), (mean, observed), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        ax.annotate(
+            str(count), (mean, observed), textcoords="offset points", xytext=(4, -10), fontsize=7
+        )
     ax.set(
         xlabel="predicted probability of COVID (bin mean)",
         ylabel="observed fraction COVID",
@@ -62,7 +72,13 @@ def score_histogram_figure(y_true, y_prob, threshold: float, title: str = "score
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     edges = np.linspace(0, 1, 21)
     for cls, name, colour in ((0, "non-COVID", "tab:blue"), (1, "COVID", "tab:red")):
-        ax.hist(p[y == cls], bins=edges, alpha=0.55, color=colour, label=f"{name} (n={int((y == cls).sum())})")
+        ax.hist(
+            p[y == cls],
+            bins=edges,
+            alpha=0.55,
+            color=colour,
+            label=f"{name} (n={int((y == cls).sum())})",
+        )
     ax.axvline(threshold, c="k", ls="--", lw=1, label=f"threshold {threshold:g}")
     ax.set(xlabel="predicted probability of COVID", ylabel="images", title=title)
     ax.legend(fontsize=8)

@@ -44,7 +44,8 @@ def scaled_to_peak(cam: np.ndarray) -> np.ndarray:
 class GradCam:
     """Grad-CAM heat maps of one model, compiled once and reused for every batch.
 
-    The heat map needs the gradient of the score with respect to the feature map only, so the backward
+    The heat map needs the gradient of the score with respect to the feature map only, so the
+    backward
     pass runs through the head alone; in a compiled graph TensorFlow keeps just that path, where an
     eager tape walked back through the whole network. One trace serves every batch size.
     """
@@ -60,18 +61,26 @@ class GradCam:
                 score = output[:, 0]
             return weighted_feature_map(features, tape.gradient(score, features), tf.shape(x)[1:3])
 
-        self._heatmaps = tf.function(heatmaps, input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)])
+        self._heatmaps = tf.function(
+            heatmaps, input_signature=[tf.TensorSpec([None, *model.input_shape[1:]], tf.float32)]
+        )
 
     def __call__(self, x) -> np.ndarray:
-        """Heat maps in [0, 1] of shape (n, H, W) for a batch of preprocessed inputs (n, H, W, 3)."""
+        """Heat maps in [0, 1] of shape (n, H, W) for a batch of preprocessed inputs (n, H, W,
+        3)."""
         return scaled_to_peak(self._heatmaps(tf.convert_to_tensor(x, tf.float32)).numpy())
 
-    def on_slices(self, grey: np.ndarray, preprocess_input, batch_size: int = defaults.BATCH_SIZE) -> np.ndarray:
-        """Heat maps (n, H, W) of decoded uint8 slices, in the batches the predictions use (``image_dataset``)."""
+    def on_slices(
+        self, grey: np.ndarray, preprocess_input, batch_size: int = defaults.BATCH_SIZE
+    ) -> np.ndarray:
+        """Heat maps (n, H, W) of decoded uint8 slices, in the batches the predictions use
+        (``image_dataset``)."""
         grey = np.asarray(grey)
         if len(grey) == 0:
             return np.zeros(grey.shape[:3])
-        return np.concatenate([self(x) for x in image_dataset(grey, None, preprocess_input, batch_size)])
+        return np.concatenate(
+            [self(x) for x in image_dataset(grey, None, preprocess_input, batch_size)]
+        )
 
 
 def gradcam(model: keras.Model, x: np.ndarray, layer: str | None = None) -> np.ndarray:
@@ -87,21 +96,41 @@ def overlay(grey: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.nd
     return np.clip(np.round(mixed * 255), 0, 255).astype(np.uint8)
 
 
-def explanation_sheet(cam: GradCam, grey: np.ndarray, preprocess_input, captions: list[str], title: str) -> Image.Image:
+def explanation_sheet(
+    cam: GradCam, grey: np.ndarray, preprocess_input, captions: list[str], title: str
+) -> Image.Image:
     """Overlays for a batch of grey slices, as one captioned contact sheet."""
     heatmaps = cam.on_slices(grey, preprocess_input)
     return montage(
-        [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)], captions, columns=min(len(grey), 6), title=title, side=160
+        [overlay(g, h) for g, h in zip(grey, heatmaps, strict=False)],
+        captions,
+        columns=min(len(grey), 6),
+        title=title,
+        side=160,
     )
 
 
-KIND_NAMES = {"TP": "true positives", "FN": "false negatives", "FP": "false positives", "TN": "true negatives"}
+KIND_NAMES = {
+    "TP": "true positives",
+    "FN": "false negatives",
+    "FP": "false positives",
+    "TN": "true negatives",
+}
 
 
 def error_sheet(
-    cam: GradCam, grey, labels, prob, preprocess_input, threshold: float, what: str, kinds=("TP", "FN", "FP"), per_kind: int = 3
+    cam: GradCam,
+    grey,
+    labels,
+    prob,
+    preprocess_input,
+    threshold: float,
+    what: str,
+    kinds=("TP", "FN", "FP"),
+    per_kind: int = 3,
 ) -> Image.Image | None:
-    """Grad-CAM overlays of the most confident examples of each kind (TP, FN, FP, TN); None when there are none."""
+    """Grad-CAM overlays of the most confident examples of each kind (TP, FN, FP, TN); None when
+    there are none."""
     labels, prob = np.asarray(labels), np.asarray(prob)
     predicted = prob >= threshold
     masks = {
@@ -112,7 +141,9 @@ def error_sheet(
     }
     picks, captions = [], []
     for kind in kinds:
-        order = prob if kind in ("FN", "TN") else -prob  # the most confidently wrong (or right) first
+        order = (
+            prob if kind in ("FN", "TN") else -prob
+        )  # the most confidently wrong (or right) first
         chosen = [i for i in np.argsort(order) if masks[kind][i]][:per_kind]
         picks += chosen
         captions += [f"{kind} p={prob[i]:.2f}" for i in chosen]

@@ -1,6 +1,9 @@
-"""What a grid of Target runs says about MSTL against the ImageNet baseline, with the statistics a reader
-needs to trust it: paired tests per seed on the same images, Holm's correction across the family, the
-per-seed differences with confidence intervals (a forest plot), their mean over seeds, and the smallest
+"""What a grid of Target runs says about MSTL against the ImageNet baseline, with the statistics a
+reader
+needs to trust it: paired tests per seed on the same images, Holm's correction across the family,
+the
+per-seed differences with confidence intervals (a forest plot), their mean over seeds, and the
+smallest
 differences the test set could have detected (power), so a null result can be read for what it is.
 """
 
@@ -19,7 +22,8 @@ from mstl.evaluation.stats import (
 )
 
 BASELINE = "imagenet"
-# Runs are grouped (and paired with their baseline) only with the same setting; a seed is a replicate.
+# Runs are grouped (and paired with their baseline) only with the same setting; a seed is a
+# replicate.
 SETTING = ["backbone", "strategy", "split", "image_size", "epochs"]
 ALPHA = 0.05
 POWER = 0.8
@@ -29,17 +33,24 @@ TEST_NAMES = {"auc": "DeLong", "accuracy": "McNemar (exact)", "sensitivity": "Mc
 def baseline_pairs(runs: pd.DataFrame):
     """Each MSTL run with the ImageNet baseline run of the same setting and seed."""
     for _, run in runs[runs["strategy"] != BASELINE].iterrows():
-        same = np.logical_and.reduce([runs[k] == run[k] for k in SETTING if k != "strategy"] + [runs["seed"] == run["seed"]])
+        same = np.logical_and.reduce(
+            [runs[k] == run[k] for k in SETTING if k != "strategy"] + [runs["seed"] == run["seed"]]
+        )
         base = runs[same & (runs["strategy"] == BASELINE)]
         if not base.empty:
             yield run, base.iloc[0]
 
 
-def paired_rows(run, base, ours: pd.DataFrame, theirs: pd.DataFrame, key: str, data: str) -> list[dict]:
-    """The paired tests of two runs' predictions on the same images (joined on ``key``), as report rows."""
+def paired_rows(
+    run, base, ours: pd.DataFrame, theirs: pd.DataFrame, key: str, data: str
+) -> list[dict]:
+    """The paired tests of two runs' predictions on the same images (joined on ``key``), as report
+    rows."""
     joined = ours.merge(theirs[[key, "probability"]], on=key, suffixes=("", "_base"))
     if len(joined) != len(ours) or len(joined) != len(theirs):
-        raise ValueError(f"runs {run['run_id']} and {base['run_id']} were scored on different images of {data}")
+        raise ValueError(
+            f"runs {run['run_id']} and {base['run_id']} were scored on different images of {data}"
+        )
     y = joined["label"].to_numpy().astype(int)
     tests = paired_tests(y, joined["probability"], joined["probability_base"], run["threshold"])
     ours_right = (joined["probability"].to_numpy() >= run["threshold"]) == y
@@ -67,7 +78,9 @@ def paired_rows(run, base, ours: pd.DataFrame, theirs: pd.DataFrame, key: str, d
                 "test": TEST_NAMES[metric],
                 "significant": result.p_value < ALPHA,
                 "n": int(len(y) if mask is None else mask.sum()),
-                "discordant": float("nan") if mask is None else float((ours_right[mask] != base_right[mask]).mean()),
+                "discordant": float("nan")
+                if mask is None
+                else float((ours_right[mask] != base_right[mask]).mean()),
                 "run_id": run["run_id"],
                 "baseline_run_id": base["run_id"],
             }
@@ -76,18 +89,25 @@ def paired_rows(run, base, ours: pd.DataFrame, theirs: pd.DataFrame, key: str, d
 
 
 def comparisons(runs: pd.DataFrame, external: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Each MSTL run against the ImageNet baseline of the same setting and seed, on the same test images, and
-    on every external data set on which both were evaluated (the same files, by content hash). ``p_holm``
-    is Holm-adjusted within each data set's family of tests (every strategy, split, seed and metric)."""
+    """Each MSTL run against the ImageNet baseline of the same setting and seed, on the same test
+    images, and
+    on every external data set on which both were evaluated (the same files, by content hash).
+    ``p_holm``
+    is Holm-adjusted within each data set's family of tests (every strategy, split, seed and
+    metric)."""
     out = []
-    scored = {} if external is None else {(r["run_id"], r["digest"]): r for _, r in external.iterrows()}
+    scored = (
+        {} if external is None else {(r["run_id"], r["digest"]): r for _, r in external.iterrows()}
+    )
     digests = sorted({digest for _, digest in scored})
     for run, base in baseline_pairs(runs):
         out += paired_rows(run, base, run["test"], base["test"], "file", "test")
         for digest in digests:
             if (run["run_id"], digest) in scored and (base["run_id"], digest) in scored:
                 ours, theirs = scored[(run["run_id"], digest)], scored[(base["run_id"], digest)]
-                out += paired_rows(run, base, ours["predictions"], theirs["predictions"], "sha256", ours["data"])
+                out += paired_rows(
+                    run, base, ours["predictions"], theirs["predictions"], "sha256", ours["data"]
+                )
     paired = pd.DataFrame(out)
     if paired.empty:
         return paired
@@ -99,8 +119,10 @@ def comparisons(runs: pd.DataFrame, external: pd.DataFrame | None = None) -> pd.
 
 
 def over_seeds(paired: pd.DataFrame) -> pd.DataFrame:
-    """Per data set, setting and metric: the mean paired difference over seeds with a t interval (seeds as
-    replicates of the whole training), how many seeds favour MSTL, and how many are significant after Holm."""
+    """Per data set, setting and metric: the mean paired difference over seeds with a t interval
+    (seeds as
+    replicates of the whole training), how many seeds favour MSTL, and how many are significant
+    after Holm."""
     rows = []
     keys = ["data", "backbone", "split", "image_size", "epochs", "strategy", "metric"]
     for key, group in paired.groupby(keys, sort=False):
@@ -127,9 +149,13 @@ def over_seeds(paired: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def detectable_differences(runs: pd.DataFrame, paired: pd.DataFrame, power: float = POWER) -> pd.DataFrame:
-    """Per setting on the test split: the smallest AUC and sensitivity differences a single seed's paired test
-    detects with ``power`` at alpha 0.05 and at Holm's strictest level (alpha / family size), from the
+def detectable_differences(
+    runs: pd.DataFrame, paired: pd.DataFrame, power: float = POWER
+) -> pd.DataFrame:
+    """Per setting on the test split: the smallest AUC and sensitivity differences a single seed's
+    paired test
+    detects with ``power`` at alpha 0.05 and at Holm's strictest level (alpha / family size), from
+    the
     observed standard errors (DeLong) and discordant shares (McNemar) of this grid's pairs."""
     test = paired[paired["data"] == "test"]
     family = len(test)
@@ -138,12 +164,21 @@ def detectable_differences(runs: pd.DataFrame, paired: pd.DataFrame, power: floa
     for key, group in test.groupby(keys, sort=False):
         auc, sens = group[group["metric"] == "auc"], group[group["metric"] == "sensitivity"]
         base = runs[
-            np.logical_and.reduce([runs[k] == v for k, v in zip(keys, key, strict=True)]) & (runs["strategy"] == BASELINE)
+            np.logical_and.reduce([runs[k] == v for k, v in zip(keys, key, strict=True)])
+            & (runs["strategy"] == BASELINE)
         ]
-        se, discordant, n_pos = float(auc["se"].median()), float(sens["discordant"].median()), int(sens["n"].median())
+        se, discordant, n_pos = (
+            float(auc["se"].median()),
+            float(sens["discordant"].median()),
+            int(sens["n"].median()),
+        )
         row = dict(zip(keys, key, strict=True)) | {
-            "baseline_auc": float(np.mean([m.get("test_roc_auc", np.nan) for m in base["metrics"]])),
-            "baseline_sensitivity": float(np.mean([m.get("test_recall", np.nan) for m in base["metrics"]])),
+            "baseline_auc": float(
+                np.mean([m.get("test_roc_auc", np.nan) for m in base["metrics"]])
+            ),
+            "baseline_sensitivity": float(
+                np.mean([m.get("test_recall", np.nan) for m in base["metrics"]])
+            ),
             "n_test": int(auc["n"].median()),
             "n_positive": n_pos,
             "se_auc_difference": se,
@@ -152,25 +187,35 @@ def detectable_differences(runs: pd.DataFrame, paired: pd.DataFrame, power: floa
         for label, alpha in (("", ALPHA), ("_holm", ALPHA / max(family, 1))):
             row[f"detectable_auc{label}"] = detectable_auc_difference(se, alpha, power)
             row[f"detectable_sensitivity{label}"] = (
-                detectable_paired_proportion_difference(n_pos, discordant, alpha, power) if discordant > 0 else float("nan")
+                detectable_paired_proportion_difference(n_pos, discordant, alpha, power)
+                if discordant > 0
+                else float("nan")
             )
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def forest_figure(paired: pd.DataFrame, summary: pd.DataFrame, data: str = "test"):
-    """Per-seed paired differences (MSTL - ImageNet) with 95 % intervals, and their mean over seeds (diamond),
+    """Per-seed paired differences (MSTL - ImageNet) with 95 % intervals, and their mean over seeds
+    (diamond),
     for AUC and sensitivity, one row per split, strategy and seed."""
     metrics = ["auc", "sensitivity"]
-    rows = paired[(paired["data"] == data) & (paired["metric"] == "auc")].sort_values(["backbone", "split", "strategy", "seed"])
+    rows = paired[(paired["data"] == data) & (paired["metric"] == "auc")].sort_values(
+        ["backbone", "split", "strategy", "seed"]
+    )
     labels = []
     fig, axes = plt.subplots(
-        1, 2, figsize=(11, 0.32 * (len(rows) + 2 * rows.groupby(["split", "strategy"]).ngroups) + 1.5), dpi=110
+        1,
+        2,
+        figsize=(11, 0.32 * (len(rows) + 2 * rows.groupby(["split", "strategy"]).ngroups) + 1.5),
+        dpi=110,
     )
     for ax, metric in zip(axes, metrics, strict=True):
         y, labels = 0, []
         table = paired[(paired["data"] == data) & (paired["metric"] == metric)]
-        for (backbone, split, strategy), group in table.groupby(["backbone", "split", "strategy"], sort=True):
+        for (backbone, split, strategy), group in table.groupby(
+            ["backbone", "split", "strategy"], sort=True
+        ):
             for _, r in group.sort_values("seed").iterrows():
                 colour = "tab:red" if r["significant_holm"] else "black"
                 ax.errorbar(
@@ -196,7 +241,10 @@ def forest_figure(paired: pd.DataFrame, summary: pd.DataFrame, data: str = "test
                 ax.errorbar(
                     s["mean_difference"],
                     -y,
-                    xerr=[[s["mean_difference"] - s["ci_low"]], [s["ci_high"] - s["mean_difference"]]]
+                    xerr=[
+                        [s["mean_difference"] - s["ci_low"]],
+                        [s["ci_high"] - s["mean_difference"]],
+                    ]
                     if np.isfinite(s["ci_low"])
                     else None,
                     fmt="D",
@@ -209,7 +257,12 @@ def forest_figure(paired: pd.DataFrame, summary: pd.DataFrame, data: str = "test
                 labels.append("")
         ax.axvline(0, color="grey", lw=1, ls="--")
         ax.set_yticks([-i for i in range(len(labels))], labels, fontsize=7)
-        ax.set_xlabel(f"{'AUC' if metric == 'auc' else 'sensitivity'} difference, MSTL - ImageNet (95 % CI)")
-    fig.suptitle(f"Paired differences on {'the COVID-CT test split' if data == 'test' else data} (red: significant after Holm)")
+        ax.set_xlabel(
+            f"{'AUC' if metric == 'auc' else 'sensitivity'} difference, MSTL - ImageNet (95 % CI)"
+        )
+    fig.suptitle(
+        f"Paired differences on {'the COVID-CT test split' if data == 'test' else data} (red: "
+        "significant after Holm)"
+    )
     fig.tight_layout()
     return fig

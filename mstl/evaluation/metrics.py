@@ -17,7 +17,9 @@ from mstl import defaults
 METRIC_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
-def point_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = defaults.THRESHOLD) -> dict[str, float]:
+def point_metrics(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float = defaults.THRESHOLD
+) -> dict[str, float]:
     """Accuracy, precision, recall (sensitivity), specificity, F1 and ROC AUC at one threshold.
 
     Undefined ratios (no predicted positives, one class only) are NaN rather than a made-up 0.
@@ -47,7 +49,8 @@ def point_metrics(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = def
 
 
 def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
-    """ROC AUC as the Mann-Whitney statistic with mid-ranks for ties: scikit-learn's value (tested), at a
+    """ROC AUC as the Mann-Whitney statistic with mid-ranks for ties: scikit-learn's value (tested),
+    at a
     fraction of its cost, which matters because the bootstrap computes it 1,000 times per split.
     NaN with one class only."""
     positive = np.asarray(y_true).astype(bool)
@@ -74,7 +77,8 @@ def bootstrap(
     confidence: float = defaults.CONFIDENCE,
     seed: int = defaults.SEED,
 ) -> dict[str, Estimate]:
-    """``statistics(y, p) -> {name: value}`` on the images, with percentile-bootstrap intervals (images resampled
+    """``statistics(y, p) -> {name: value}`` on the images, with percentile-bootstrap intervals
+    (images resampled
     with replacement; resamples where a value is undefined are left out of its interval)."""
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
@@ -83,7 +87,10 @@ def bootstrap(
     y_true = np.asarray(y_true).astype(int)
     y_prob = np.asarray(y_prob, dtype=float)
     if len(y_true) == 0 or len(y_true) != len(y_prob):
-        raise ValueError(f"need equal, non-zero numbers of labels and probabilities, got {len(y_true)} and {len(y_prob)}")
+        raise ValueError(
+            f"need equal, non-zero numbers of labels and probabilities, got {len(y_true)} and "
+            f"{len(y_prob)}"
+        )
     point = statistics(y_true, y_prob)
     rng = np.random.default_rng(seed)
     samples = {name: [] for name in point}
@@ -96,7 +103,9 @@ def bootstrap(
     for name in point:
         values = np.asarray(samples[name], dtype=float)
         values = values[~np.isnan(values)]
-        low, high = np.quantile(values, [alpha, 1 - alpha]) if len(values) else (float("nan"), float("nan"))
+        low, high = (
+            np.quantile(values, [alpha, 1 - alpha]) if len(values) else (float("nan"), float("nan"))
+        )
         out[name] = Estimate(point[name], float(low), float(high))
     return out
 
@@ -110,9 +119,15 @@ def bootstrap_metrics(
     seed: int = defaults.SEED,
 ) -> dict[str, Estimate]:
     """The paper's metrics (``point_metrics``) with percentile-bootstrap intervals."""
-    return bootstrap(lambda y, p: point_metrics(y, p, threshold), y_true, y_prob, n_bootstrap, confidence, seed)
+    return bootstrap(
+        lambda y, p: point_metrics(y, p, threshold), y_true, y_prob, n_bootstrap, confidence, seed
+    )
 
 
-def confusion(y_true: np.ndarray, y_prob: np.ndarray, threshold: float = defaults.THRESHOLD) -> np.ndarray:
+def confusion(
+    y_true: np.ndarray, y_prob: np.ndarray, threshold: float = defaults.THRESHOLD
+) -> np.ndarray:
     """2x2 counts, rows true (negative, positive), columns predicted."""
-    return skm.confusion_matrix(np.asarray(y_true).astype(int), (np.asarray(y_prob) >= threshold).astype(int), labels=[0, 1])
+    return skm.confusion_matrix(
+        np.asarray(y_true).astype(int), (np.asarray(y_prob) >= threshold).astype(int), labels=[0, 1]
+    )

@@ -1,9 +1,12 @@
 """Shortcut probes: is the model reading the lungs, or the page the slice was cut from?
 
-- lung attention: the share of a Grad-CAM heat map's mass inside the lung field, averaged over images;
+- lung attention: the share of a Grad-CAM heat map's mass inside the lung field, averaged over
+images;
   a model that reads the lungs puts most of its attention there.
-- masked-lung AUC: the AUC on the same images with the lung field blanked out (filled with its own mean
-  grey, so texture and density are gone but the outline stays). Near 0.5 is good: without the lungs the
+- masked-lung AUC: the AUC on the same images with the lung field blanked out (filled with its own
+mean
+  grey, so texture and density are gone but the outline stays). Near 0.5 is good: without the lungs
+  the
   model cannot tell the classes apart. Near the unmasked AUC means it reads something else: text,
   borders, colour modes, the source paper's layout.
 """
@@ -25,7 +28,8 @@ def lung_masks(grey: np.ndarray) -> np.ndarray:
 
 
 def lung_attention(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
-    """Per image, the fraction of heat-map mass inside the mask (NaN where the heat map is all zero)."""
+    """Per image, the fraction of heat-map mass inside the mask (NaN where the heat map is all
+    zero)."""
     heat = np.asarray(heatmaps, dtype=float).reshape(len(heatmaps), -1)
     inside = (heat * np.asarray(masks, dtype=bool).reshape(len(masks), -1)).sum(axis=1)
     total = heat.sum(axis=1)
@@ -33,8 +37,10 @@ def lung_attention(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 
 def mean_lung_attention(attention: np.ndarray, found: np.ndarray) -> float:
-    """The mean over images with a lung field and some heat; NaN where no image has both (a model whose
-    heat maps are all zero, as after one epoch at tiny settings), without numpy's empty-mean warning."""
+    """The mean over images with a lung field and some heat; NaN where no image has both (a model
+    whose
+    heat maps are all zero, as after one epoch at tiny settings), without numpy's empty-mean
+    warning."""
     scored = np.asarray(found, dtype=bool) & np.isfinite(attention)
     return float(attention[scored].mean()) if scored.any() else float("nan")
 
@@ -56,10 +62,13 @@ def shortcut_probes(
     batch_size: int = defaults.BATCH_SIZE,
     cam: GradCam | None = None,
 ) -> dict[str, float]:
-    """lung_attention (``mean_lung_attention``: over images with a lung field and some heat), masked_lung_auc,
-    and the share of images in which a lung field was found (``lung_field_found``), for a Keras binary
+    """lung_attention (``mean_lung_attention``: over images with a lung field and some heat),
+    masked_lung_auc,
+    and the share of images in which a lung field was found (``lung_field_found``), for a Keras
+    binary
     classifier on uint8 grey slices.
-    ``cam``: the model's ``GradCam``, when the caller has one already (it is compiled once per model)."""
+    ``cam``: the model's ``GradCam``, when the caller has one already (it is compiled once per
+    model)."""
     cam = cam or GradCam(model)
     masks = lung_masks(grey)
     found = masks.reshape(len(masks), -1).any(axis=1)

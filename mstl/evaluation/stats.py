@@ -23,7 +23,9 @@ class PairedTest:
     statistic: float
     p_value: float
     difference: float  # first minus second
-    se: float = float("nan")  # standard error of the difference (normal approximation), for intervals and power
+    se: float = float(
+        "nan"
+    )  # standard error of the difference (normal approximation), for intervals and power
 
     def interval(self, confidence: float = 0.95) -> tuple[float, float]:
         z = stats.norm.ppf(0.5 + confidence / 2)
@@ -40,7 +42,8 @@ def _placements(scores: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def auc_difference(y_true, scores_a, scores_b) -> tuple[float, float]:
-    """AUC(a) - AUC(b) and DeLong's standard error of that difference, for two models on the same images."""
+    """AUC(a) - AUC(b) and DeLong's standard error of that difference, for two models on the same
+    images."""
     y = np.asarray(y_true).astype(int)
     a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
     if not (len(y) == len(a) == len(b)) or not 0 < y.sum() < len(y):
@@ -71,15 +74,22 @@ def auc_variance(y_true, scores) -> float:
 
 
 def mcnemar_test(correct_a, correct_b) -> PairedTest:
-    """Exact (binomial) McNemar test on paired right/wrong outcomes; difference is in proportion right."""
+    """Exact (binomial) McNemar test on paired right/wrong outcomes; difference is in proportion
+    right."""
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if len(a) != len(b) or len(a) == 0:
         raise ValueError("need paired outcomes on the same, non-empty set of images")
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     discordant = only_a + only_b
-    p = 1.0 if discordant == 0 else float(stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue)
+    p = (
+        1.0
+        if discordant == 0
+        else float(stats.binomtest(min(only_a, only_b), discordant, 0.5).pvalue)
+    )
     n = len(a)
-    se = float(np.sqrt(max(discordant - (only_a - only_b) ** 2 / n, 0.0)) / n)  # paired proportions (Wald)
+    se = float(
+        np.sqrt(max(discordant - (only_a - only_b) ** 2 / n, 0.0)) / n
+    )  # paired proportions (Wald)
     return PairedTest(float(min(only_a, only_b)), min(p, 1.0), float(a.mean() - b.mean()), se)
 
 
@@ -109,7 +119,8 @@ def threshold_for_recall(y_true, prob, target_recall: float) -> float:
 
 def holm(p_values) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error control without assuming independence):
-    the i-th smallest p times (m - i + 1), made monotone, capped at 1. Reject where adjusted < alpha."""
+    the i-th smallest p times (m - i + 1), made monotone, capped at 1. Reject where adjusted <
+    alpha."""
     p = np.asarray(p_values, dtype=float)
     order = np.argsort(p, kind="stable")
     m = len(p)
@@ -119,18 +130,28 @@ def holm(p_values) -> np.ndarray:
     return adjusted
 
 
-def detectable_auc_difference(se_difference: float, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest true AUC difference a two-sided DeLong test at ``alpha`` detects with ``power``, given the
-    standard error of the paired difference on this test set (normal approximation: (z_{1-a/2} + z_power) se)."""
+def detectable_auc_difference(
+    se_difference: float, alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """The smallest true AUC difference a two-sided DeLong test at ``alpha`` detects with ``power``,
+    given the
+    standard error of the paired difference on this test set (normal approximation: (z_{1-a/2} +
+    z_power) se)."""
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se_difference)
 
 
-def detectable_paired_proportion_difference(n: int, discordant: float, alpha: float = 0.05, power: float = 0.8) -> float:
-    """The smallest difference in paired proportions (e.g. sensitivity on ``n`` positives) that McNemar's test
-    at ``alpha`` detects with ``power`` when a share ``discordant`` of the pairs disagree (Connor 1987):
+def detectable_paired_proportion_difference(
+    n: int, discordant: float, alpha: float = 0.05, power: float = 0.8
+) -> float:
+    """The smallest difference in paired proportions (e.g. sensitivity on ``n`` positives) that
+    McNemar's test
+    at ``alpha`` detects with ``power`` when a share ``discordant`` of the pairs disagree (Connor
+    1987):
     solve n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 for d."""
     if n < 1 or not 0 < discordant <= 1:
-        raise ValueError(f"need n >= 1 and a discordant share in (0, 1], got n={n}, discordant={discordant}")
+        raise ValueError(
+            f"need n >= 1 and a discordant share in (0, 1], got n={n}, discordant={discordant}"
+        )
     za, zb = stats.norm.ppf(1 - alpha / 2), stats.norm.ppf(power)
 
     def needed(d: float) -> float:

@@ -7,7 +7,8 @@ through HU and the lung window as in prepare_transition).
 Requests are a DataFrame with one column, ``image``, holding base64-encoded file bytes::
 
     curl -X POST http://127.0.0.1:5000/invocations -H 'Content-Type: application/json' \\
-      -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a PNG, JPG or DICOM file>"]]}}'
+      -d '{"dataframe_split": {"columns": ["image"], "data": [["<base64 of a PNG, JPG or DICOM
+      file>"]]}}'
 """
 
 from __future__ import annotations
@@ -53,8 +54,10 @@ class BadRequest(MlflowException):
 
 
 def request_grey(data: bytes, config: dict, min_side: int = 0) -> np.ndarray:
-    """File bytes -> the (image_size, image_size) uint8 grey the model reads, for an image or a DICOM CT slice,
-    prepared as the served model's ``config`` says; an image with a side under ``min_side`` pixels is refused."""
+    """File bytes -> the (image_size, image_size) uint8 grey the model reads, for an image or a
+    DICOM CT slice,
+    prepared as the served model's ``config`` says; an image with a side under ``min_side`` pixels
+    is refused."""
     if not data:
         raise BadRequest("empty image: the request's image field decodes to 0 bytes")
     if len(data) > 132 and data[128:132] == b"DICM":
@@ -68,9 +71,13 @@ def request_grey(data: bytes, config: dict, min_side: int = 0) -> np.ndarray:
         if "PixelData" not in ds:
             raise BadRequest("DICOM without pixel data")
         try:
-            grey = Image.fromarray(window(dataset_hu(ds), config["window_width"], config["window_level"]), mode="L")
+            grey = Image.fromarray(
+                window(dataset_hu(ds), config["window_width"], config["window_level"]), mode="L"
+            )
         except Exception as exc:
-            raise BadRequest(f"cannot decode the DICOM pixel data: {type(exc).__name__}: {exc}") from None
+            raise BadRequest(
+                f"cannot decode the DICOM pixel data: {type(exc).__name__}: {exc}"
+            ) from None
     else:
         try:
             grey = open_grey(data, name="the request's image")
@@ -105,11 +112,15 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
         return predict_grey(self.model, grey, self.preprocess_input, defaults.BATCH_SIZE)[:, 0]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        # The hint says what pyfunc passes (the signature's DataFrame); MLflow infers no schema from it
+        # The hint says what pyfunc passes (the signature's DataFrame); MLflow infers no schema from
+        # it
         # (the logged signature is the schema) and stops warning that predict has no type hints.
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if INPUT_COLUMN not in frame.columns or frame.empty:
-            raise BadRequest(f"send a DataFrame with a non-empty column {INPUT_COLUMN!r} of base64-encoded image or DICOM bytes")
+            raise BadRequest(
+                f"send a DataFrame with a non-empty column {INPUT_COLUMN!r} of base64-encoded "
+                "image or DICOM bytes"
+            )
         c = self.config
         greys = []
         for row, value in enumerate(frame[INPUT_COLUMN]):
@@ -118,7 +129,12 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
             except BadRequest as exc:
                 raise BadRequest(f"row {row}: {exc.message}") from None
         probability = self.predict_grey(np.stack(greys))
-        return pd.DataFrame({"probability": probability.astype(float), "label": (probability >= c["threshold"]).astype(int)})
+        return pd.DataFrame(
+            {
+                "probability": probability.astype(float),
+                "label": (probability >= c["threshold"]).astype(int),
+            }
+        )
 
 
 def serving_config(backbone: str, preprocessing: Preprocessing, threshold: float) -> dict:
@@ -132,16 +148,21 @@ def serving_config(backbone: str, preprocessing: Preprocessing, threshold: float
 
 
 def serving_requirements() -> list[str] | None:
-    """The served model's pip requirements: this installation's own dependencies (the TensorFlow build its
-    extras chose included), pinned to the installed versions. Complete where MLflow's inference is not
-    (it missed pydicom, imported only for DICOM input) and without ``mstl`` itself, which travels as code
+    """The served model's pip requirements: this installation's own dependencies (the TensorFlow
+    build its
+    extras chose included), pinned to the installed versions. Complete where MLflow's inference is
+    not
+    (it missed pydicom, imported only for DICOM input) and without ``mstl`` itself, which travels as
+    code
     and is not on PyPI; it also spares the inference subprocess. None when mstl runs without being
     installed: MLflow then infers."""
     try:
         declared = metadata.requires("mstl") or []
     except metadata.PackageNotFoundError:
         return None
-    environments = [{"extra": extra} for extra in ("", "cpu", "gpu")]  # runtime extras, not test or postgres
+    environments = [
+        {"extra": extra} for extra in ("", "cpu", "gpu")
+    ]  # runtime extras, not test or postgres
     pins = {}
     for text in declared:
         requirement = Requirement(text)
@@ -163,7 +184,9 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
         model.save(keras_path)
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config, indent=2))
-        example = pd.DataFrame({INPUT_COLUMN: [base64.b64encode(Path(example_file).read_bytes()).decode()]})
+        example = pd.DataFrame(
+            {INPUT_COLUMN: [base64.b64encode(Path(example_file).read_bytes()).decode()]}
+        )
         artifacts = {"keras_model": str(keras_path), "config": str(config_path)}
         loaded = CTClassifier()  # only to compute the output signature; a fresh one is logged
         loaded.load_context(type("Context", (), {"artifacts": artifacts}))
@@ -183,7 +206,8 @@ def log_serving_model(model, config: dict, example_file: str | Path, name: str =
 def decode_set(
     table: pd.DataFrame, config: dict, skip_unreadable: bool
 ) -> tuple[np.ndarray, list[str], list[int], list[tuple[str, str]]]:
-    """Each file through the served model's own preprocessing: (grey, sha256s, kept rows, skipped (path, reason))."""
+    """Each file through the served model's own preprocessing: (grey, sha256s, kept rows, skipped
+    (path, reason))."""
     grey, hashes, kept, skipped = [], [], [], []
     for i, path in enumerate(table["path"]):
         try:
@@ -203,7 +227,8 @@ def decode_set(
 
 
 def model_version(client, uri: str):
-    """The registered version a ``models:/name/version`` or ``models:/name@alias`` URI names, else None."""
+    """The registered version a ``models:/name/version`` or ``models:/name@alias`` URI names, else
+    None."""
     if not uri.startswith("models:/") or uri.startswith("models:/m-"):
         return None
     ref = uri[len("models:/") :]
@@ -215,14 +240,19 @@ def model_version(client, uri: str):
 
 
 def load_classifier(uri: str):
-    """The served pyfunc's Python model (Keras model + config) and its logged-model ID, or an error naming the URI."""
+    """The served pyfunc's Python model (Keras model + config) and its logged-model ID, or an error
+    naming the URI."""
     if uri.startswith("runs:/") and uri.rstrip("/").count("/") == 1:
         uri = uri.rstrip("/") + "/classifier"
     try:
         info = mlflow.models.get_model_info(uri)
         classifier = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except Exception as exc:  # MlflowException, OSError, ...: the URI does not resolve to a served model
-        raise EvaluationInputError(f"model_uri {uri!r} does not resolve to an mstl model on {tracking_uri()}: {exc}") from None
+    except (
+        Exception
+    ) as exc:  # MlflowException, OSError, ...: the URI does not resolve to a served model
+        raise EvaluationInputError(
+            f"model_uri {uri!r} does not resolve to an mstl model on {tracking_uri()}: {exc}"
+        ) from None
     if not hasattr(classifier, "config"):
         raise EvaluationInputError(f"model_uri {uri!r} is not an mstl served classifier")
     return classifier, info.model_id, uri

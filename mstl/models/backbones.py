@@ -43,7 +43,8 @@ class BackboneSpec:
             if weights != "imagenet" or "URL fetch failure" not in str(exc):
                 raise
             raise RuntimeError(
-                f"could not download ImageNet weights for backbone {self.name!r} at image_size={image_size}: {exc}. "
+                f"could not download ImageNet weights for backbone {self.name!r} at "
+                f"image_size={image_size}: {exc}. "
                 "Offline, seed the Keras cache first (docs/getting-started.md)."
             ) from exc
 
@@ -53,11 +54,29 @@ _apps = keras.applications
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        BackboneSpec("resnet50v2", _apps.ResNet50V2, _apps.resnet_v2.preprocess_input, "avgpool_flatten", 32),
-        BackboneSpec("resnet101v2", _apps.ResNet101V2, _apps.resnet_v2.preprocess_input, "avgpool_flatten", 32),
-        BackboneSpec("densenet121", _apps.DenseNet121, _apps.densenet.preprocess_input, "global_avgpool", 32),
-        BackboneSpec("densenet169", _apps.DenseNet169, _apps.densenet.preprocess_input, "global_avgpool", 32),
-        BackboneSpec("inceptionv3", _apps.InceptionV3, _apps.inception_v3.preprocess_input, "global_avgpool", 75),
+        BackboneSpec(
+            "resnet50v2", _apps.ResNet50V2, _apps.resnet_v2.preprocess_input, "avgpool_flatten", 32
+        ),
+        BackboneSpec(
+            "resnet101v2",
+            _apps.ResNet101V2,
+            _apps.resnet_v2.preprocess_input,
+            "avgpool_flatten",
+            32,
+        ),
+        BackboneSpec(
+            "densenet121", _apps.DenseNet121, _apps.densenet.preprocess_input, "global_avgpool", 32
+        ),
+        BackboneSpec(
+            "densenet169", _apps.DenseNet169, _apps.densenet.preprocess_input, "global_avgpool", 32
+        ),
+        BackboneSpec(
+            "inceptionv3",
+            _apps.InceptionV3,
+            _apps.inception_v3.preprocess_input,
+            "global_avgpool",
+            75,
+        ),
         BackboneSpec(
             "mobilenet_025",
             _apps.MobileNet,
@@ -80,27 +99,37 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]
     except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}") from None
+        raise ValueError(
+            f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}"
+        ) from None
 
 
 def check_image_size(spec: BackboneSpec, image_size: int) -> None:
     if image_size < spec.min_size:
-        raise ValueError(f"image_size={image_size} is below the minimum of {spec.min_size} px for backbone {spec.name!r}")
+        raise ValueError(
+            f"image_size={image_size} is below the minimum of {spec.min_size} px for backbone "
+            f"{spec.name!r}"
+        )
 
 
 def resolve_weights(weights: str | None) -> str | None:
-    """Map the ``weights`` parameter to what Keras takes: 'imagenet', None, or an existing file path."""
+    """Map the ``weights`` parameter to what Keras takes: 'imagenet', None, or an existing file
+    path."""
     if weights is None or str(weights).lower() in ("none", "", "null"):
         return None
     if str(weights).lower() == "imagenet":
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {weights!r} (use 'imagenet', 'none' or a path to a file)")
+        raise FileNotFoundError(
+            f"weights file not found: {weights!r} (use 'imagenet', 'none' or a path to a file)"
+        )
     return str(path)
 
 
-def prefetch_imagenet_weights(name: str, base_url: str | None = None, cache_dir: str | None = None) -> str:
+def prefetch_imagenet_weights(
+    name: str, base_url: str | None = None, cache_dir: str | None = None
+) -> str:
     """Download a backbone's ImageNet file into the Keras cache through Keras's own ``get_file``.
 
     ``base_url`` replaces Keras's storage URL (for a mirror, or a ``file://`` folder in tests);
@@ -114,5 +143,9 @@ def prefetch_imagenet_weights(name: str, base_url: str | None = None, cache_dir:
     if cache_dir:  # Keras silently falls back to /tmp/.keras when the folder does not exist yet
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
     return keras.utils.get_file(
-        spec.imagenet_file, origin=origin, cache_subdir="models", file_hash=spec.imagenet_sha256, cache_dir=cache_dir
+        spec.imagenet_file,
+        origin=origin,
+        cache_subdir="models",
+        file_hash=spec.imagenet_sha256,
+        cache_dir=cache_dir,
     )

@@ -1,4 +1,5 @@
-"""The paper's classifiers: a backbone, its head, and the shallower half of its conv layers frozen."""
+"""The paper's classifiers: a backbone, its head, and the shallower half of its conv layers
+frozen."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ HEAD_PREFIX = "head_"
 
 @dataclass(frozen=True)
 class OutputSpec:
-    """What the network predicts: ``binary`` (sigmoid, BCE) or ``categorical`` over ``n_classes`` (softmax, sparse CCE)."""
+    """What the network predicts: ``binary`` (sigmoid, BCE) or ``categorical`` over ``n_classes``
+    (softmax, sparse CCE)."""
 
     kind: str = "binary"
     n_classes: int = 1
@@ -45,7 +47,8 @@ def add_head(
     dense_activation: str = defaults.DENSE_ACTIVATION,
     pool_size: int = defaults.POOL_SIZE,
 ) -> keras.Model:
-    """Put the paper's head on a conv base. Head layers are named ``head_*`` so they can be re-initialised."""
+    """Put the paper's head on a conv base. Head layers are named ``head_*`` so they can be
+    re-initialised."""
     x = base.output
     if spec.head == "avgpool_flatten":
         side = min(pool_size, int(x.shape[1]), int(x.shape[2]))
@@ -59,7 +62,9 @@ def add_head(
     if output.kind == "binary":
         y = keras.layers.Dense(1, activation="sigmoid", name=HEAD_PREFIX + "output")(x)
     else:
-        y = keras.layers.Dense(output.n_classes, activation="softmax", name=HEAD_PREFIX + "output")(x)
+        y = keras.layers.Dense(output.n_classes, activation="softmax", name=HEAD_PREFIX + "output")(
+            x
+        )
     return keras.Model(base.input, y, name=f"{spec.name}_{output.kind}")
 
 
@@ -99,10 +104,13 @@ def freeze_boundary(model: keras.Model) -> int:
     return convs[len(convs) // 2]
 
 
-def freeze_shallow_half(model: keras.Model, train_batchnorm: bool = defaults.TRAIN_BATCHNORM) -> int:
+def freeze_shallow_half(
+    model: keras.Model, train_batchnorm: bool = defaults.TRAIN_BATCHNORM
+) -> int:
     """Freeze layers before :func:`freeze_boundary`; frozen BatchNorm layers run in inference mode.
 
-    With ``train_batchnorm=False`` the BatchNorm layers of the deeper half stay frozen as well (their
+    With ``train_batchnorm=False`` the BatchNorm layers of the deeper half stay frozen as well
+    (their
     ImageNet statistics and scale are kept), as the Keras fine-tuning guide advises for small data.
     """
     boundary = freeze_boundary(model)
@@ -139,7 +147,8 @@ def cache_cut_index(model: keras.Model) -> int | None:
 
 
 def split_at_cut(model: keras.Model, cut: int) -> tuple[keras.Model, keras.Model]:
-    """The frozen part up to ``cut`` and the rest, sharing layers (and so weights) with ``model``."""
+    """The frozen part up to ``cut`` and the rest, sharing layers (and so weights) with
+    ``model``."""
     cut_tensor = model.layers[cut].output
     bottom = keras.Model(model.input, cut_tensor, name=model.name + "_frozen")
     top = keras.Model(cut_tensor, model.output, name=model.name + "_top")
@@ -153,8 +162,11 @@ def reinitialise_head(
     train_batchnorm: bool = defaults.TRAIN_BATCHNORM,
     **head_kwargs,
 ) -> keras.Model:
-    """Drop the ``head_*`` layers and put a fresh head (the Target step's Dropout(0.5) + sigmoid) on the conv base."""
-    last_base = max(i for i, layer in enumerate(model.layers) if not layer.name.startswith(HEAD_PREFIX))
+    """Drop the ``head_*`` layers and put a fresh head (the Target step's Dropout(0.5) + sigmoid) on
+    the conv base."""
+    last_base = max(
+        i for i, layer in enumerate(model.layers) if not layer.name.startswith(HEAD_PREFIX)
+    )
     base = keras.Model(model.input, model.layers[last_base].output)
     new = add_head(base, spec, output, **head_kwargs)
     freeze_shallow_half(new, train_batchnorm)

@@ -27,7 +27,9 @@ def features_key(files: list[Path], backbone: str, weights: str, image_size: int
     return digest.hexdigest()[:32]
 
 
-def extract_features(files: list[Path], backbone: str, weights: str, image_size: int, batch_size: int = 32) -> np.ndarray:
+def extract_features(
+    files: list[Path], backbone: str, weights: str, image_size: int, batch_size: int = 32
+) -> np.ndarray:
     """(n, d) float32: each slice decoded to grey, replicated to 3 channels, the backbone's own
     preprocessing, the conv base, flattened."""
     spec = get_backbone(backbone)
@@ -40,15 +42,23 @@ def extract_features(files: list[Path], backbone: str, weights: str, image_size:
             chunk = files[start : start + batch_size]
             grey = np.stack([load_grey(f, image_size) for f in chunk])
             x = grey_to_input(tf.constant(grey), spec.preprocess_input)
-            out[start : start + len(chunk)] = np.asarray(base(x, training=False)).reshape(len(chunk), d)
+            out[start : start + len(chunk)] = np.asarray(base(x, training=False)).reshape(
+                len(chunk), d
+            )
             bar.update(len(chunk))
     return out
 
 
 def cached_features(
-    files: list[Path], backbone: str, weights: str, image_size: int, cache_dir: str | os.PathLike, batch_size: int = 32
+    files: list[Path],
+    backbone: str,
+    weights: str,
+    image_size: int,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 32,
 ) -> tuple[np.ndarray, Path, bool]:
-    """Features from the cache when present, else computed and stored (atomically). Returns (X, path, reused)."""
+    """Features from the cache when present, else computed and stored (atomically). Returns (X,
+    path, reused)."""
     key = features_key(files, backbone, weights, image_size)
     path = Path(cache_dir).resolve() / f"{key}.npy"
     if path.is_file():

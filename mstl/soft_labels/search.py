@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score, silhouette_score
+from sklearn.metrics import (
+    adjusted_rand_score,
+    calinski_harabasz_score,
+    davies_bouldin_score,
+    silhouette_score,
+)
 from sklearn.model_selection import KFold
 
 CRITERIA = ("silhouette", "inertia", "calinski_harabasz", "davies_bouldin", "stability")
@@ -22,7 +27,9 @@ def parse_k_values(text: str) -> list[int]:
     try:
         values = sorted({int(v) for v in str(text).split(",") if v.strip()})
     except ValueError:
-        raise ValueError(f"k_values must be whole numbers separated by commas, got {text!r}") from None
+        raise ValueError(
+            f"k_values must be whole numbers separated by commas, got {text!r}"
+        ) from None
     if not values or values[0] < 2:
         raise ValueError(f"k_values must all be at least 2, got {text!r}")
     return values
@@ -60,7 +67,9 @@ def check_features(features: np.ndarray, folds: int, k_max: int) -> None:
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinite values")
     if np.ptp(features, axis=0).max() == 0:
-        raise ValueError("features are constant across slices: every slice would fall in one cluster")
+        raise ValueError(
+            "features are constant across slices: every slice would fall in one cluster"
+        )
 
 
 def fold_scores(features: np.ndarray, k: int, criterion: str, folds: int, seed: int) -> list[float]:

@@ -1,2 +1,4 @@
-"""The stage runners, one module per MLflow entry point: each validates its parameters, calls the library
-packages and logs to MLflow. Nothing below this package imports it (pyproject.toml's import contract)."""
+"""The stage runners, one module per MLflow entry point: each validates its parameters, calls the
+library
+packages and logs to MLflow. Nothing below this package imports it (pyproject.toml's import
+contract)."""

@@ -35,7 +35,9 @@ def parser_for(cls: type[T], description: str = "") -> argparse.ArgumentParser:
     for field in dataclasses.fields(cls):
         kind = hints[field.name]
         convert = {bool: parse_bool, int: parse_int, float: float}.get(kind, str)
-        parser.add_argument(f"--{field.name}", type=convert, default=field.default, help=f"default: {field.default}")
+        parser.add_argument(
+            f"--{field.name}", type=convert, default=field.default, help=f"default: {field.default}"
+        )
     return parser
 
 

@@ -1,10 +1,15 @@
-"""The `evaluate` stage: score any logged or registered model on any labelled CT image set, through exactly
-the served model's preprocessing, and track it: metrics with CIs (discrimination and calibration), the
-shortcut probes, pictures, predictions by content hash, the data set as a run input and the metrics linked
+"""The `evaluate` stage: score any logged or registered model on any labelled CT image set, through
+exactly
+the served model's preprocessing, and track it: metrics with CIs (discrimination and calibration),
+the
+shortcut probes, pictures, predictions by content hash, the data set as a run input and the metrics
+linked
 to the logged model. A registered version is tagged with its external figures.
 
-Patient-level metrics (with ``patient_id``): a patient's score is the mean of their slices' probabilities
-and their label the maximum of their slices' labels (a patient with any COVID slice is a COVID patient).
+Patient-level metrics (with ``patient_id``): a patient's score is the mean of their slices'
+probabilities
+and their label the maximum of their slices' labels (a patient with any COVID slice is a COVID
+patient).
 """
 
 from __future__ import annotations
@@ -20,15 +25,37 @@ import pandas as pd
 from mstl import defaults
 from mstl.data.covid_ct import combined_sha256
 from mstl.data.labelled import labelled_files
-from mstl.evaluation.calibration import brier_score, expected_calibration_error, reliability_figure, score_histogram_figure
+from mstl.evaluation.calibration import (
+    brier_score,
+    expected_calibration_error,
+    reliability_figure,
+    score_histogram_figure,
+)
 from mstl.evaluation.gradcam import GradCam, error_sheet
 from mstl.evaluation.metrics import bootstrap, point_metrics
 from mstl.evaluation.plots import confusion_figure, roc_figure
 from mstl.evaluation.probes import shortcut_probes
 from mstl.inference.pyfunc import decode_set, load_classifier, model_version
-from mstl.tracking import log_dataset, log_figure, log_params, log_table, start_stage_run, tracking_uri
+from mstl.tracking import (
+    log_dataset,
+    log_figure,
+    log_params,
+    log_table,
+    start_stage_run,
+    tracking_uri,
+)
 
-EXTERNAL_METRICS = ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "brier", "ece")
+EXTERNAL_METRICS = (
+    "roc_auc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "accuracy",
+    "brier",
+    "ece",
+)
 
 
 def external_metrics(y, p, threshold: float) -> dict[str, float]:
@@ -66,15 +93,21 @@ class EvaluateParams:
         if bool(self.images_root) == bool(self.labels_csv):
             raise ValueError("give either images_root (with positive_class) or labels_csv")
         if self.images_root and not self.positive_class:
-            raise ValueError("images_root needs positive_class: the name of the sub-folder of positive images")
+            raise ValueError(
+                "images_root needs positive_class: the name of the sub-folder of positive images"
+            )
         if not 0 <= self.threshold < 1:
-            raise ValueError(f"threshold must be in [0, 1) (0: the model's own), got {self.threshold}")
+            raise ValueError(
+                f"threshold must be in [0, 1) (0: the model's own), got {self.threshold}"
+            )
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be at least 1, got {self.n_bootstrap}")
 
     def name(self) -> str:
         """``data_name``, else the folder's name or the CSV's file name without its suffix."""
-        return self.data_name or (Path(self.images_root).name if self.images_root else Path(self.labels_csv).stem)
+        return self.data_name or (
+            Path(self.images_root).name if self.images_root else Path(self.labels_csv).stem
+        )
 
 
 def negative_predictive_value(y, p, threshold: float) -> float:
@@ -83,10 +116,20 @@ def negative_predictive_value(y, p, threshold: float) -> float:
     return float((y[negatives] == 0).mean()) if negatives.any() else float("nan")
 
 
-def metrics_with_intervals(y, p, threshold: float, n_bootstrap: int, seed: int, prefix: str = "") -> dict[str, float]:
+def metrics_with_intervals(
+    y, p, threshold: float, n_bootstrap: int, seed: int, prefix: str = ""
+) -> dict[str, float]:
     out = {}
-    for name, est in bootstrap(lambda yy, pp: external_metrics(yy, pp, threshold), y, p, n_bootstrap, seed=seed).items():
-        out.update({f"{prefix}{name}": est.value, f"{prefix}{name}_ci_low": est.low, f"{prefix}{name}_ci_high": est.high})
+    for name, est in bootstrap(
+        lambda yy, pp: external_metrics(yy, pp, threshold), y, p, n_bootstrap, seed=seed
+    ).items():
+        out.update(
+            {
+                f"{prefix}{name}": est.value,
+                f"{prefix}{name}_ci_low": est.low,
+                f"{prefix}{name}_ci_high": est.high,
+            }
+        )
     return out
 
 
@@ -110,7 +153,10 @@ def run_evaluate(params: EvaluateParams) -> str:
     digest = combined_sha256(sorted(hashes))
     y = table["label"].to_numpy()
     name = params.name()
-    with start_stage_run(params.experiment, f"evaluate-{name}") as run, tempfile.TemporaryDirectory() as tmp:
+    with (
+        start_stage_run(params.experiment, f"evaluate-{name}") as run,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         mlflow.set_tags(
             {
                 "stage": "evaluate",
@@ -123,7 +169,12 @@ def run_evaluate(params: EvaluateParams) -> str:
         )
         log_params(
             {k: v for k, v in asdict(params).items() if k != "experiment"}
-            | {"used_threshold": threshold, "n_images": len(table), "n_positive": int(y.sum()), "n_skipped": len(skipped)}
+            | {
+                "used_threshold": threshold,
+                "n_images": len(table),
+                "n_positive": int(y.sum()),
+                "n_skipped": len(skipped),
+            }
         )
         if skipped:
             log_table(pd.DataFrame(skipped, columns=["path", "reason"]), "data/skipped.csv")
@@ -142,44 +193,73 @@ def run_evaluate(params: EvaluateParams) -> str:
         cam = GradCam(model)
         values = metrics_with_intervals(y, prob, threshold, params.n_bootstrap, params.seed)
         at_half = point_metrics(y, prob, 0.5)
-        values |= {"sensitivity_at_0.5": at_half["recall"], "specificity_at_0.5": at_half["specificity"]}
+        values |= {
+            "sensitivity_at_0.5": at_half["recall"],
+            "specificity_at_0.5": at_half["specificity"],
+        }
         if 0 < y.sum() < len(y):
             values |= shortcut_probes(model, grey, y, preprocess, cam=cam)
         else:
             print(
-                f"{name} holds one class only ({'positive' if y.all() else 'negative'}): ROC AUC and the "
-                f"masked-lung AUC are undefined; {'sensitivity' if y.all() else 'specificity'} is still reported"
+                f"{name} holds one class only ({'positive' if y.all() else 'negative'}): ROC AUC "
+                "and the "
+                f"masked-lung AUC are undefined; {'sensitivity' if y.all() else 'specificity'} is "
+                "still reported"
             )
             mlflow.set_tag("auc_undefined", "the set holds one class only")
         patients = table["patient_id"].astype(str)
         if (patients != "").all():
             py, pp = patient_level(y, prob, patients)
-            values |= metrics_with_intervals(py, pp, threshold, params.n_bootstrap, params.seed, prefix="patient_")
+            values |= metrics_with_intervals(
+                py, pp, threshold, params.n_bootstrap, params.seed, prefix="patient_"
+            )
             values["n_patients"] = len(py)
-        mlflow.log_metrics({k: v for k, v in values.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset)
+        mlflow.log_metrics(
+            {k: v for k, v in values.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset
+        )
 
         title = f"{config['backbone']} on {name}"
         if 0 < y.sum() < len(y):
             log_figure(roc_figure(y, prob, title=title), "plots/roc.png")
-        log_figure(confusion_figure(y, prob, threshold, title=f"{title}, threshold {threshold:g}"), "plots/confusion.png")
-        log_figure(reliability_figure(y, prob, title=f"reliability, {title}"), "plots/reliability.png")
-        log_figure(score_histogram_figure(y, prob, threshold, title=title), "plots/score_histogram.png")
+        log_figure(
+            confusion_figure(y, prob, threshold, title=f"{title}, threshold {threshold:g}"),
+            "plots/confusion.png",
+        )
+        log_figure(
+            reliability_figure(y, prob, title=f"reliability, {title}"), "plots/reliability.png"
+        )
+        log_figure(
+            score_histogram_figure(y, prob, threshold, title=title), "plots/score_histogram.png"
+        )
         sheet = error_sheet(cam, grey, y, prob, preprocess, threshold, name, kinds=("FN", "FP"))
         if sheet is not None:
             sheet.save(Path(tmp) / "gradcam_errors.png")
             mlflow.log_artifact(str(Path(tmp) / "gradcam_errors.png"), "explanations")
-        predictions = table[["sha256", "patient_id", "label"]].assign(probability=prob, predicted=(prob >= threshold).astype(int))
+        predictions = table[["sha256", "patient_id", "label"]].assign(
+            probability=prob, predicted=(prob >= threshold).astype(int)
+        )
         log_table(predictions, "predictions.csv")
 
         version = model_version(client, uri)
         if version is not None:
             for key in ("roc_auc", "sensitivity", "specificity"):
                 if np.isfinite(values.get(key, np.nan)):
-                    client.set_model_version_tag(version.name, version.version, f"external.{name}.{key}", f"{values[key]:.4f}")
-            client.set_model_version_tag(version.name, version.version, f"external.{name}.digest", digest[:16])
-            client.set_model_version_tag(version.name, version.version, f"external.{name}.run_id", run.info.run_id)
+                    client.set_model_version_tag(
+                        version.name,
+                        version.version,
+                        f"external.{name}.{key}",
+                        f"{values[key]:.4f}",
+                    )
+            client.set_model_version_tag(
+                version.name, version.version, f"external.{name}.digest", digest[:16]
+            )
+            client.set_model_version_tag(
+                version.name, version.version, f"external.{name}.run_id", run.info.run_id
+            )
         summary = ", ".join(
-            f"{k} {values[k]:.3f}" for k in ("roc_auc", "sensitivity", "specificity") if np.isfinite(values.get(k, np.nan))
+            f"{k} {values[k]:.3f}"
+            for k in ("roc_auc", "sensitivity", "specificity")
+            if np.isfinite(values.get(k, np.nan))
         )
         print(f"evaluate: {name} ({len(table)} images): {summary}")
         return run.info.run_id

@@ -1,4 +1,5 @@
-"""The `explain` stage: Grad-CAM overlays for any image or DICOM slice and any logged or registered model."""
+"""The `explain` stage: Grad-CAM overlays for any image or DICOM slice and any logged or registered
+model."""
 
 from __future__ import annotations
 
@@ -32,7 +33,11 @@ def image_files(spec: str) -> list[Path]:
     for item in filter(None, (s.strip() for s in spec.split(","))):
         path = Path(item)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES | {".dcm"}))
+            files += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and (p.suffix.lower() in IMAGE_SUFFIXES | {".dcm"})
+            )
         elif path.is_file():
             files.append(path)
         else:
@@ -48,7 +53,10 @@ def run_explain(params: ExplainParams) -> str:
     config = classifier.config
     with start_stage_run(params.experiment, "explain") as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.set_tag("stage", "explain")
-        log_params({k: v for k, v in asdict(params).items() if k != "experiment"} | {"n_images": len(files)})
+        log_params(
+            {k: v for k, v in asdict(params).items() if k != "experiment"}
+            | {"n_images": len(files)}
+        )
         grey = np.stack([request_grey(f.read_bytes(), config) for f in files])
         prob = classifier.predict_grey(grey)
         heatmaps = GradCam(classifier.model).on_slices(grey, classifier.preprocess_input)

@@ -82,9 +82,14 @@ class PrepareParams:
 
     def validate(self) -> None:
         if bool(self.dicom_root) == bool(self.slices_root):
-            raise ValueError("give exactly one of dicom_root (DICOM studies) or slices_root (folders of PNG/JPG slices)")
+            raise ValueError(
+                "give exactly one of dicom_root (DICOM studies) or slices_root (folders of PNG/JPG "
+                "slices)"
+            )
         if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}")
+            raise ValueError(
+                f"image_format must be one of {IMAGE_FORMATS}, got {self.image_format!r}"
+            )
         if self.window_width <= 0:
             raise ValueError(f"window_width must be positive, got {self.window_width}")
         if not 0 <= self.min_lung_fraction <= 1:
@@ -92,7 +97,9 @@ class PrepareParams:
         if self.labels_csv and not Path(self.labels_csv).is_file():
             raise FileNotFoundError(f"labels_csv not found: {self.labels_csv}")
         if self.slices_root and self.labels_csv:
-            raise ValueError("with slices_root the class folders are the labels; labels_csv is for dicom_root")
+            raise ValueError(
+                "with slices_root the class folders are the labels; labels_csv is for dicom_root"
+            )
 
     @property
     def source(self) -> str:
@@ -108,15 +115,19 @@ class Export:
 
 
 def export_key(params: PrepareParams) -> str:
-    """Hash of every input file's path and content, the labels file and the parameters that shape the export."""
+    """Hash of every input file's path and content, the labels file and the parameters that shape
+    the export."""
     root = Path(params.dicom_root or params.slices_root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{'dicom_root' if params.dicom_root else 'slices_root'} is not a folder: {root}")
+        raise FileNotFoundError(
+            f"{'dicom_root' if params.dicom_root else 'slices_root'} is not a folder: {root}"
+        )
     digest = hashlib.sha256(EXPORT_VERSION.encode())
     shaping = {
         k: v
         for k, v in asdict(params).items()
-        if k not in ("export_dir", "log_slices", "experiment", "dicom_root", "slices_root", "labels_csv")
+        if k
+        not in ("export_dir", "log_slices", "experiment", "dicom_root", "slices_root", "labels_csv")
     }
     digest.update(json.dumps(shaping, sort_keys=True).encode())
     files = sorted(p for p in root.rglob("*") if p.is_file())
@@ -136,7 +147,8 @@ def read_labels(params: PrepareParams) -> tuple[str, dict[str, tuple[int | None,
     key = next((k for k in LABEL_KEYS if k in table.columns), None)
     if key is None or "label" not in table.columns:
         raise ValueError(
-            f"labels_csv {params.labels_csv} needs a 'label' column and one of {LABEL_KEYS}; has {list(table.columns)}"
+            f"labels_csv {params.labels_csv} needs a 'label' column and one of {LABEL_KEYS}; has "
+            f"{list(table.columns)}"
         )
     mapping = {**DEFAULT_LABEL_MAP, **parse_label_map(params.label_map)}
     out: dict[str, tuple[int | None, str]] = {}
@@ -144,17 +156,23 @@ def read_labels(params: PrepareParams) -> tuple[str, dict[str, tuple[int | None,
         value = mapping.get(name.lower())
         if value is None:
             raise ValueError(
-                f"label {name!r} in {params.labels_csv} is not in label_map; known: {sorted(mapping)} (e.g. label_map='{name}=1')"
+                f"label {name!r} in {params.labels_csv} is not in label_map; known: "
+                f"{sorted(mapping)} (e.g. label_map='{name}=1')"
             )
         out[k] = (None if value == DROP else int(value), name)
     return key, out
 
 
 def write_skipped(skipped: list[tuple[str, str]], folder: Path) -> None:
-    """skipped.csv (logged: content hash and reason, no names) and skipped_paths.csv (local only)."""
+    """skipped.csv (logged: content hash and reason, no names) and skipped_paths.csv (local
+    only)."""
     hashed = [(sha256_file(Path(p)) if Path(p).is_file() else "", reason) for p, reason in skipped]
-    pd.DataFrame(hashed, columns=["source_sha256", "reason"]).to_csv(folder / "skipped.csv", index=False)
-    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(folder / "skipped_paths.csv", index=False)
+    pd.DataFrame(hashed, columns=["source_sha256", "reason"]).to_csv(
+        folder / "skipped.csv", index=False
+    )
+    pd.DataFrame(skipped, columns=["path", "reason"]).to_csv(
+        folder / "skipped_paths.csv", index=False
+    )
 
 
 def save_slice(pixels: np.ndarray, path: Path, image_format: str) -> None:
@@ -168,7 +186,8 @@ def save_slice(pixels: np.ndarray, path: Path, image_format: str) -> None:
 
 def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dict]:
     scanned: ScanResult = scan(
-        params.dicom_root, progress=lambda it: tqdm(it, desc="reading DICOM headers", unit="file", mininterval=2)
+        params.dicom_root,
+        progress=lambda it: tqdm(it, desc="reading DICOM headers", unit="file", mininterval=2),
     )
     labels = read_labels(params)
     rows, series_rows = [], []
@@ -227,13 +246,20 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
                 "ordering": series.ordering,
             }
         )
-        shown = np.unique(np.linspace(0, len(windowed) - 1, min(len(windowed), MONTAGE_MAX)).round().astype(int))
+        shown = np.unique(
+            np.linspace(0, len(windowed) - 1, min(len(windowed), MONTAGE_MAX)).round().astype(int)
+        )
         sheet = montage(
             [windowed[i] for i in shown],
             [f"{series.positions[i]:.0f} mm\nf={relative[i]:.2f}" for i in shown],
             columns=10,
-            title=f"series s{k:03d}: {int(keep.sum())}/{len(keep)} kept (green), rejected (red) at min_lung_fraction={params.min_lung_fraction}"
-            + ("" if len(shown) == len(windowed) else f"; {len(shown)} of {len(windowed)} slices shown"),
+            title=f"series s{k:03d}: {int(keep.sum())}/{len(keep)} kept (green), rejected (red) "
+            f"at min_lung_fraction={params.min_lung_fraction}"
+            + (
+                ""
+                if len(shown) == len(windowed)
+                else f"; {len(shown)} of {len(windowed)} slices shown"
+            ),
             colors=["green" if keep[i] else "red" for i in shown],
         )
         (folder / "montages").mkdir(exist_ok=True)
@@ -247,7 +273,8 @@ def export_dicom(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, dic
     if not rows:
         reasons = pd.Series([r for _, r in scanned.skipped]).value_counts().head(5).to_dict()
         raise ValueError(
-            f"nothing usable under {params.dicom_root}: {scanned.files} files, {scanned.non_dicom} not DICOM, "
+            f"nothing usable under {params.dicom_root}: {scanned.files} files, {scanned.non_dicom} "
+            "not DICOM, "
             f"{len(scanned.skipped)} skipped (most common reasons: {reasons}), no slice kept"
         )
     manifest = pd.DataFrame(rows, columns=MANIFEST_COLUMNS)
@@ -274,7 +301,10 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
     to_int = {n: (int(n) if numeric else i) for i, n in enumerate(names)}
     rows, hashes, skipped, thumbs = [], [], list(found.skipped), {}
     for path, name in tqdm(
-        list(zip(found.files, found.labels, strict=False)), desc="grey, hash, export", unit="slice", mininterval=2
+        list(zip(found.files, found.labels, strict=False)),
+        desc="grey, hash, export",
+        unit="slice",
+        mininterval=2,
     ):
         try:
             grey = open_grey(path)
@@ -288,16 +318,26 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
         thumbs.setdefault(name, [])
         if len(thumbs[name]) < 24:
             thumbs[name].append(pixels)
-        rows.append({"file": rel, "source_sha256": sha256_file(path), "label": to_int[name], "label_name": name})
+        rows.append(
+            {
+                "file": rel,
+                "source_sha256": sha256_file(path),
+                "label": to_int[name],
+                "label_name": name,
+            }
+        )
     if not rows:
-        raise ValueError(f"nothing usable under {params.slices_root}: {len(skipped)} file(s) skipped")
+        raise ValueError(
+            f"nothing usable under {params.slices_root}: {len(skipped)} file(s) skipped"
+        )
     manifest = pd.DataFrame(rows)
     if params.group_near_duplicates:
         groups = group_near_duplicates(np.stack(hashes), params.near_duplicate_bits)
         manifest["patient_id"] = [f"group-{g:05d}" for g in groups]
     else:
         warnings.warn(
-            f"{params.slices_root} has no patient IDs and group_near_duplicates is off: each slice is its own "
+            f"{params.slices_root} has no patient IDs and group_near_duplicates is off: each slice "
+            "is its own "
             "group, so near-identical neighbouring slices can fall on both sides of the split",
             stacklevel=2,
         )
@@ -309,13 +349,21 @@ def export_slices(params: PrepareParams, folder: Path) -> tuple[pd.DataFrame, di
     # Names of source files can carry PHI: the logged tables name files by content hash; the
     # *_paths.csv twins with local paths stay in the local export folder for the user.
     pd.DataFrame(
-        [(sha256_file(Path(a)), sha256_file(Path(b))) for a, b in found.duplicates], columns=["kept_sha256", "duplicate_sha256"]
+        [(sha256_file(Path(a)), sha256_file(Path(b))) for a, b in found.duplicates],
+        columns=["kept_sha256", "duplicate_sha256"],
     ).to_csv(folder / "duplicates.csv", index=False)
-    pd.DataFrame(found.duplicates, columns=["kept", "duplicate"]).to_csv(folder / "duplicates_paths.csv", index=False)
+    pd.DataFrame(found.duplicates, columns=["kept", "duplicate"]).to_csv(
+        folder / "duplicates_paths.csv", index=False
+    )
     write_skipped(skipped, folder)
     (folder / "montages").mkdir(exist_ok=True)
     for name, images in thumbs.items():
-        sheet = montage(images, [""] * len(images), columns=8, title=f"class {name!r} (label {to_int[name]}): sample slices")
+        sheet = montage(
+            images,
+            [""] * len(images),
+            columns=8,
+            title=f"class {name!r} (label {to_int[name]}): sample slices",
+        )
         sheet.save(folder / "montages" / f"class_{to_int[name]}.png")
     summary = {
         "n_files": len(found.files) + len(found.duplicates) + len(found.skipped),
@@ -361,7 +409,11 @@ def run_prepare(params: PrepareParams) -> str:
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         export = build_export(params)
         log_params(
-            {"export_key": export.summary["export_key"], "export_path": str(export.folder), "reused_export": export.reused}
+            {
+                "export_key": export.summary["export_key"],
+                "export_path": str(export.folder),
+                "reused_export": export.reused,
+            }
         )
         mlflow.log_metrics({k: v for k, v in export.summary.items() if isinstance(v, (int, float))})
         for name in ("manifest.csv", "summary.json", "series.csv", "skipped.csv", "duplicates.csv"):
@@ -375,5 +427,8 @@ def run_prepare(params: PrepareParams) -> str:
             n = len(pd.read_csv(skipped))
             if n:
                 print(f"warning: {n} file(s) skipped; reasons in the run's skipped.csv")
-        print(f"prepare_transition: {export.summary} ({'reused' if export.reused else 'new'} export {export.folder})")
+        print(
+            f"prepare_transition: {export.summary} ({'reused' if export.reused else 'new'} export "
+            f"{export.folder})"
+        )
         return run.info.run_id

@@ -1,6 +1,7 @@
 """Promotion to the MLflow model registry: the most sensitive Target model becomes ``champion``.
 
-Selection uses the **validation** split (highest recall, ties broken by validation ROC AUC): choosing
+Selection uses the **validation** split (highest recall, ties broken by validation ROC AUC):
+choosing
 on the test split would leak it into the model choice, so ``select_on=test`` is allowed only with a
 warning. Re-promoting registers a new version and moves the alias; older versions stay.
 """
@@ -29,11 +30,14 @@ class PromoteParams:
     model_name: str = MODEL_NAME
     alias: str = "champion"
     select_on: str = "val"
-    # an external labelled set the candidate is evaluated on before the alias moves (`-e evaluate`'s inputs)
+    # an external labelled set the candidate is evaluated on before the alias moves (`-e evaluate`'s
+    # inputs)
     external_root: str = ""
     external_positive_class: str = ""
     external_csv: str = ""
-    min_external_auc: float = 0.0  # 0: report only; above 0: refuse to move the alias below this AUC
+    min_external_auc: float = (
+        0.0  # 0: report only; above 0: refuse to move the alias below this AUC
+    )
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
@@ -43,7 +47,8 @@ class PromoteParams:
             raise ValueError(f"min_external_auc must be in [0, 1], got {self.min_external_auc}")
         if self.min_external_auc and not (self.external_root or self.external_csv):
             raise ValueError(
-                "min_external_auc needs an external set: external_root (with external_positive_class) or external_csv"
+                "min_external_auc needs an external set: external_root (with "
+                "external_positive_class) or external_csv"
             )
         if self.external_root or self.external_csv:
             self.evaluation("x").validate()
@@ -60,7 +65,8 @@ class PromoteParams:
 
 
 class PromotionRefused(RuntimeError):
-    """The candidate fell below ``min_external_auc`` on the external set: the alias was not moved."""
+    """The candidate fell below ``min_external_auc`` on the external set: the alias was not
+    moved."""
 
 
 def candidates(client, experiment_name: str, select_on: str) -> list:
@@ -73,9 +79,17 @@ def candidates(client, experiment_name: str, select_on: str) -> list:
         "tags.stage = 'target' and attributes.status = 'FINISHED'",
         max_results=10_000,
     )
-    usable = [r for r in runs if f"{select_on}_recall" in r.data.metrics and r.data.params.get("log_model", "true") == "true"]
+    usable = [
+        r
+        for r in runs
+        if f"{select_on}_recall" in r.data.metrics
+        and r.data.params.get("log_model", "true") == "true"
+    ]
     if not usable:
-        raise ValueError(f"no finished Target run with {select_on}_recall and a logged model in experiment {experiment_name!r}")
+        raise ValueError(
+            f"no finished Target run with {select_on}_recall and a logged model in experiment "
+            f"{experiment_name!r}"
+        )
     return sorted(
         usable,
         key=lambda r: (
@@ -98,7 +112,8 @@ def promote(params: PromoteParams):
     client = mlflow.MlflowClient(tracking_uri())
     best = candidates(client, params.search_experiment, params.select_on)[0]
     m, p, tags = best.data.metrics, best.data.params, best.data.tags
-    # by the logged model's ID when the run has one, so the version links to it (its metrics, its data sets)
+    # by the logged model's ID when the run has one, so the version links to it (its metrics, its
+    # data sets)
     model_id = tags.get(MODEL_ID_TAG)
     source = f"models:/{model_id}" if model_id else f"runs:/{best.info.run_id}/{SERVED_MODEL}"
     version = mlflow.register_model(source, params.model_name)
@@ -120,22 +135,32 @@ def promote(params: PromoteParams):
     for key, value in version_tags.items():
         client.set_model_version_tag(params.model_name, version.version, key, value)
     description = (
-        f"{tags.get('backbone')} ({tags.get('strategy')}) on the {tags.get('split')} split, run {best.info.run_id}. "
-        f"Chosen for the highest {params.select_on} recall ({m[f'{params.select_on}_recall']:.3f}). "
+        f"{tags.get('backbone')} ({tags.get('strategy')}) on the {tags.get('split')} split, run "
+        f"{best.info.run_id}. "
+        f"Chosen for the highest {params.select_on} recall "
+        f"({m[f'{params.select_on}_recall']:.3f}). "
         f"Test: recall {m.get('test_recall', float('nan')):.3f} "
-        f"[{m.get('test_recall_ci_low', float('nan')):.3f}, {m.get('test_recall_ci_high', float('nan')):.3f}], "
-        f"specificity {m.get('test_specificity', float('nan')):.3f}, ROC AUC {m.get('test_roc_auc', float('nan')):.3f}; "
+        f"[{m.get('test_recall_ci_low', float('nan')):.3f}, "
+        f"{m.get('test_recall_ci_high', float('nan')):.3f}], "
+        f"specificity {m.get('test_specificity', float('nan')):.3f}, ROC AUC "
+        f"{m.get('test_roc_auc', float('nan')):.3f}; "
         f"threshold {version_tags['threshold']}."
     )
     if params.external_root or params.external_csv:
         description += external_check(client, params, version)
     client.update_model_version(params.model_name, version.version, description=description)
     if params.min_external_auc:
-        auc = float(client.get_model_version(params.model_name, version.version).tags.get(external_tag(params, "roc_auc"), "nan"))
+        auc = float(
+            client.get_model_version(params.model_name, version.version).tags.get(
+                external_tag(params, "roc_auc"), "nan"
+            )
+        )
         if not auc >= params.min_external_auc:  # NaN (one-class set) refuses too
             raise PromotionRefused(
-                f"version {version.version} of {params.model_name} (run {best.info.run_id}) scored external ROC AUC "
-                f"{auc:.3f} on {params.evaluation('').name()}, below min_external_auc={params.min_external_auc}: "
+                f"version {version.version} of {params.model_name} (run {best.info.run_id}) scored "
+                "external ROC AUC "
+                f"{auc:.3f} on {params.evaluation('').name()}, below "
+                f"min_external_auc={params.min_external_auc}: "
                 f"@{params.alias} was not moved (the version stays registered, without the alias)"
             )
     client.set_registered_model_alias(params.model_name, params.alias, version.version)
@@ -157,10 +182,12 @@ def external_check(client, params: PromoteParams, version) -> str:
     def figure(key: str) -> str:
         if key not in m:
             return "undefined"
-        return f"{m[key]:.3f} [{m.get(key + '_ci_low', float('nan')):.3f}, {m.get(key + '_ci_high', float('nan')):.3f}]"
+        low, high = m.get(key + "_ci_low", float("nan")), m.get(key + "_ci_high", float("nan"))
+        return f"{m[key]:.3f} [{low:.3f}, {high:.3f}]"
 
     return (
-        f" External set {name} (evaluate run {run_id}): ROC AUC {figure('roc_auc')}, sensitivity {figure('sensitivity')}, "
+        f" External set {name} (evaluate run {run_id}): ROC AUC {figure('roc_auc')}, sensitivity "
+        f"{figure('sensitivity')}, "
         f"specificity {figure('specificity')}."
     )
 
@@ -172,5 +199,8 @@ def run_promote(params: PromoteParams) -> str:
         params.validate()
         best, version = promote(params)
         log_params({"promoted_run_id": best.info.run_id, "model_version": version.version})
-        print(f"{params.model_name} version {version.version} (run {best.info.run_id}) is now @{params.alias}")
+        print(
+            f"{params.model_name} version {version.version} (run {best.info.run_id}) is now "
+            f"@{params.alias}"
+        )
         return run.info.run_id

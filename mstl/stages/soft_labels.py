@@ -1,5 +1,6 @@
 """The soft_labels stage: CNN features of the Transition slices, an Optuna search over the number of
-KMeans clusters (each trial a nested MLflow run), and the labels CSV that `-e transition -P strategy=soft`
+KMeans clusters (each trial a nested MLflow run), and the labels CSV that `-e transition -P
+strategy=soft`
 reads.
 """
 
@@ -25,7 +26,14 @@ from mstl.data.images import load_grey
 from mstl.data.montage import montage
 from mstl.models.backbones import check_image_size, get_backbone
 from mstl.soft_labels.features import cached_features
-from mstl.soft_labels.search import CRITERIA, check_counts, check_features, fold_scores, parse_k_range, parse_k_values
+from mstl.soft_labels.search import (
+    CRITERIA,
+    check_counts,
+    check_features,
+    fold_scores,
+    parse_k_range,
+    parse_k_values,
+)
 from mstl.tracking import log_figure, log_params, log_table, start_stage_run, tracking_uri
 from mstl.tracking.inputs import load_manifest, log_export_input
 from mstl.tracking.work import HEARTBEAT_SECONDS, claim, heartbeat_storage, run_shared
@@ -61,7 +69,9 @@ class SoftLabelParams:
         if not self.manifest:
             raise ValueError("manifest is required: the run ID of a prepare_transition run")
         if self.criterion not in CRITERIA:
-            raise ValueError(f"unknown criterion {self.criterion!r}; use one of {', '.join(CRITERIA)}")
+            raise ValueError(
+                f"unknown criterion {self.criterion!r}; use one of {', '.join(CRITERIA)}"
+            )
         if self.reduce not in REDUCTIONS:
             raise ValueError(f"unknown reduce {self.reduce!r}; use one of {', '.join(REDUCTIONS)}")
         if self.folds < 2:
@@ -84,18 +94,28 @@ def reduce_features(features: np.ndarray, method: str, dim: int, seed: int) -> n
     dim = min(dim, features.shape[1], len(features) if method == "pca" else features.shape[1])
     if method == "pca":
         return PCA(n_components=dim, random_state=seed).fit_transform(features).astype(np.float32)
-    return GaussianRandomProjection(n_components=dim, random_state=seed).fit_transform(features).astype(np.float32)
+    return (
+        GaussianRandomProjection(n_components=dim, random_state=seed)
+        .fit_transform(features)
+        .astype(np.float32)
+    )
 
 
 def study_name(features_path: Path, params: SoftLabelParams) -> str:
     """Same features and search settings -> same study, so a killed search resumes."""
-    shaping = {k: getattr(params, k) for k in ("k_values", "k_range", "criterion", "folds", "reduce", "reduce_dim", "seed")}
-    digest = hashlib.sha256((features_path.name + json.dumps(shaping, sort_keys=True)).encode()).hexdigest()[:16]
+    shaping = {
+        k: getattr(params, k)
+        for k in ("k_values", "k_range", "criterion", "folds", "reduce", "reduce_dim", "seed")
+    }
+    digest = hashlib.sha256(
+        (features_path.name + json.dumps(shaping, sort_keys=True)).encode()
+    ).hexdigest()[:16]
     return f"soft-labels-{digest}"
 
 
 def log_trial_run(client, parent, k: int, criterion: str, scores: list[float]) -> None:
-    """A nested run per trial (what optuna-integration's MLflowCallback does, with the parent link explicit)."""
+    """A nested run per trial (what optuna-integration's MLflowCallback does, with the parent link
+    explicit)."""
     child = client.create_run(
         parent.info.experiment_id,
         run_name=f"k={k}",
@@ -113,10 +133,14 @@ def log_trial_run(client, parent, k: int, criterion: str, scores: list[float]) -
     client.set_terminated(run_id)
 
 
-def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: str, parent) -> optuna.Study:
-    """Run (or resume, or join) the Optuna study; every evaluated k is logged as a nested MLflow run.
+def search_k(
+    features: np.ndarray, params: SoftLabelParams, storage: str, name: str, parent
+) -> optuna.Study:
+    """Run (or resume, or join) the Optuna study; every evaluated k is logged as a nested MLflow
+    run.
 
-    Several workers may share one study (``storage`` on PostgreSQL or one sqlite file): on the grid of
+    Several workers may share one study (``storage`` on PostgreSQL or one sqlite file): on the grid
+    of
     k values each k is evaluated once by one of them (``mstl.tracking.work``), a dead worker's k is
     retried once, and every worker returns with the whole grid complete.
     """
@@ -135,7 +159,9 @@ def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: 
         trial.set_user_attr("fold_scores", scores)
         log_trial_run(client, parent, k, params.criterion, scores)
         if not np.isfinite(scores).any():
-            raise optuna.TrialPruned(f"criterion {params.criterion} undefined on every fold for k={k}")
+            raise optuna.TrialPruned(
+                f"criterion {params.criterion} undefined on every fold for k={k}"
+            )
         return float(np.nanmean(scores))
 
     def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -143,8 +169,14 @@ def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: 
             print(f"  k={trial.params.get('k')}: {trial.value}", flush=True)
 
     if grid:
-        done = {t.params["k"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
-        print(f"searching k over {grid}: {len(set(grid) - done)} to evaluate, shared through study {name}")
+        done = {
+            t.params["k"]
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        }
+        print(
+            f"searching k over {grid}: {len(set(grid) - done)} to evaluate, shared through study "
+            f"{name}"
+        )
         run_shared(study, "k", grid, evaluate, callbacks=[report])
         return study
 
@@ -158,20 +190,28 @@ def search_k(features: np.ndarray, params: SoftLabelParams, storage: str, name: 
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     n_trials = max(0, params.n_trials - done)
     if n_trials:
-        print(f"searching k in [{low}, {high}]: {n_trials} trial(s) to run, {done} already done (study {name})")
+        print(
+            f"searching k in [{low}, {high}]: {n_trials} trial(s) to run, {done} already done "
+            f"(study {name})"
+        )
         study.optimize(objective, n_trials=n_trials, catch=(), callbacks=[report])
     return study
 
 
 def criterion_figure(study: optuna.Study, criterion: str, folds: int):
-    trials = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.params["k"])
+    trials = sorted(
+        (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
+        key=lambda t: t.params["k"],
+    )
     ks = [t.params["k"] for t in trials]
     means = [t.value for t in trials]
     spread = [np.nanstd(t.user_attrs.get("fold_scores", [np.nan])) for t in trials]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.errorbar(ks, means, yerr=spread, marker="o", capsize=3)
     ax.set(
-        xlabel="k (clusters)", ylabel=f"{criterion} (held-out, mean ± SD over {folds} folds)", title=f"choosing k by {criterion}"
+        xlabel="k (clusters)",
+        ylabel=f"{criterion} (held-out, mean ± SD over {folds} folds)",
+        title=f"choosing k by {criterion}",
     )
     if len(ks) > 1 and max(ks) / min(ks) >= 4:
         ax.set_xscale("log", base=2)
@@ -190,8 +230,16 @@ def run_soft_labels(params: SoftLabelParams) -> str:
     grid, k_range = params.search_space()
     k_max = max(grid) if grid else k_range[1]
     check_counts(len(files), params.folds, k_max)
-    with start_stage_run(params.experiment, f"soft-labels-{params.feature_backbone}-{params.criterion}") as run:
-        mlflow.set_tags({"stage": "soft_labels", "feature_backbone": params.feature_backbone, "criterion": params.criterion})
+    with start_stage_run(
+        params.experiment, f"soft-labels-{params.feature_backbone}-{params.criterion}"
+    ) as run:
+        mlflow.set_tags(
+            {
+                "stage": "soft_labels",
+                "feature_backbone": params.feature_backbone,
+                "criterion": params.criterion,
+            }
+        )
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         raw, features_path, reused = cached_features(
             files,
@@ -221,7 +269,9 @@ def run_soft_labels(params: SoftLabelParams) -> str:
         study = search_k(features, params, storage, name, run)
         best_k = int(study.best_trial.params["k"])
         mlflow.log_metrics({"best_k": best_k, "best_score": float(study.best_value)})
-        log_figure(criterion_figure(study, params.criterion, params.folds), "plots/criterion_vs_k.png")
+        log_figure(
+            criterion_figure(study, params.criterion, params.folds), "plots/criterion_vs_k.png"
+        )
 
         final = KMeans(n_clusters=best_k, n_init=10, random_state=params.seed).fit(features)
         labels = pd.DataFrame({"file": manifest["file"], "cluster": final.labels_.astype(int)})
@@ -232,16 +282,22 @@ def run_soft_labels(params: SoftLabelParams) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             for cluster in sizes.index:
                 members = labels.index[labels["cluster"] == cluster]
-                picked = members[np.linspace(0, len(members) - 1, min(24, len(members))).round().astype(int)]
+                picked = members[
+                    np.linspace(0, len(members) - 1, min(24, len(members))).round().astype(int)
+                ]
                 sheet = montage(
                     [load_grey(files[i], 128) for i in picked],
                     [""] * len(picked),
                     columns=8,
-                    title=f"cluster {cluster}: {sizes[cluster]} slices (k={best_k}, {params.criterion})",
+                    title=f"cluster {cluster}: {sizes[cluster]} slices "
+                    f"(k={best_k}, {params.criterion})",
                 )
                 sheet.save(Path(tmp) / f"cluster_{cluster:02d}.png")
             mlflow.log_artifacts(tmp, "montages")
         if str(storage).startswith("sqlite:///"):
             mlflow.log_artifact(str(storage)[len("sqlite:///") :], "optuna")
-        print(f"soft labels: k={best_k} ({params.criterion}={study.best_value:.4f}); sizes {sizes.to_dict()}")
+        print(
+            f"soft labels: k={best_k} ({params.criterion}={study.best_value:.4f}); sizes "
+            f"{sizes.to_dict()}"
+        )
         return run.info.run_id

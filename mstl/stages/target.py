@@ -24,7 +24,15 @@ from mstl.evaluation.probes import shortcut_probes
 from mstl.inference.predict import predict_grey
 from mstl.inference.pyfunc import log_serving_model, serving_config
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
-from mstl.tracking import MODEL_ID_TAG, log_dataset, log_figure, log_params, log_table, resolve_run, start_stage_run
+from mstl.tracking import (
+    MODEL_ID_TAG,
+    log_dataset,
+    log_figure,
+    log_params,
+    log_table,
+    resolve_run,
+    start_stage_run,
+)
 from mstl.training.checkpoints import log_checkpoint, log_model_structure
 from mstl.training.fit import distribution_scope, fit_classifier, set_seed
 from mstl.training.params import ClassifierParams
@@ -48,7 +56,9 @@ class TargetParams(ClassifierParams):
         """Fail on impossible parameters before any data is read."""
         self.validate_network()
         if self.split not in covid_ct.SPLIT_MODES:
-            raise ValueError(f"unknown split {self.split!r}; use one of {', '.join(covid_ct.SPLIT_MODES)}")
+            raise ValueError(
+                f"unknown split {self.split!r}; use one of {', '.join(covid_ct.SPLIT_MODES)}"
+            )
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
         OutputSpec("binary", 1, self.dropout)
@@ -60,41 +70,74 @@ DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 def strategy_of(weights: str) -> str:
     """The run's ``strategy`` tag: where the starting weights came from."""
     w = str(weights).lower()
-    return "imagenet" if w == "imagenet" else "scratch" if w in ("none", "", "null") else "weights_file"
+    return (
+        "imagenet"
+        if w == "imagenet"
+        else "scratch"
+        if w in ("none", "", "null")
+        else "weights_file"
+    )
 
 
 def evaluate_split(
-    model, grey, table: pd.DataFrame, spec, params: TargetParams, name: str, strategy: str, model_id=None, dataset=None
+    model,
+    grey,
+    table: pd.DataFrame,
+    spec,
+    params: TargetParams,
+    name: str,
+    strategy: str,
+    model_id=None,
+    dataset=None,
 ) -> pd.DataFrame:
-    """Predict one split, log its metrics with CIs (linked to the logged model and the split's data set),
+    """Predict one split, log its metrics with CIs (linked to the logged model and the split's data
+    set),
     pictures and predictions CSV."""
     prob = predict_grey(model, grey, spec.preprocess_input, params.batch_size)[:, 0]
     labels = table["label"].to_numpy()
-    estimates = bootstrap_metrics(labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed)
+    estimates = bootstrap_metrics(
+        labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed
+    )
     values = {}
     for metric, est in estimates.items():
         values[f"{name}_{metric}"] = est.value
         values[f"{name}_{metric}_ci_low"] = est.low
         values[f"{name}_{metric}_ci_high"] = est.high
-    mlflow.log_metrics({k: v for k, v in values.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset)
+    mlflow.log_metrics(
+        {k: v for k, v in values.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset
+    )
     title = f"{params.backbone} ({strategy}), {name} split"
     log_figure(roc_figure(labels, prob, estimates["roc_auc"], title=title), f"plots/roc_{name}.png")
-    log_figure(confusion_figure(labels, prob, params.threshold, title=title), f"plots/confusion_{name}.png")
+    log_figure(
+        confusion_figure(labels, prob, params.threshold, title=title), f"plots/confusion_{name}.png"
+    )
     predictions = pd.DataFrame(
-        {"file": table["file"].to_numpy(), "patient_id": table["patient_id"].to_numpy(), "label": labels, "probability": prob}
+        {
+            "file": table["file"].to_numpy(),
+            "patient_id": table["patient_id"].to_numpy(),
+            "label": labels,
+            "probability": prob,
+        }
     )
     log_table(predictions, f"predictions/{name}.csv")
     if name == "test":
         cam = GradCam(model)
         log_explanations(cam, grey, labels, prob, spec, params)
         probes = shortcut_probes(model, grey, labels, spec.preprocess_input, params.batch_size, cam)
-        mlflow.log_metrics({f"{name}_{k}": v for k, v in probes.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset)
+        mlflow.log_metrics(
+            {f"{name}_{k}": v for k, v in probes.items() if np.isfinite(v)},
+            model_id=model_id,
+            dataset=dataset,
+        )
     return predictions
 
 
 def log_explanations(cam: GradCam, grey, labels, prob, spec, params: TargetParams) -> None:
-    """Grad-CAM overlays of the most confident true positives, false negatives and false positives."""
-    sheet = error_sheet(cam, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices")
+    """Grad-CAM overlays of the most confident true positives, false negatives and false
+    positives."""
+    sheet = error_sheet(
+        cam, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices"
+    )
     if sheet is not None:
         with tempfile.TemporaryDirectory() as tmp:
             sheet.save(Path(tmp) / "gradcam_test.png")
@@ -102,14 +145,16 @@ def log_explanations(cam: GradCam, grey, labels, prob, spec, params: TargetParam
 
 
 def transition_parent(params: TargetParams):
-    """The Transition run named by ``init_from``, checked against this run's backbone (None without init_from)."""
+    """The Transition run named by ``init_from``, checked against this run's backbone (None without
+    init_from)."""
     if not params.init_from:
         return None
     parent = resolve_run(params.init_from, stage="transition")
     parent_backbone = parent.data.params.get("backbone")
     if parent_backbone != params.backbone:
         raise ValueError(
-            f"init_from run {parent.info.run_id} trained backbone {parent_backbone!r} but backbone={params.backbone!r}; "
+            f"init_from run {parent.info.run_id} trained backbone {parent_backbone!r} but "
+            f"backbone={params.backbone!r}; "
             f"pass backbone={parent_backbone}"
         )
     for name in ("lung_crop", "intensity"):  # runs logged before these options existed used neither
@@ -118,12 +163,16 @@ def transition_parent(params: TargetParams):
             str(getattr(params, name)),
         )
         if theirs != ours:
-            print(f"warning: the Transition run {parent.info.run_id} was trained with {name}={theirs}, this Target uses {ours}")
+            print(
+                f"warning: the Transition run {parent.info.run_id} was trained with "
+                f"{name}={theirs}, this Target uses {ours}"
+            )
     return parent
 
 
 def model_from_transition(parent, params: TargetParams, output: OutputSpec):
-    """Rebuild the Transition network, load its best checkpoint, and put a fresh Target head on it."""
+    """Rebuild the Transition network, load its best checkpoint, and put a fresh Target head on
+    it."""
     source = parent.data.params
     kind = source["output"]
     source_output = OutputSpec(kind, 1 if kind == "binary" else int(source["n_classes"]))
@@ -137,7 +186,9 @@ def model_from_transition(parent, params: TargetParams, output: OutputSpec):
         int(source["pool_size"]),
         params.train_batchnorm,
     )  # the parent's head, so that its checkpoint loads
-    checkpoint = mlflow.artifacts.download_artifacts(run_id=parent.info.run_id, artifact_path="checkpoints/best.weights.h5")
+    checkpoint = mlflow.artifacts.download_artifacts(
+        run_id=parent.info.run_id, artifact_path="checkpoints/best.weights.h5"
+    )
     model.load_weights(checkpoint)
     return reinitialise_head(
         model,
@@ -156,7 +207,9 @@ def run_target(params: TargetParams) -> str:
     set_seed(params.seed, params.deterministic)
     spec = get_backbone(params.backbone)
     parent = transition_parent(params)
-    strategy = parent.data.tags.get("strategy", "transition") if parent else strategy_of(params.weights)
+    strategy = (
+        parent.data.tags.get("strategy", "transition") if parent else strategy_of(params.weights)
+    )
     index = covid_ct.load_split(params.data_root, params.split, params.seed)
     run_name = f"target-{params.backbone}-{strategy}-{params.split}-s{params.seed}"
     # The parent link is a tag we set ourselves: under `mlflow run`, MLFLOW_RUN_ID can override
@@ -164,23 +217,40 @@ def run_target(params: TargetParams) -> str:
     nesting = {"mlflow.parentRunId": parent.info.run_id} if parent else None
     experiment = parent.info.experiment_id if parent else None
     with start_stage_run(
-        params.experiment, run_name, tags=nesting, experiment_id=experiment, log_system_metrics=params.log_system_metrics
+        params.experiment,
+        run_name,
+        tags=nesting,
+        experiment_id=experiment,
+        log_system_metrics=params.log_system_metrics,
     ) as run:
         if parent:
             mlflow.set_tag("mlflow.parentRunId", parent.info.run_id)
             if run.info.experiment_id != parent.info.experiment_id:
                 print(
-                    f"warning: this run's experiment {run.info.experiment_id} differs from its Transition parent's "
-                    f"({parent.info.experiment_id}); the MLflow UI nests runs only within one experiment"
+                    f"warning: this run's experiment {run.info.experiment_id} differs from its "
+                    "Transition parent's "
+                    f"({parent.info.experiment_id}); the MLflow UI nests runs only within one "
+                    "experiment"
                 )
-        mlflow.set_tags({"stage": "target", "backbone": params.backbone, "strategy": strategy, "split": params.split})
+        mlflow.set_tags(
+            {
+                "stage": "target",
+                "backbone": params.backbone,
+                "strategy": strategy,
+                "split": params.split,
+            }
+        )
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         log_table(covid_ct.split_table(index), "data/split.csv")
 
         cache = params.array_cache()
-        decoded = decode_images_cached(index["path"].tolist(), params.preprocessing, params.skip_unreadable, cache)
+        decoded = decode_images_cached(
+            index["path"].tolist(), params.preprocessing, params.skip_unreadable, cache
+        )
         if decoded.unreadable:
-            log_table(pd.DataFrame(decoded.unreadable, columns=["path", "reason"]), "data/unreadable.csv")
+            log_table(
+                pd.DataFrame(decoded.unreadable, columns=["path", "reason"]), "data/unreadable.csv"
+            )
             print(f"skipped {len(decoded.unreadable)} unreadable image(s); see data/unreadable.csv")
         index = index.iloc[decoded.kept].reset_index(drop=True)
         log_lung_field_missing(index, decoded, params)
@@ -212,7 +282,9 @@ def run_target(params: TargetParams) -> str:
         output = OutputSpec("binary", 1, params.dropout)
         labels = index["label"].to_numpy().astype("float32")
         with distribution_scope(params.distribute):
-            model = model_from_transition(parent, params, output) if parent else params.build(output)
+            model = (
+                model_from_transition(parent, params, output) if parent else params.build(output)
+            )
             log_model_structure(model)
             result = fit_classifier(
                 model,
@@ -226,7 +298,9 @@ def run_target(params: TargetParams) -> str:
         log_params(result.params(cache))
         mlflow.log_metrics(result.metrics() | {"decode_seconds": decoded.seconds})
         model_id = None
-        if params.log_model:  # the weights are stored once: in the served model, else as a checkpoint
+        if (
+            params.log_model
+        ):  # the weights are stored once: in the served model, else as a checkpoint
             model_id = log_serving_model(
                 model,
                 serving_config(params.backbone, params.preprocessing, params.threshold),
@@ -236,19 +310,36 @@ def run_target(params: TargetParams) -> str:
         else:
             log_checkpoint(model)
         for part in ("val", "test"):
-            evaluate_split(model, grey[parts[part]], index[parts[part]], spec, params, part, strategy, model_id, datasets[part])
+            evaluate_split(
+                model,
+                grey[parts[part]],
+                index[parts[part]],
+                spec,
+                params,
+                part,
+                strategy,
+                model_id,
+                datasets[part],
+            )
         return run.info.run_id
 
 
 def log_lung_field_missing(index: pd.DataFrame, decoded, params: TargetParams) -> None:
-    """With lung_crop, the slices used whole because no lung field was found: counted per split and listed."""
+    """With lung_crop, the slices used whole because no lung field was found: counted per split and
+    listed."""
     if not params.lung_crop:
         return
     missing = np.zeros(len(index), dtype=bool)
     missing[np.searchsorted(decoded.kept, decoded.lung_field_missing)] = True
     mlflow.log_metrics(
-        {f"n_lung_field_missing_{part}": int((missing & (index["split"] == part)).sum()) for part in covid_ct.SPLITS}
+        {
+            f"n_lung_field_missing_{part}": int((missing & (index["split"] == part)).sum())
+            for part in covid_ct.SPLITS
+        }
     )
     if missing.any():
         log_table(index.loc[missing, ["file", "split", "label"]], "data/lung_field_missing.csv")
-        print(f"lung_crop: no lung field found in {int(missing.sum())} slice(s), used whole; see data/lung_field_missing.csv")
+        print(
+            f"lung_crop: no lung field found in {int(missing.sum())} slice(s), used whole; see "
+            "data/lung_field_missing.csv"
+        )

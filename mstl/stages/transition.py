@@ -50,15 +50,22 @@ class TransitionParams(ClassifierParams):
         if not self.manifest:
             raise ValueError("manifest is required: the run ID of a prepare_transition run")
         if self.strategy == "soft" and not self.labels:
-            raise ValueError("strategy=soft needs labels: a soft_labels run ID or a CSV with file,cluster columns")
+            raise ValueError(
+                "strategy=soft needs labels: a soft_labels run ID or a CSV with file,cluster "
+                "columns"
+            )
 
 
-def attach_labels(manifest: pd.DataFrame, params: TransitionParams) -> tuple[pd.DataFrame, OutputSpec, int]:
-    """Rows with a label in column ``y``, the output the task needs, and how many rows had no label."""
+def attach_labels(
+    manifest: pd.DataFrame, params: TransitionParams
+) -> tuple[pd.DataFrame, OutputSpec, int]:
+    """Rows with a label in column ``y``, the output the task needs, and how many rows had no
+    label."""
     if params.strategy == "hard":
         if "label" not in manifest or manifest["label"].isna().all():
             raise ValueError(
-                "the manifest has no labels: run prepare_transition with labels_csv (or slices_root class folders), or use strategy=soft"
+                "the manifest has no labels: run prepare_transition with labels_csv (or "
+                "slices_root class folders), or use strategy=soft"
             )
         check_two_classes(manifest["label"], "the manifest")
         table = manifest.assign(y=manifest["label"])
@@ -88,7 +95,8 @@ def grouped_split(table: pd.DataFrame, group_by: str, val_fraction: float, seed:
         n = len(set(groups))
         if n < 2:
             raise ValueError(
-                f"grouping by {group_by} needs at least 2 {group_by} groups, found {n} ({groups[0]}); "
+                f"grouping by {group_by} needs at least 2 {group_by} groups, found {n} "
+                f"({groups[0]}); "
                 "use group_by=series or group_by=none"
             )
     unique = np.unique(groups)
@@ -113,14 +121,19 @@ def class_weights_from(text: str, y: np.ndarray) -> dict[int, float] | None:
         return None
     classes, counts = np.unique(y, return_counts=True)
     if text == "balanced":
-        return {int(c): float(len(y) / (len(classes) * n)) for c, n in zip(classes, counts, strict=False)}
+        return {
+            int(c): float(len(y) / (len(classes) * n))
+            for c, n in zip(classes, counts, strict=False)
+        }
     weights = {}
     for item in text.split(","):
         key, _, value = item.partition("=")
         try:
             weights[int(key)] = float(value)
         except ValueError:
-            raise ValueError(f"class_weights must be none, balanced or like '0=1,1=3'; got {text!r}") from None
+            raise ValueError(
+                f"class_weights must be none, balanced or like '0=1,1=3'; got {text!r}"
+            ) from None
     return weights
 
 
@@ -133,8 +146,12 @@ def run_transition(params: TransitionParams) -> str:
     table, output, unlabelled = attach_labels(manifest, params)
     is_val = grouped_split(table, params.group_by, params.val_fraction, params.seed)
     run_name = f"transition-{params.backbone}-{params.strategy}-s{params.seed}"
-    with start_stage_run(params.experiment, run_name, log_system_metrics=params.log_system_metrics) as run:
-        mlflow.set_tags({"stage": "transition", "backbone": params.backbone, "strategy": params.strategy})
+    with start_stage_run(
+        params.experiment, run_name, log_system_metrics=params.log_system_metrics
+    ) as run:
+        mlflow.set_tags(
+            {"stage": "transition", "backbone": params.backbone, "strategy": params.strategy}
+        )
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
         weights = class_weights_from(params.class_weights, table.loc[~is_val, "y"].to_numpy())
         log_params(
@@ -147,11 +164,15 @@ def run_transition(params: TransitionParams) -> str:
                 "class_weight_values": weights,
             }
         )
-        split_table = table.assign(split=np.where(is_val, "val", "train"))[["file", "patient_id", "y", "split"]]
+        split_table = table.assign(split=np.where(is_val, "val", "train"))[
+            ["file", "patient_id", "y", "split"]
+        ]
         log_table(split_table, "data/split.csv")
         log_export_input(params.manifest, split_table, "training", targets="y")
         cache = params.array_cache()
-        decoded = decode_images_cached([str(folder / f) for f in table["file"]], params.preprocessing, cache=cache)
+        decoded = decode_images_cached(
+            [str(folder / f) for f in table["file"]], params.preprocessing, cache=cache
+        )
         y = table["y"].to_numpy().astype("float32" if output.kind == "binary" else "int32")
         with distribution_scope(params.distribute):
             model = params.build(output)
@@ -174,7 +195,11 @@ def run_transition(params: TransitionParams) -> str:
             model_id = mlflow.create_external_model(
                 name=f"transition-{params.backbone}-{params.strategy}",
                 source_run_id=run.info.run_id,
-                tags={"weights": "checkpoints/best.weights.h5", "backbone": params.backbone, "strategy": params.strategy},
+                tags={
+                    "weights": "checkpoints/best.weights.h5",
+                    "backbone": params.backbone,
+                    "strategy": params.strategy,
+                },
             ).model_id
         mlflow.set_tag(MODEL_ID_TAG, model_id)
         return run.info.run_id

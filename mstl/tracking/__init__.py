@@ -56,12 +56,15 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-_RUN_TAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("mstl_run_tags", default=None)
+_RUN_TAGS: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "mstl_run_tags", default=None
+)
 
 
 @contextlib.contextmanager
 def run_tags(tags: dict):
-    """Tags that every stage run started inside this block carries (the experiment grid marks its cells)."""
+    """Tags that every stage run started inside this block carries (the experiment grid marks its
+    cells)."""
     token = _RUN_TAGS.set({**(_RUN_TAGS.get() or {}), **tags})
     try:
         yield
@@ -70,7 +73,11 @@ def run_tags(tags: dict):
 
 
 def start_stage_run(
-    experiment: str, run_name: str, tags: dict | None = None, experiment_id: str | None = None, log_system_metrics: bool = False
+    experiment: str,
+    run_name: str,
+    tags: dict | None = None,
+    experiment_id: str | None = None,
+    log_system_metrics: bool = False,
 ):
     """Start a stage's run, tagged with the code version (and any ``run_tags`` in force).
 
@@ -79,7 +86,9 @@ def start_stage_run(
     ``experiment_id`` when given, else the named experiment.
     """
     tags = {"mstl.code_version": code_version(), **(_RUN_TAGS.get() or {}), **(tags or {})}
-    system = {"log_system_metrics": True} if log_system_metrics else {}  # opt-in (MLflow's default stays off)
+    system = (
+        {"log_system_metrics": True} if log_system_metrics else {}
+    )  # opt-in (MLflow's default stays off)
     if mlflow.active_run() is not None:
         return mlflow.start_run(run_name=run_name, tags=tags, nested=True, **system)
     if not os.environ.get("MLFLOW_RUN_ID"):
@@ -88,22 +97,32 @@ def start_stage_run(
 
 
 def find_finished_run(stage: str, params: dict, experiment_id: str) -> str | None:
-    """A FINISHED run of ``stage`` with these exact params and this code version, if the server has one."""
-    clauses = [f"tags.stage = '{stage}'", "attributes.status = 'FINISHED'", f"tags.`mstl.code_version` = '{code_version()}'"]
+    """A FINISHED run of ``stage`` with these exact params and this code version, if the server has
+    one."""
+    clauses = [
+        f"tags.stage = '{stage}'",
+        "attributes.status = 'FINISHED'",
+        f"tags.`mstl.code_version` = '{code_version()}'",
+    ]
     clauses += [f"params.`{key}` = '{format_param(value)}'" for key, value in params.items()]
-    runs = mlflow.MlflowClient(tracking_uri()).search_runs([experiment_id], " and ".join(clauses), max_results=1)
+    runs = mlflow.MlflowClient(tracking_uri()).search_runs(
+        [experiment_id], " and ".join(clauses), max_results=1
+    )
     return runs[0].info.run_id if runs else None
 
 
 def resolve_run(ref: str, stage: str | None = None):
-    """A run from its ID or a ``runs:/<id>[/path]`` URI, checked to be of the expected ``stage`` tag."""
+    """A run from its ID or a ``runs:/<id>[/path]`` URI, checked to be of the expected ``stage``
+    tag."""
     run_id = ref[len("runs:/") :].split("/", 1)[0] if ref.startswith("runs:/") else ref.strip()
     if not run_id:
         raise ValueError(f"expected a run ID or runs:/ URI, got {ref!r}")
     try:
         run = mlflow.MlflowClient(tracking_uri()).get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
-        raise ValueError(f"no run {run_id!r} on the tracking server {tracking_uri()} ({exc.message})") from None
+        raise ValueError(
+            f"no run {run_id!r} on the tracking server {tracking_uri()} ({exc.message})"
+        ) from None
     found = run.data.tags.get("stage")
     if stage and found != stage:
         raise ValueError(f"run {run_id} is a {found or 'untagged'} run, expected a {stage} run")
@@ -128,7 +147,9 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(artifact_file).name
         df.to_csv(path, index=False)
-        mlflow.log_artifact(str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None)
+        mlflow.log_artifact(
+            str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None
+        )
 
 
 @contextlib.contextmanager
@@ -144,7 +165,9 @@ def mlflow_false_alarms_silenced():
       classes) still warns.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", r"Hint: Inferred schema contains integer column", UserWarning)
+        warnings.filterwarnings(
+            "ignore", r"Hint: Inferred schema contains integer column", UserWarning
+        )
         warnings.filterwarnings(
             "ignore",
             r"The specified dataset source can be interpreted in multiple ways: "
@@ -154,29 +177,45 @@ def mlflow_false_alarms_silenced():
         yield
 
 
-def log_dataset(df: pd.DataFrame, name: str, source: str, digest: str, context: str, targets: str | None = None):
-    """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and return it,
-    so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the table)."""
-    with mlflow_false_alarms_silenced():  # the source is resolved here, the schema inferred when logged
-        dataset = mlflow.data.from_pandas(df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets)
-        # Two grid workers logging the same new data set at once: the store looks the data set up, finds
-        # none, and both insert it; the second insert breaks the unique key (experiment, name, digest). The
+def log_dataset(
+    df: pd.DataFrame, name: str, source: str, digest: str, context: str, targets: str | None = None
+):
+    """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and
+    return it,
+    so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the
+    table)."""
+    with (
+        mlflow_false_alarms_silenced()
+    ):  # the source is resolved here, the schema inferred when logged
+        dataset = mlflow.data.from_pandas(
+            df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets
+        )
+        # Two grid workers logging the same new data set at once: the store looks the data set up,
+        # finds
+        # none, and both insert it; the second insert breaks the unique key (experiment, name,
+        # digest). The
         # data set exists now, so the retry finds it and only links it to this run.
         retry_lost_race(
             lambda: mlflow.log_input(dataset, context=context),
-            lambda exc: isinstance(exc, mlflow.exceptions.MlflowException) and is_duplicate_dataset(exc),
+            lambda exc: (
+                isinstance(exc, mlflow.exceptions.MlflowException) and is_duplicate_dataset(exc)
+            ),
             attempts=3,
         )
     return dataset
 
 
 def is_duplicate_dataset(exc: Exception) -> bool:
-    """The tracking store's unique-key error for a data set another run inserted first (sqlite, PostgreSQL, MySQL)."""
+    """The tracking store's unique-key error for a data set another run inserted first (sqlite,
+    PostgreSQL, MySQL)."""
     text = str(exc)
-    return "datasets" in text and any(m in text for m in ("UNIQUE constraint failed", "duplicate key", "Duplicate entry"))
+    return "datasets" in text and any(
+        m in text for m in ("UNIQUE constraint failed", "duplicate key", "Duplicate entry")
+    )
 
 
-# The run tag naming a stage's logged model (a Target's served model, a Transition's checkpoint record).
+# The run tag naming a stage's logged model (a Target's served model, a Transition's checkpoint
+# record).
 MODEL_ID_TAG = "mstl.model_id"
 DIGEST_CHARS = 16  # MLflow stores a data set digest in at most 36 characters
 
@@ -189,7 +228,9 @@ def log_figure(fig, artifact_file: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="MLflow helpers for the Makefile.")
     sub = parser.add_subparsers(dest="command", required=True)
-    ensure = sub.add_parser("ensure-experiment", help="create the experiment (artifacts in ./mlartifacts locally)")
+    ensure = sub.add_parser(
+        "ensure-experiment", help="create the experiment (artifacts in ./mlartifacts locally)"
+    )
     ensure.add_argument("name", nargs="?", default=defaults.EXPERIMENT_NAME)
     args = parser.parse_args(argv)
     if args.command == "ensure-experiment":

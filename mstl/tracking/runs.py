@@ -1,4 +1,5 @@
-"""Reading the runs back for the report: the finished Target runs of an experiment (or of one grid) with their
+"""Reading the runs back for the report: the finished Target runs of an experiment (or of one grid)
+with their
 predictions, and the evaluate runs of their logged models."""
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def grid_members(client, run_id: str, tmp: Path) -> set[str] | None:
 
 
 def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd.DataFrame:
-    """One row per finished Target run (under ``parent_run`` when given): tags, seed, metrics, val/test predictions."""
+    """One row per finished Target run (under ``parent_run`` when given): tags, seed, metrics,
+    val/test predictions."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"no experiment named {experiment_name!r} on {tracking_uri()}")
@@ -41,7 +43,14 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
         for r in everything
         if r.data.tags.get("stage") == "target"
         and r.info.status == "FINISHED"
-        and (not parent_run or (r.info.run_id in members if members is not None else descends_from(r, parent_run, parents)))
+        and (
+            not parent_run
+            or (
+                r.info.run_id in members
+                if members is not None
+                else descends_from(r, parent_run, parents)
+            )
+        )
     ]
     if not runs:
         where = f"under run {parent_run}" if parent_run else f"in experiment {experiment_name!r}"
@@ -51,7 +60,9 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
         folder = tmp / run.info.run_id
         folder.mkdir()
         predictions = {
-            part: pd.read_csv(client.download_artifacts(run.info.run_id, f"predictions/{part}.csv", str(folder)))
+            part: pd.read_csv(
+                client.download_artifacts(run.info.run_id, f"predictions/{part}.csv", str(folder))
+            )
             for part in ("val", "test")
         }
         rows.append(
@@ -74,13 +85,21 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
 
 
 def collect_external(client, runs: pd.DataFrame, tmp: Path) -> pd.DataFrame:
-    """The `evaluate` runs (in any experiment) of these Target runs' logged models: one row per Target run and
-    external data set (the latest evaluation when there are several), with its metrics and predictions."""
+    """The `evaluate` runs (in any experiment) of these Target runs' logged models: one row per
+    Target run and
+    external data set (the latest evaluation when there are several), with its metrics and
+    predictions."""
     wanted = {m: run_id for m, run_id in zip(runs["model_id"], runs["run_id"], strict=True) if m}
     if not wanted:
-        return pd.DataFrame(columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"])
+        return pd.DataFrame(
+            columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"]
+        )
     experiments = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(experiments, "tags.stage = 'evaluate' and attributes.status = 'FINISHED'", max_results=50_000)
+    found = client.search_runs(
+        experiments,
+        "tags.stage = 'evaluate' and attributes.status = 'FINISHED'",
+        max_results=50_000,
+    )
     latest: dict[tuple[str, str], object] = {}
     for ev in sorted(found, key=lambda r: r.info.start_time):
         model_id = ev.data.tags.get("mstl.evaluated_model_id", "")
@@ -90,10 +109,20 @@ def collect_external(client, runs: pd.DataFrame, tmp: Path) -> pd.DataFrame:
     for (run_id, digest), ev in latest.items():
         folder = tmp / "external" / ev.info.run_id
         folder.mkdir(parents=True)
-        predictions = pd.read_csv(client.download_artifacts(ev.info.run_id, "predictions.csv", str(folder)))
+        predictions = pd.read_csv(
+            client.download_artifacts(ev.info.run_id, "predictions.csv", str(folder))
+        )
         name = ev.data.tags["data_name"]
         rows.append(
-            {"run_id": run_id, "data": name, "digest": digest, "evaluate_run_id": ev.info.run_id, "metrics": ev.data.metrics}
+            {
+                "run_id": run_id,
+                "data": name,
+                "digest": digest,
+                "evaluate_run_id": ev.info.run_id,
+                "metrics": ev.data.metrics,
+            }
             | {"predictions": predictions}
         )
-    return pd.DataFrame(rows, columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"])
+    return pd.DataFrame(
+        rows, columns=["run_id", "data", "digest", "evaluate_run_id", "metrics", "predictions"]
+    )

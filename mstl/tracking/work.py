@@ -1,18 +1,22 @@
 """Work shared by several processes through an Optuna study on an RDB storage (sqlite, PostgreSQL).
 
 Each item of work (a cluster count k of the soft-label search, a cell of the experiment grid) is an
-Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs (and one
+Optuna trial with the item as its one parameter. Optuna does the coordination, with public APIs (and
+one
 private handle, to record a trial's first heartbeat):
 
-- items are enqueued and popped from the study's queue (the RDB pop is atomic; on sqlite only because
+- items are enqueued and popped from the study's queue (the RDB pop is atomic; on sqlite only
+because
   every transaction takes the write lock at BEGIN), so each worker takes different items;
-- a trial keeps a heartbeat, recorded before its work starts; a worker that dies (SIGKILL, power loss)
+- a trial keeps a heartbeat, recorded before its work starts; a worker that dies (SIGKILL, power
+loss)
   stops beating, and after the grace period any worker's ``fail_stale_trials`` marks its trial FAIL,
   exactly once, and ``RetryHeartbeatStaleTrialCallback(max_retry=1)`` enqueues one retry;
 - two trials of one item that slipped through at the same moment are resolved by trial number: the
   later one is PRUNED unevaluated ("claimed"), never FAILED.
 
-A worker returns when every item is COMPLETE (by itself or by others), so all workers agree on the result.
+A worker returns when every item is COMPLETE (by itself or by others), so all workers agree on the
+result.
 """
 
 from __future__ import annotations
@@ -28,16 +32,22 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 
 HEARTBEAT_SECONDS = 30
-SQLITE_LOCK_WAIT_SECONDS = 60  # how long a SQLite transaction waits for another worker's lock before failing
+SQLITE_LOCK_WAIT_SECONDS = (
+    60  # how long a SQLite transaction waits for another worker's lock before failing
+)
 MAX_FAILURES = 2  # an item that failed this often (errors, not dead workers) stops the search
 
 
 T = TypeVar("T")
 
 
-def retry_lost_race(action: Callable[[], T], lost_race: Callable[[Exception], bool], attempts: int) -> T:
-    """``action()``, tried again (after 0.5 s, 1 s, ...) while it fails because another worker did the same
-    thing at the same moment (``lost_race``), up to ``attempts`` tries in all; any other error is raised."""
+def retry_lost_race(
+    action: Callable[[], T], lost_race: Callable[[Exception], bool], attempts: int
+) -> T:
+    """``action()``, tried again (after 0.5 s, 1 s, ...) while it fails because another worker did
+    the same
+    thing at the same moment (``lost_race``), up to ``attempts`` tries in all; any other error is
+    raised."""
     for attempt in range(attempts):
         try:
             return action()
@@ -49,17 +59,24 @@ def retry_lost_race(action: Callable[[], T], lost_race: Callable[[Exception], bo
 
 
 def lock_sqlite_transactions_at_begin(engine: sqlalchemy.engine.Engine) -> None:
-    """Make every transaction on a SQLite ``engine`` take the write lock when it begins (``BEGIN IMMEDIATE``).
+    """Make every transaction on a SQLite ``engine`` take the write lock when it begins (``BEGIN
+    IMMEDIATE``).
 
-    Optuna pops a queued trial by reading it WAITING and writing it RUNNING in one transaction, locked with
-    ``SELECT ... FOR UPDATE``, which SQLite ignores; and Python's sqlite3 starts the transaction only at
-    the write. Two workers could both read WAITING and both run the trial (optuna/optuna#4621; 10-16 % of
-    pops with four processes here). Taken at ``BEGIN``, the lock makes the read and the write one step.
+    Optuna pops a queued trial by reading it WAITING and writing it RUNNING in one transaction,
+    locked with
+    ``SELECT ... FOR UPDATE``, which SQLite ignores; and Python's sqlite3 starts the transaction
+    only at
+    the write. Two workers could both read WAITING and both run the trial (optuna/optuna#4621; 10-16
+    % of
+    pops with four processes here). Taken at ``BEGIN``, the lock makes the read and the write one
+    step.
     """
 
     @event.listens_for(engine, "connect")
     def _no_implicit_begin(dbapi_connection, _record) -> None:
-        dbapi_connection.isolation_level = None  # the driver then leaves BEGIN to the "begin" event below
+        dbapi_connection.isolation_level = (
+            None  # the driver then leaves BEGIN to the "begin" event below
+        )
 
     @event.listens_for(engine, "begin")
     def _begin_immediate(connection) -> None:
@@ -68,8 +85,11 @@ def lock_sqlite_transactions_at_begin(engine: sqlalchemy.engine.Engine) -> None:
     engine.dispose()  # connections opened before the listeners (table creation) are not reused
 
 
-def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> optuna.storages.RDBStorage:
-    """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that, they are stale."""
+def heartbeat_storage(
+    url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS
+) -> optuna.storages.RDBStorage:
+    """An RDB storage whose running trials beat every ``heartbeat_seconds``; silent for twice that,
+    they are stale."""
     if heartbeat_seconds < 1:
         raise ValueError(f"heartbeat_seconds must be at least 1, got {heartbeat_seconds}")
     sqlite = url.startswith("sqlite")
@@ -79,21 +99,28 @@ def heartbeat_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS) -> o
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             rdb = optuna.storages.RDBStorage(
                 url,
-                engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_WAIT_SECONDS}} if sqlite else None,
+                engine_kwargs={"connect_args": {"timeout": SQLITE_LOCK_WAIT_SECONDS}}
+                if sqlite
+                else None,
                 heartbeat_interval=heartbeat_seconds,
                 grace_period=2 * heartbeat_seconds,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=1
+                ),
             )
         if sqlite:
             lock_sqlite_transactions_at_begin(rdb.engine)
         return rdb
 
     # workers that start together on a new database race to create its tables: the loser retries
-    return retry_lost_race(storage, lambda exc: isinstance(exc, sqlalchemy.exc.SQLAlchemyError), attempts=5)
+    return retry_lost_race(
+        storage, lambda exc: isinstance(exc, sqlalchemy.exc.SQLAlchemyError), attempts=5
+    )
 
 
 def item_of(trial: FrozenTrial, param: str) -> Hashable | None:
-    """The item a trial is for: its parameter, or, for a queued or just-popped trial that has not asked for
+    """The item a trial is for: its parameter, or, for a queued or just-popped trial that has not
+    asked for
     it yet, the value it was enqueued with (set atomically with the trial)."""
     if param in trial.params:
         return trial.params[param]
@@ -101,8 +128,11 @@ def item_of(trial: FrozenTrial, param: str) -> Hashable | None:
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, param: str, item: Hashable) -> None:
-    """Prune ``trial`` unevaluated when an earlier trial of the same item is queued, running or complete."""
-    for other in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)):
+    """Prune ``trial`` unevaluated when an earlier trial of the same item is queued, running or
+    complete."""
+    for other in study.get_trials(
+        deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    ):
         if (
             other.number != trial.number
             and item_of(other, param) == item
@@ -122,7 +152,8 @@ def frozen_by_number(study: optuna.Study, number: int) -> FrozenTrial:
 
 
 def popped_from_queue(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """Whether a running trial came from the study's queue, rather than being created because it was empty."""
+    """Whether a running trial came from the study's queue, rather than being created because it was
+    empty."""
     return "fixed_params" in frozen(study, trial).system_attrs
 
 
@@ -138,9 +169,12 @@ def trials_by_item(study: optuna.Study, param: str) -> dict[Hashable, list[Froze
 def record_heartbeat(study: optuna.Study, trial: optuna.Trial) -> None:
     """Record the trial's heartbeat now, before its work starts.
 
-    Optuna's heartbeat thread records the first beat beside the objective, not before it, and a RUNNING
-    trial with no beat is never judged stale (by design, optuna/optuna#4054): a worker killed before that
-    first beat left its item RUNNING for ever and every other worker waiting for it (seen in the kill
+    Optuna's heartbeat thread records the first beat beside the objective, not before it, and a
+    RUNNING
+    trial with no beat is never judged stale (by design, optuna/optuna#4054): a worker killed before
+    that
+    first beat left its item RUNNING for ever and every other worker waiting for it (seen in the
+    kill
     test). What remains is the moment between Optuna's pop and this call.
     """
     storage = study._storage  # Optuna has no public handle on a study's storage or a trial's ID
@@ -158,7 +192,8 @@ def run_shared(
     max_failures: int = MAX_FAILURES,
     callbacks: Sequence[Callable] = (),
 ) -> dict[Hashable, FrozenTrial]:
-    """Evaluate every item exactly once across all workers of ``study``; return each item's COMPLETE trial.
+    """Evaluate every item exactly once across all workers of ``study``; return each item's COMPLETE
+    trial.
 
     ``ready(item, done)`` says whether an item's prerequisites are complete (default: always), so a
     worker only queues what can run now and waits while others finish the rest.
@@ -182,13 +217,20 @@ def run_shared(
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
         by_item = trials_by_item(study, param)
-        done = {item: t for item in choices for t in by_item.get(item, []) if t.state == TrialState.COMPLETE}
+        done = {
+            item: t
+            for item in choices
+            for t in by_item.get(item, [])
+            if t.state == TrialState.COMPLETE
+        }
         if len(done) == len(choices):
             return done
         queued = False
         for item in choices:
             trials = by_item.get(item, [])
-            if item in done or any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials):
+            if item in done or any(
+                t.state in (TrialState.WAITING, TrialState.RUNNING) for t in trials
+            ):
                 queued |= any(t.state == TrialState.WAITING for t in trials)
                 continue
             failures = sum(t.state == TrialState.FAIL for t in trials)
@@ -208,12 +250,15 @@ def run_shared(
             except Exception:
                 if not evaluated or frozen_by_number(study, evaluated[0]).state != TrialState.FAIL:
                     raise
-                # we evaluated the item, but our heartbeat came later than the grace period (a stalled
+                # we evaluated the item, but our heartbeat came later than the grace period (a
+                # stalled
                 # machine, a slow database), so another worker took us for dead and failed the trial
                 # (Optuna then refuses our result): its retry evaluates the item again
                 warnings.warn(
-                    f"study {study.study_name!r}: trial {evaluated[0]} was failed by another worker that judged this "
-                    "one dead (no heartbeat within the grace period); its result is discarded and the item's retry runs "
+                    f"study {study.study_name!r}: trial {evaluated[0]} was failed by another "
+                    "worker that judged this "
+                    "one dead (no heartbeat within the grace period); its result is discarded and "
+                    "the item's retry runs "
                     "instead.",
                     RuntimeWarning,
                     stacklevel=2,
@@ -221,7 +266,9 @@ def run_shared(
         else:
             if not waited:
                 print(
-                    f"waiting for other workers of study {study.study_name!r} ({len(done)}/{len(choices)} complete)", flush=True
+                    f"waiting for other workers of study {study.study_name!r} "
+                    f"({len(done)}/{len(choices)} complete)",
+                    flush=True,
                 )
                 waited = True
             time.sleep(poll_seconds)

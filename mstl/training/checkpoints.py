@@ -15,7 +15,13 @@ def log_model_structure(model) -> None:
     trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     frozen = sum(int(np.prod(w.shape)) for w in model.non_trainable_weights)
     first_trainable = next(layer.name for layer in model.layers if layer.trainable)
-    log_params({"trainable_params": trainable, "frozen_params": frozen, "first_trainable_layer": first_trainable})
+    log_params(
+        {
+            "trainable_params": trainable,
+            "frozen_params": frozen,
+            "first_trainable_layer": first_trainable,
+        }
+    )
 
 
 def log_checkpoint(model) -> None:

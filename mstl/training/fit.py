@@ -27,15 +27,18 @@ from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 
 def set_seed(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and TensorFlow; with ``deterministic`` (the default) also make TF ops
-    deterministic, so a run repeats exactly. On a GPU that is slower, and an op without a deterministic
-    kernel raises; ``deterministic=false`` keeps the seeds and lets such ops run (runs then vary slightly)."""
+    deterministic, so a run repeats exactly. On a GPU that is slower, and an op without a
+    deterministic
+    kernel raises; ``deterministic=false`` keeps the seeds and lets such ops run (runs then vary
+    slightly)."""
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
 
 
 def set_threads(threads: int) -> None:
-    """Let TensorFlow use ``threads`` threads within an op and between ops (0: its default, one per core).
+    """Let TensorFlow use ``threads`` threads within an op and between ops (0: its default, one per
+    core).
     Two grid workers with one thread each get more from a 2-core machine than one worker with two
     (docs/benchmarks.md). Must run before TensorFlow's first op."""
     if threads < 0:
@@ -47,7 +50,8 @@ def set_threads(threads: int) -> None:
 
 @dataclass(frozen=True)
 class FitSettings:
-    """How a network is fitted: the user-facing part, shared with every training stage's parameters."""
+    """How a network is fitted: the user-facing part, shared with every training stage's
+    parameters."""
 
     epochs: int = defaults.EPOCHS
     batch_size: int = defaults.BATCH_SIZE
@@ -57,8 +61,10 @@ class FitSettings:
     augment: bool = False
     cache_frozen: bool = True
     deterministic: bool = True
-    # stop after this many epochs without a better validation accuracy (0: never, as in the paper's Target);
-    # the best epoch's weights are kept either way, so stopping only skips epochs that could not be kept
+    # stop after this many epochs without a better validation accuracy (0: never, as in the paper's
+    # Target);
+    # the best epoch's weights are kept either way, so stopping only skips epochs that could not be
+    # kept
     # unless a later one beat them (docs/choices.md)
     patience: int = 0
 
@@ -67,7 +73,9 @@ class FitSettings:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.patience < 0:
-            raise ValueError(f"patience must be 0 (never stop early) or a number of epochs, got {self.patience}")
+            raise ValueError(
+                f"patience must be 0 (never stop early) or a number of epochs, got {self.patience}"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         if not 0 <= self.momentum < 1:
@@ -85,7 +93,8 @@ DISTRIBUTE = ("none", "mirrored")
 
 @contextmanager
 def distribution_scope(name: str):
-    """``none``: as is. ``mirrored``: tf.distribute.MirroredStrategy over every visible GPU (or, with
+    """``none``: as is. ``mirrored``: tf.distribute.MirroredStrategy over every visible GPU (or,
+    with
     none, every logical CPU device); the model must be built and compiled inside this scope."""
     if name not in DISTRIBUTE:
         raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {name!r}")
@@ -94,14 +103,18 @@ def distribution_scope(name: str):
         return
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     strategy = tf.distribute.MirroredStrategy([d.name for d in devices])
-    print(f"distribute=mirrored: {strategy.num_replicas_in_sync} replica(s) on {[d.name for d in devices]}")
+    print(
+        f"distribute=mirrored: {strategy.num_replicas_in_sync} replica(s) on "
+        f"{[d.name for d in devices]}"
+    )
     with strategy.scope():
         yield strategy
 
 
 class KeepBestWeights(keras.callbacks.Callback):
     """Remember the full model's weights at the best validation accuracy (ties: the earliest epoch);
-    restore them at the end. With ``patience``, stop once that many epochs have passed without a better one."""
+    restore them at the end. With ``patience``, stop once that many epochs have passed without a
+    better one."""
 
     def __init__(self, full_model: keras.Model, monitor: str = "val_accuracy", patience: int = 0):
         super().__init__()
@@ -122,7 +135,8 @@ class KeepBestWeights(keras.callbacks.Callback):
 
 
 class EpochTimer(keras.callbacks.Callback):
-    """Wall time of each epoch (the first one includes computing the frozen features' graph warm-up)."""
+    """Wall time of each epoch (the first one includes computing the frozen features' graph
+    warm-up)."""
 
     def __init__(self):
         super().__init__()
@@ -174,7 +188,8 @@ class FitResult:
         return len(self.epoch_seconds)
 
     def metrics(self) -> dict[str, float]:
-        """What a run logs about its fit (``best_epoch`` counts from 0, as the epoch metrics' steps do)."""
+        """What a run logs about its fit (``best_epoch`` counts from 0, as the epoch metrics' steps
+        do)."""
         return {
             "best_epoch": self.best_epoch,
             "best_val_accuracy": self.best_val_accuracy,
@@ -194,8 +209,10 @@ class FitResult:
 
 
 def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_size: int) -> str:
-    """What the frozen half's output depends on: its layers and weights, the backbone's input preprocessing,
-    the slices' pixels (which carry the preprocessing before them) and the batch size (kernels may round
+    """What the frozen half's output depends on: its layers and weights, the backbone's input
+    preprocessing,
+    the slices' pixels (which carry the preprocessing before them) and the batch size (kernels may
+    round
     differently per batch shape), and the Keras version."""
     return content_key(
         [
@@ -219,10 +236,14 @@ def fit_classifier(
     config: FitConfig,
     cache: ArrayCache | None = None,
 ) -> FitResult:
-    """Train ``model`` on decoded grey slices; the best-val-accuracy weights are left in ``model``. With
-    ``cache``, the frozen half's features are read from (or written to) that shared on-disk cache."""
+    """Train ``model`` on decoded grey slices; the best-val-accuracy weights are left in ``model``.
+    With
+    ``cache``, the frozen half's features are read from (or written to) that shared on-disk
+    cache."""
     if len(train[0]) == 0 or len(val[0]) == 0:
-        raise ValueError(f"need training and validation images, got {len(train[0])} and {len(val[0])}")
+        raise ValueError(
+            f"need training and validation images, got {len(train[0])} and {len(val[0])}"
+        )
     start = time.perf_counter()
     frozen_cache, frozen_seconds = "off", 0.0
     cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
@@ -232,7 +253,8 @@ def fit_classifier(
         if needed > defaults.FROZEN_CACHE_MAX_BYTES:
             print(
                 f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit "
-                f"{defaults.FROZEN_CACHE_MAX_BYTES / 1024**3:.1f}); running the full network every step instead"
+                f"{defaults.FROZEN_CACHE_MAX_BYTES / 1024**3:.1f}); running the full network every "
+                "step instead"
             )
             cut = None
     if cut is not None:
@@ -245,7 +267,9 @@ def fit_classifier(
             return (
                 compute()
                 if cache is None
-                else cache.get("frozen", frozen_key(bottom, preprocess_input, grey, config.batch_size), compute)
+                else cache.get(
+                    "frozen", frozen_key(bottom, preprocess_input, grey, config.batch_size), compute
+                )
             )
 
         misses = dict(cache.misses) if cache is not None else {}
@@ -253,7 +277,9 @@ def fit_classifier(
         train_x, val_x = features(train[0]), features(val[0])
         frozen_seconds = time.perf_counter() - frozen_start
         if cache is not None:
-            frozen_cache = "miss" if cache.misses.get("frozen", 0) > misses.get("frozen", 0) else "hit"
+            frozen_cache = (
+                "miss" if cache.misses.get("frozen", 0) > misses.get("frozen", 0) else "hit"
+            )
         train_ds = (
             tf.data.Dataset.from_tensor_slices((train_x, train[1]))
             .cache()
@@ -261,14 +287,22 @@ def fit_classifier(
             .batch(config.batch_size)
             .prefetch(tf.data.AUTOTUNE)
         )
-        val_ds = tf.data.Dataset.from_tensor_slices((val_x, val[1])).batch(config.batch_size).prefetch(tf.data.AUTOTUNE)
+        val_ds = (
+            tf.data.Dataset.from_tensor_slices((val_x, val[1]))
+            .batch(config.batch_size)
+            .prefetch(tf.data.AUTOTUNE)
+        )
     if cut is None:
         trained = model
-        train_ds = image_dataset(*train, preprocess_input, config.batch_size, True, config.seed, config.augment)
+        train_ds = image_dataset(
+            *train, preprocess_input, config.batch_size, True, config.seed, config.augment
+        )
         val_ds = image_dataset(*val, preprocess_input, config.batch_size)
 
     trained.compile(
-        optimizer=keras.optimizers.SGD(learning_rate=config.learning_rate, momentum=config.momentum),
+        optimizer=keras.optimizers.SGD(
+            learning_rate=config.learning_rate, momentum=config.momentum
+        ),
         loss=output.loss,
         metrics=["accuracy"],
     )

@@ -28,13 +28,17 @@ class ClassifierParams(FitSettings):
     pool_size: int = defaults.POOL_SIZE
     train_batchnorm: bool = defaults.TRAIN_BATCHNORM
     distribute: str = "none"
-    log_system_metrics: bool = False  # CPU, memory (and GPU) use of the run, sampled by MLflow (psutil)
-    # a folder for the on-disk, content-addressed cache of decoded slices and frozen-half features that runs
+    log_system_metrics: bool = (
+        False  # CPU, memory (and GPU) use of the run, sampled by MLflow (psutil)
+    )
+    # a folder for the on-disk, content-addressed cache of decoded slices and frozen-half features
+    # that runs
     # (and processes) share; empty: none. The experiment grid uses <cache_dir>/arrays.
     array_cache_dir: str = ""
 
     def validate_network(self) -> None:
-        """Fail on an unknown backbone, a too-small image or an unknown distribution before any data is read."""
+        """Fail on an unknown backbone, a too-small image or an unknown distribution before any data
+        is read."""
         check_image_size(get_backbone(self.backbone), self.image_size)
         self.preprocessing  # noqa: B018 (validates intensity)
         if self.distribute not in DISTRIBUTE:
@@ -53,7 +57,8 @@ class ClassifierParams(FitSettings):
         return FitConfig(**settings, class_weight=class_weight)
 
     def build(self, output: OutputSpec, weights: str | None = None) -> keras.Model:
-        """The paper's network for this stage (``weights`` overrides the parameter, e.g. ``none``)."""
+        """The paper's network for this stage (``weights`` overrides the parameter, e.g.
+        ``none``)."""
         return build_classifier(
             self.backbone,
             self.weights if weights is None else weights,

@@ -1,4 +1,5 @@
-"""Fitting: repeatable with a seed, best-validation weights kept, frozen features used when allowed."""
+"""Fitting: repeatable with a seed, best-validation weights kept, frozen features used when
+allowed."""
 
 import keras
 import numpy as np
@@ -28,8 +29,18 @@ def fit_once(seed=0, cache=None, grey=None, weight_seed=None, **config):
     set_seed(seed)
     data, y = tiny_data()
     grey = data if grey is None else grey
-    cfg = FitConfig(epochs=config.pop("epochs", 2), batch_size=16, seed=seed, log_to_mlflow=False, **config)
-    result = fit_classifier(model, (grey[:32], y[:32]), (grey[32:], y[32:]), SPEC.preprocess_input, TARGET_OUTPUT, cfg, cache)
+    cfg = FitConfig(
+        epochs=config.pop("epochs", 2), batch_size=16, seed=seed, log_to_mlflow=False, **config
+    )
+    result = fit_classifier(
+        model,
+        (grey[:32], y[:32]),
+        (grey[32:], y[32:]),
+        SPEC.preprocess_input,
+        TARGET_OUTPUT,
+        cfg,
+        cache,
+    )
     return model, result
 
 
@@ -63,7 +74,9 @@ def test_frozen_cache_is_skipped_when_it_would_not_fit_in_memory(monkeypatch, ca
 def test_best_validation_weights_are_restored():
     model, result = fit_once(epochs=4)
     grey, y = tiny_data()
-    prob = predict_in_batches(model, image_dataset(grey[32:], None, SPEC.preprocess_input, 16))[:, 0]
+    prob = predict_in_batches(model, image_dataset(grey[32:], None, SPEC.preprocess_input, 16))[
+        :, 0
+    ]
     accuracy = float(np.mean((prob >= 0.5) == y[32:]))
     assert accuracy == pytest.approx(result.best_val_accuracy)
     assert result.history["val_accuracy"][result.best_epoch] == max(result.history["val_accuracy"])
@@ -89,20 +102,27 @@ def test_stopping_early_keeps_the_same_best_weights_as_training_every_epoch():
     patience, epochs = 1, 8
     full, full_result = fit_once(seed=2, epochs=epochs)
     history = full_result.history["val_accuracy"]
-    best, stop = 0, None  # the rule: stop once `patience` epochs have passed without a better accuracy
+    best, stop = (
+        0,
+        None,
+    )  # the rule: stop once `patience` epochs have passed without a better accuracy
     for epoch, value in enumerate(history):
         best = epoch if value > history[best] else best
         if epoch - best >= patience:
             stop = epoch
             break
-    assert stop is not None and stop < epochs - 1  # this seed's history does stop early, so the test tests it
+    assert (
+        stop is not None and stop < epochs - 1
+    )  # this seed's history does stop early, so the test tests it
     full_weights = [w.copy() for w in full.get_weights()]
     keras.backend.clear_session()
     early, early_result = fit_once(seed=2, epochs=epochs, patience=patience)
     assert early_result.epochs_run == stop + 1 == len(early_result.history["val_accuracy"])
     assert early_result.history["val_accuracy"] == history[: stop + 1]  # the same epochs, cut short
     assert early_result.best_epoch == best
-    if full_result.best_epoch <= stop:  # no later epoch beat it: the kept weights are the same, bit for bit
+    if (
+        full_result.best_epoch <= stop
+    ):  # no later epoch beat it: the kept weights are the same, bit for bit
         for x, y in zip(full_weights, early.get_weights(), strict=True):
             np.testing.assert_array_equal(x, y)
 
@@ -115,7 +135,10 @@ def test_the_shared_frozen_cache_gives_the_same_weights_and_predictions_as_no_ca
     grey, _ = tiny_data()
     x = next(iter(image_dataset(grey, None, SPEC.preprocess_input, 48)))
     expected = np.asarray(plain(x, training=False))
-    first_cache, second_cache = ArrayCache(tmp_path), ArrayCache(tmp_path)  # two runs (processes) sharing a folder
+    first_cache, second_cache = (
+        ArrayCache(tmp_path),
+        ArrayCache(tmp_path),
+    )  # two runs (processes) sharing a folder
     runs = []
     for cache in (first_cache, second_cache):
         keras.backend.clear_session()
@@ -125,22 +148,30 @@ def test_the_shared_frozen_cache_gives_the_same_weights_and_predictions_as_no_ca
             np.testing.assert_array_equal(a, b)
         np.testing.assert_array_equal(np.asarray(model(x, training=False)), expected)
     assert plain_result.frozen_cache == "off" and runs == ["miss", "hit"]
-    assert first_cache.misses == {"frozen": 2} and second_cache.hits == {"frozen": 2}  # train and val parts
+    assert first_cache.misses == {"frozen": 2} and second_cache.hits == {
+        "frozen": 2
+    }  # train and val parts
     assert len(list((tmp_path / "frozen").glob("*.npy"))) == 2
 
 
-def test_the_frozen_cache_misses_on_other_weights_or_images_and_recomputes_a_truncated_entry(tmp_path):
+def test_the_frozen_cache_misses_on_other_weights_or_images_and_recomputes_a_truncated_entry(
+    tmp_path,
+):
     from mstl.array_cache import ArrayCache
 
     fit_once(seed=1, cache=ArrayCache(tmp_path), epochs=1)
     other_weights = ArrayCache(tmp_path)
-    fit_once(seed=1, weight_seed=2, cache=other_weights, epochs=1)  # another frozen half (random init, seed 2)
+    fit_once(
+        seed=1, weight_seed=2, cache=other_weights, epochs=1
+    )  # another frozen half (random init, seed 2)
     assert other_weights.misses == {"frozen": 2} and not other_weights.hits
     grey, _ = tiny_data()
     grey[0, 0, 0] ^= 1  # one pixel of one training image
     other_images = ArrayCache(tmp_path)
     fit_once(seed=1, grey=grey, cache=other_images, epochs=1)
-    assert other_images.misses == {"frozen": 1} and other_images.hits == {"frozen": 1}  # validation unchanged
+    assert other_images.misses == {"frozen": 1} and other_images.hits == {
+        "frozen": 1
+    }  # validation unchanged
     entry = max((tmp_path / "frozen").glob("*.npy"), key=lambda p: p.stat().st_mtime)
     entry.write_bytes(entry.read_bytes()[:-100])  # truncated (a disk full, a killed copy)
     again = ArrayCache(tmp_path)

@@ -20,14 +20,18 @@ def patch_model():
     grey = rng.integers(0, 100, (n, size, size)).astype(np.uint8)
     y = (np.arange(n) % 2).astype("float32")
     grey[y == 1, 8:40, 8:40] = 250
-    model = build_classifier("mobilenet_025", weights="none", image_size=size, train_batchnorm=False)
+    model = build_classifier(
+        "mobilenet_025", weights="none", image_size=size, train_batchnorm=False
+    )
     fit_classifier(
         model,
         (grey[:64], y[:64]),
         (grey[64:], y[64:]),
         get_backbone("mobilenet_025").preprocess_input,
         TARGET_OUTPUT,
-        FitConfig(epochs=8, batch_size=16, learning_rate=0.05, log_to_mlflow=False, cache_frozen=False),
+        FitConfig(
+            epochs=8, batch_size=16, learning_rate=0.05, log_to_mlflow=False, cache_frozen=False
+        ),
     )
     return model, grey, y
 

@@ -1,5 +1,7 @@
-"""soft_labels end to end against a real `mlflow server`: the real DICOM sample through prepare_transition,
-MobileNet-0.25 ImageNet features, nested Optuna trial runs, the labels CSV, and a soft Transition on it."""
+"""soft_labels end to end against a real `mlflow server`: the real DICOM sample through
+prepare_transition,
+MobileNet-0.25 ImageNet features, nested Optuna trial runs, the labels CSV, and a soft Transition on
+it."""
 
 import pandas as pd
 import pytest
@@ -44,7 +46,9 @@ def soft_run(mlflow_server, data_root, keras_home, tmp_path_factory):
 
 def test_each_trial_is_a_nested_run_with_k(soft_run):
     client, _, soft, _ = soft_run
-    trials = client.search_runs([soft.info.experiment_id], f"tags.mlflow.parentRunId = '{soft.info.run_id}'")
+    trials = client.search_runs(
+        [soft.info.experiment_id], f"tags.mlflow.parentRunId = '{soft.info.run_id}'"
+    )
     assert sorted(int(t.data.params["k"]) for t in trials) == [2, 4, 8]
     for trial in trials:
         assert trial.data.params["criterion"] == "silhouette"
@@ -56,13 +60,17 @@ def test_each_trial_is_a_nested_run_with_k(soft_run):
 
 def test_labels_join_the_manifest_and_pictures_are_logged(soft_run):
     client, prepared, soft, tmp = soft_run
-    manifest = pd.read_csv(client.download_artifacts(prepared.info.run_id, "manifest.csv", str(tmp)))
+    manifest = pd.read_csv(
+        client.download_artifacts(prepared.info.run_id, "manifest.csv", str(tmp))
+    )
     labels = pd.read_csv(client.download_artifacts(soft.info.run_id, "labels.csv", str(tmp)))
     joined = manifest.merge(labels, on="file", how="left")
     assert joined["cluster"].notna().all() and len(labels) == len(manifest)
     assert labels["cluster"].nunique() == int(soft.data.metrics["best_k"])
     paths = {a.path for a in client.list_artifacts(soft.info.run_id)} | {
-        a.path for folder in ("plots", "montages", "features") for a in client.list_artifacts(soft.info.run_id, folder)
+        a.path
+        for folder in ("plots", "montages", "features")
+        for a in client.list_artifacts(soft.info.run_id, folder)
     }
     assert "plots/criterion_vs_k.png" in paths and "cluster_sizes.csv" in paths
     assert sum(p.startswith("montages/cluster_") for p in paths) == int(soft.data.metrics["best_k"])
@@ -113,6 +121,10 @@ def test_rerun_reuses_the_features(soft_run, mlflow_server):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     exp = client.get_experiment_by_name(EXPERIMENT)
-    rerun = client.search_runs([exp.experiment_id], "tags.stage = 'soft_labels'", order_by=["attributes.start_time DESC"])[0]
+    rerun = client.search_runs(
+        [exp.experiment_id], "tags.stage = 'soft_labels'", order_by=["attributes.start_time DESC"]
+    )[0]
     assert rerun.data.params["features_reused"] == "true"
-    assert rerun.data.metrics["best_k"] == 8  # the paper's criterion takes the largest k on the grid
+    assert (
+        rerun.data.metrics["best_k"] == 8
+    )  # the paper's criterion takes the largest k on the grid

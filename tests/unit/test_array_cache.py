@@ -38,7 +38,11 @@ def test_store_load_count_and_a_damaged_entry_is_recomputed_never_loaded(tmp_pat
     path.write_bytes(bytes(data))
     fresh = ArrayCache(tmp_path)
     np.testing.assert_array_equal(fresh.get("frozen", "k", compute), first)
-    assert len(calls) == 2 and fresh.rejected == [str(path)] and "is damaged" in capsys.readouterr().out
+    assert (
+        len(calls) == 2
+        and fresh.rejected == [str(path)]
+        and "is damaged" in capsys.readouterr().out
+    )
     (tmp_path / "frozen" / "k.json").unlink()  # a record lost
     assert ArrayCache(tmp_path).load("frozen", "k") is None
     assert not list((tmp_path / "frozen").glob("*.tmp"))  # no temporary file left behind
@@ -63,8 +67,12 @@ def test_decoded_slices_are_cached_by_file_content_and_preprocessing(tmp_path):
     assert cache.misses == {"decoded": 1} and cache.hits == {"decoded": 1}
     np.testing.assert_array_equal(first.pixels, second.pixels)
     np.testing.assert_array_equal(second.pixels, decode_images(paths, prep).pixels)
-    assert second.lung_field_missing == first.lung_field_missing == [0, 1, 2, 3]  # flat images: no lung field
-    decode_images_cached(paths, Preprocessing(32, lung_crop=True, intensity="equalize"), cache=cache)
+    assert (
+        second.lung_field_missing == first.lung_field_missing == [0, 1, 2, 3]
+    )  # flat images: no lung field
+    decode_images_cached(
+        paths, Preprocessing(32, lung_crop=True, intensity="equalize"), cache=cache
+    )
     Image.new("L", (80, 80), 200).save(paths[0])  # one file's content changed
     decode_images_cached(paths, prep, cache=cache)
     assert cache.misses == {"decoded": 3}
@@ -77,6 +85,10 @@ def test_a_set_with_a_missing_or_unreadable_file_is_not_cached(tmp_path):
     cache = ArrayCache(tmp_path / "cache")
     (tmp_path / "bad.png").write_bytes(b"not a png")
     decoded = decode_images_cached([*paths, tmp_path / "bad.png"], Preprocessing(32), True, cache)
-    assert len(decoded.pixels) == 4 and decoded.unreadable and not (tmp_path / "cache" / "decoded").exists()
+    assert (
+        len(decoded.pixels) == 4
+        and decoded.unreadable
+        and not (tmp_path / "cache" / "decoded").exists()
+    )
     with pytest.raises(ImageReadError, match="gone.png"):
         decode_images_cached([*paths, tmp_path / "gone.png"], Preprocessing(32), False, cache)

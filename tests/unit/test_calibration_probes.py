@@ -1,4 +1,5 @@
-"""Calibration metrics against hand-computed values; the shortcut probes on inputs whose answer is known."""
+"""Calibration metrics against hand-computed values; the shortcut probes on inputs whose answer is
+known."""
 
 import warnings
 
@@ -21,8 +22,12 @@ def test_ece_by_hand():
     p = [0.95, 0.91, 0.15, 0.12, 0.55, 1.0]
     # bins of width 0.1: [0.1,0.2): p .15 .12 -> mean .135, observed 1.0, n 2
     #                    [0.5,0.6): p .55 -> mean .55, observed 0, n 1
-    #                    [0.9,1.0]: p .95 .91 1.0 -> mean .953.., observed 1/3, n 3 (1.0 falls in the last bin)
-    expected = 2 / 6 * abs(1 - 0.135) + 1 / 6 * abs(0 - 0.55) + 3 / 6 * abs(1 / 3 - (0.95 + 0.91 + 1.0) / 3)
+    # [0.9,1.0]: p .95 .91 1.0 -> mean .953.., observed 1/3, n 3 (1.0 falls in the last bin)
+    expected = (
+        2 / 6 * abs(1 - 0.135)
+        + 1 / 6 * abs(0 - 0.55)
+        + 3 / 6 * abs(1 / 3 - (0.95 + 0.91 + 1.0) / 3)
+    )
     assert expected_calibration_error(y, p) == pytest.approx(expected)
     assert [count for _, _, count in reliability_bins(y, p)] == [2, 1, 3]
     assert expected_calibration_error([0, 1, 0, 1], [0.05, 0.95, 0.05, 0.95]) == pytest.approx(0.05)
@@ -40,11 +45,14 @@ def test_lung_attention_on_known_heat_maps():
 
 
 def phantom_slice(size=128):
-    """A bright body on black air with two dark lungs, one holding a bright nodule, and white text in a corner."""
+    """A bright body on black air with two dark lungs, one holding a bright nodule, and white text
+    in a corner."""
     y, x = np.mgrid[:size, :size]
     grey = np.zeros((size, size), np.uint8)
     grey[((x - 64) / 56) ** 2 + ((y - 64) / 44) ** 2 <= 1] = 180
-    lungs = (((x - 42) / 16) ** 2 + ((y - 64) / 26) ** 2 <= 1) | (((x - 86) / 16) ** 2 + ((y - 64) / 26) ** 2 <= 1)
+    lungs = (((x - 42) / 16) ** 2 + ((y - 64) / 26) ** 2 <= 1) | (
+        ((x - 86) / 16) ** 2 + ((y - 64) / 26) ** 2 <= 1
+    )
     grey[lungs] = 40
     grey[60:64, 40:44] = 200  # a nodule inside the left lung
     grey[2:8, 2:30] = 255  # burnt-in text, outside the body

@@ -25,9 +25,15 @@ def test_index_reads_every_image_with_its_patient(data_root):
 def test_patient_ids_agree_with_the_derived_table(data_root):
     """Our reading of the original xlsx/csv equals the dataset's derived image_patient_split.csv."""
     derived = pd.read_csv(data_root / "covid-ct" / "meta" / "image_patient_split.csv", dtype=str)
-    derived_map = {(c, i): p.strip() for c, i, p in zip(derived["class"], derived["image"], derived["patient_id"], strict=False)}
+    derived_map = {
+        (c, i): p.strip()
+        for c, i, p in zip(derived["class"], derived["image"], derived["patient_id"], strict=False)
+    }
     index = covid_ct.index_images(data_root, require_patients=True)
-    ours = {(c, f.split("/", 1)[1]): p for c, f, p in zip(index["class"], index["file"], index["patient_id"], strict=False)}
+    ours = {
+        (c, f.split("/", 1)[1]): p
+        for c, f, p in zip(index["class"], index["file"], index["patient_id"], strict=False)
+    }
     assert ours == derived_map
 
 
@@ -53,8 +59,12 @@ def test_paper_split_has_table_ii_counts_and_depends_on_the_seed(data_root):
         ("NonCOVID", "val"): 56,
         ("NonCOVID", "test"): 90,
     }
-    assert covid_ct.split_sha256(a) == covid_ct.split_sha256(covid_ct.load_split(data_root, "paper", seed=0))
-    assert covid_ct.split_sha256(a) != covid_ct.split_sha256(covid_ct.load_split(data_root, "paper", seed=1))
+    assert covid_ct.split_sha256(a) == covid_ct.split_sha256(
+        covid_ct.load_split(data_root, "paper", seed=0)
+    )
+    assert covid_ct.split_sha256(a) != covid_ct.split_sha256(
+        covid_ct.load_split(data_root, "paper", seed=1)
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 7])
@@ -89,7 +99,9 @@ def test_missing_dataset_folder_is_named(tmp_path):
 def test_split_hash_changes_when_one_image_moves(data_root):
     index = covid_ct.load_split(data_root, "official")
     moved = index.copy()
-    moved.loc[moved.index[0], "split"] = "val" if moved.loc[moved.index[0], "split"] != "val" else "test"
+    moved.loc[moved.index[0], "split"] = (
+        "val" if moved.loc[moved.index[0], "split"] != "val" else "test"
+    )
     assert covid_ct.split_sha256(index) != covid_ct.split_sha256(moved)
     assert len(covid_ct.split_sha256(index)) == 64
 

@@ -1,4 +1,5 @@
-"""DICOM reading, ordering, HU, windowing and lung-slice selection: real TCIA data and synthetic edge cases."""
+"""DICOM reading, ordering, HU, windowing and lung-slice selection: real TCIA data and synthetic
+edge cases."""
 
 import numpy as np
 import pydicom
@@ -58,7 +59,9 @@ def test_selection_keeps_mid_lung_and_drops_apex_and_abdomen(real):
         areas = np.array([lung_area(read_hu(h)) for h in series.slices])
         keep, relative = select_slices(areas, 0.35)
         z = np.array(series.positions)
-        assert not keep[z == 80.0][0] and not keep[z == 312.0][0]  # upper abdomen, neck above the apices
+        assert (
+            not keep[z == 80.0][0] and not keep[z == 312.0][0]
+        )  # upper abdomen, neck above the apices
         assert keep[np.argmax(areas)] and keep[(z >= 144) & (z <= 256)].all()
         kept = np.flatnonzero(keep)
         assert (np.diff(kept) == 1).all()  # one contiguous block

@@ -99,20 +99,30 @@ def crafted_zip(path, members: dict[str, bytes], symlinks: dict[str, str] = {}):
 )
 def test_unsafe_zip_members_are_refused_by_name_and_nothing_is_written(tmp_path, evil, reason):
     target = tmp_path / "data" / "covid-ct"
-    archive = crafted_zip(tmp_path / "a.zip", {"CT_COVID/ok.png": b"fine", **evil["members"]}, evil.get("symlinks", {}))
+    archive = crafted_zip(
+        tmp_path / "a.zip",
+        {"CT_COVID/ok.png": b"fine", **evil["members"]},
+        evil.get("symlinks", {}),
+    )
     with pytest.raises(UnsafeArchiveError, match=reason) as error:
         extract_zip(archive, target)
     bad = next(iter({**evil["members"], **evil.get("symlinks", {})}))
     assert repr(bad) in str(error.value)
     written = [p for p in tmp_path.rglob("*") if p.name not in ("a.zip",) and p.is_file()]
-    assert written == []  # not even the good member: the archive is checked before anything is written
+    assert (
+        written == []
+    )  # not even the good member: the archive is checked before anything is written
     assert not Path("/abs/evil.txt").exists()
 
 
 def test_safe_zip_extracts_regular_files_and_skips_macos_metadata(tmp_path):
     archive = crafted_zip(
-        tmp_path / "a.zip", {"CT_COVID/a.png": b"1", "__MACOSX/CT_COVID/._a.png": b"junk", "CT_COVID/sub/b.png": b"2"}
+        tmp_path / "a.zip",
+        {"CT_COVID/a.png": b"1", "__MACOSX/CT_COVID/._a.png": b"junk", "CT_COVID/sub/b.png": b"2"},
     )
     written = extract_zip(archive, tmp_path / "out")
-    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == ["CT_COVID/a.png", "CT_COVID/sub/b.png"]
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in written) == [
+        "CT_COVID/a.png",
+        "CT_COVID/sub/b.png",
+    ]
     assert (tmp_path / "out" / "CT_COVID" / "sub" / "b.png").read_bytes() == b"2"

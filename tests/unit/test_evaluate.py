@@ -1,4 +1,5 @@
-"""`evaluate`'s inputs and arithmetic without a model: every bad input named, patient aggregation, metrics."""
+"""`evaluate`'s inputs and arithmetic without a model: every bad input named, patient aggregation,
+metrics."""
 
 import numpy as np
 import pandas as pd
@@ -31,11 +32,18 @@ def test_folder_set_labels_by_folder_and_csv_set_resolves_relative_paths(tmp_pat
     image(tmp_path / "set" / "normal" / "b.bmp")
     table = labelled_files(images_root=str(tmp_path / "set"), positive_class="covid")
     assert table.sort_values("path")["label"].tolist() == [1, 0]
-    pd.DataFrame({"path": ["set/covid/a.png", "set/normal/b.bmp"], "label": [1, 0], "patient_id": ["p1", "p2"]}).to_csv(
-        tmp_path / "labels.csv", index=False
-    )
+    pd.DataFrame(
+        {
+            "path": ["set/covid/a.png", "set/normal/b.bmp"],
+            "label": [1, 0],
+            "patient_id": ["p1", "p2"],
+        }
+    ).to_csv(tmp_path / "labels.csv", index=False)
     table = labelled_files(labels_csv=str(tmp_path / "labels.csv"))
-    assert table["path"].tolist() == [str(tmp_path / "set/covid/a.png"), str(tmp_path / "set/normal/b.bmp")]
+    assert table["path"].tolist() == [
+        str(tmp_path / "set/covid/a.png"),
+        str(tmp_path / "set/normal/b.bmp"),
+    ]
     assert table["patient_id"].tolist() == ["p1", "p2"]
 
 
@@ -67,8 +75,18 @@ def test_unreadable_tiny_and_non_ct_files_are_named_or_skipped_and_listed(tmp_pa
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8not a jpeg")
     mr = write_slice(tmp_path / "mr.dcm", "1.2.3", z=0.0, instance=1, modality="MR")
-    table = pd.DataFrame({"path": [str(good), str(tiny), str(broken), str(mr)], "label": [1, 0, 0, 1], "patient_id": ""})
-    for victim, reason in ((tiny, "smaller than 32 px"), (broken, "cannot read image"), (mr, "modality MR is not CT")):
+    table = pd.DataFrame(
+        {
+            "path": [str(good), str(tiny), str(broken), str(mr)],
+            "label": [1, 0, 0, 1],
+            "patient_id": "",
+        }
+    )
+    for victim, reason in (
+        (tiny, "smaller than 32 px"),
+        (broken, "cannot read image"),
+        (mr, "modality MR is not CT"),
+    ):
         one = pd.DataFrame({"path": [str(victim)], "label": [0], "patient_id": ""})
         with pytest.raises(EvaluationInputError, match=f"{victim.name}.*{reason}"):
             decode_set(one, CONFIG, skip_unreadable=False)
@@ -87,5 +105,7 @@ def test_external_metrics_by_hand():
     assert m["sensitivity"] == 0.5 and m["specificity"] == pytest.approx(2 / 3)
     assert m["ppv"] == 0.5 and m["npv"] == pytest.approx(2 / 3) and m["accuracy"] == 0.6
     assert m["roc_auc"] == pytest.approx(5 / 6)
-    single = external_metrics([1, 1], [0.9, 0.2], 0.5)  # one class: AUC undefined, sensitivity still defined
+    single = external_metrics(
+        [1, 1], [0.9, 0.2], 0.5
+    )  # one class: AUC undefined, sensitivity still defined
     assert np.isnan(single["roc_auc"]) and single["sensitivity"] == 0.5

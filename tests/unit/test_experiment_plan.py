@@ -23,23 +23,43 @@ def test_the_cpu_profile_is_the_papers_settings_with_iq_oth_nccd_as_transition_s
 def test_the_plan_shares_one_cache_folder_and_preprocessing_across_cells(tmp_path):
     (tmp_path / "iq-oth-nccd" / "Normal cases").mkdir(parents=True)
     p = ExperimentParams(
-        data_root=str(tmp_path), seeds="0,1", cache_dir=str(tmp_path / "c"), lung_crop=True, intensity="clahe"
+        data_root=str(tmp_path),
+        seeds="0,1",
+        cache_dir=str(tmp_path / "c"),
+        lung_crop=True,
+        intensity="clahe",
     ).resolved()
     cells = plan(p, "hash")
-    assert len(cells) == 1 + 2 + 2 * 5  # prepare; soft labels per seed; per seed 2 transitions and 3 targets
-    made = {c.key: c.make({need: "run" for need in c.needs})[0] for c in cells if c.stage in ("transition", "target")}
+    assert (
+        len(cells) == 1 + 2 + 2 * 5
+    )  # prepare; soft labels per seed; per seed 2 transitions and 3 targets
+    made = {
+        c.key: c.make({need: "run" for need in c.needs})[0]
+        for c in cells
+        if c.stage in ("transition", "target")
+    }
     assert {m.array_cache_dir for m in made.values()} == {str(tmp_path / "c" / "arrays")}
     assert all(m.lung_crop and m.intensity == "clahe" for m in made.values())
-    with pytest.raises(ValueError, match="unknown intensity 'gamma'"):  # refused before any cell runs
+    with pytest.raises(
+        ValueError, match="unknown intensity 'gamma'"
+    ):  # refused before any cell runs
         ExperimentParams(data_root=str(tmp_path), intensity="gamma").resolved()
 
 
-def test_workers_with_other_threads_share_one_grid_and_a_negative_count_is_refused(tmp_path, monkeypatch):
+def test_workers_with_other_threads_share_one_grid_and_a_negative_count_is_refused(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(experiment, "code_version", lambda: "v")
     p = ExperimentParams(data_root=str(tmp_path))
     name = experiment.grid_study_name(p, "1")
-    assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), threads=1), "1") == name
-    assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), seeds="0,1"), "1") != name
+    assert (
+        experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), threads=1), "1")
+        == name
+    )
+    assert (
+        experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), seeds="0,1"), "1")
+        != name
+    )
     with pytest.raises(ValueError, match="threads must be 0"):
         set_threads(-1)
 
@@ -48,15 +68,19 @@ def test_one_grid_over_two_splits_shares_its_transitions_and_refuses_an_unknown_
     (tmp_path / "iq-oth-nccd" / "Normal cases").mkdir(parents=True)
     p = ExperimentParams(data_root=str(tmp_path), seeds="0,1", split="official,patient").resolved()
     cells = plan(p, "hash")
-    assert len(cells) == 1 + 2 + 2 * (2 + 3 * 2)  # per seed: 2 Transitions, 3 Targets on each of 2 splits
+    assert len(cells) == 1 + 2 + 2 * (
+        2 + 3 * 2
+    )  # per seed: 2 Transitions, 3 Targets on each of 2 splits
     targets = {c.key: c for c in cells if c.stage == "target"}
-    made = {key: c.make({need: f"run-of-{need}" for need in c.needs})[0] for key, c in targets.items()}
+    made = {
+        key: c.make({need: f"run-of-{need}" for need in c.needs})[0] for key, c in targets.items()
+    }
     assert made["target/patient/mobilenet_025/soft/s1"].split == "patient"
     assert made["target/official/mobilenet_025/soft/s1"].split == "official"
     # both splits' soft Targets start from the one soft Transition of their seed
-    assert {made[f"target/{s}/mobilenet_025/soft/s1"].init_from for s in ("official", "patient")} == {
-        "run-of-transition/mobilenet_025/soft/s1"
-    }
+    assert {
+        made[f"target/{s}/mobilenet_025/soft/s1"].init_from for s in ("official", "patient")
+    } == {"run-of-transition/mobilenet_025/soft/s1"}
     order = [c.key for c in cells]
     assert all(order.index(need) < order.index(c.key) for c in cells for need in c.needs)
     for bad in ("official,random", "official,official", ""):
@@ -71,17 +95,26 @@ def test_the_cpu_grid_stops_its_transitions_early_and_never_its_targets(tmp_path
     def patience_by_stage(**params):
         p = ExperimentParams(data_root=str(tmp_path), **params).resolved()
         made = [(c.stage, c.make({need: "run" for need in c.needs})[0]) for c in plan(p, "hash")]
-        return {stage: {m.patience for s, m in made if s == stage} for stage in ("transition", "target")}
+        return {
+            stage: {m.patience for s, m in made if s == stage} for stage in ("transition", "target")
+        }
 
     assert patience_by_stage() == {"transition": {20}, "target": {0}}
     assert patience_by_stage(transition_patience=0) == {"transition": {0}, "target": {0}}
     assert patience_by_stage(
-        profile="paper", transition_slices_root=str(tmp_path / "iq-oth-nccd"), backbones="mobilenet_025"
+        profile="paper",
+        transition_slices_root=str(tmp_path / "iq-oth-nccd"),
+        backbones="mobilenet_025",
     ) == {
         "transition": {0},
         "target": {0},
     }
     name = experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path)), "1")
-    assert experiment.grid_study_name(ExperimentParams(data_root=str(tmp_path), transition_patience=5), "1") != name
+    assert (
+        experiment.grid_study_name(
+            ExperimentParams(data_root=str(tmp_path), transition_patience=5), "1"
+        )
+        != name
+    )
     with pytest.raises(ValueError, match="transition_patience must be -1"):
         ExperimentParams(data_root=str(tmp_path), transition_patience=-2).resolved()

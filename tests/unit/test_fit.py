@@ -1,4 +1,5 @@
-"""The fit's settings, its keep-best / stop-early rule, and the compiled batch predictions, without training a network."""
+"""The fit's settings, its keep-best / stop-early rule, and the compiled batch predictions, without
+training a network."""
 
 import gc
 import weakref
@@ -14,13 +15,16 @@ from mstl.training.fit import FitConfig, KeepBestWeights
 
 
 def stop_epoch(val_accuracies, patience):
-    """Feed ``val_accuracies`` to KeepBestWeights epoch by epoch; the epoch after which it stopped (or None)."""
+    """Feed ``val_accuracies`` to KeepBestWeights epoch by epoch; the epoch after which it stopped
+    (or None)."""
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     keep = KeepBestWeights(model, patience=patience)
     keep.set_model(model)
     model.stop_training = False
     for epoch, value in enumerate(val_accuracies):
-        model.get_layer(index=0).kernel.assign([[float(epoch)]])  # weights that say which epoch they are from
+        model.get_layer(index=0).kernel.assign(
+            [[float(epoch)]]
+        )  # weights that say which epoch they are from
         keep.on_epoch_end(epoch, {"val_accuracy": value})
         if model.stop_training:
             return epoch, keep
@@ -33,7 +37,9 @@ def test_patience_stops_after_that_many_epochs_without_a_better_one_and_keeps_th
     assert stopped == 4  # best at epoch 1; a tie (epoch 2, 4) is not better
     assert keep.best_epoch == 1 and keep.best == 0.6
     keep.on_train_end()
-    assert keep.full_model.get_layer(index=0).kernel.numpy()[0, 0] == 1.0  # the best epoch's weights restored
+    assert (
+        keep.full_model.get_layer(index=0).kernel.numpy()[0, 0] == 1.0
+    )  # the best epoch's weights restored
     # a better epoch restarts the count
     assert stop_epoch([0.5, 0.5, 0.6, 0.6, 0.6], patience=2)[0] == 4
     assert stop_epoch([0.5, 0.5, 0.6, 0.6, 0.7], patience=3)[0] is None
@@ -46,7 +52,13 @@ def test_patience_zero_trains_every_epoch():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("epochs", 0), ("batch_size", 0), ("learning_rate", -1.0), ("momentum", 1.0), ("patience", -1)],
+    [
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("learning_rate", -1.0),
+        ("momentum", 1.0),
+        ("patience", -1),
+    ],
 )
 def test_impossible_fit_parameters_are_named(field, value):
     with pytest.raises(ValueError, match=field):
@@ -72,9 +84,14 @@ def test_batch_predictions_equal_eager_calls_bit_for_bit_with_one_trace():
     preprocess = get_backbone("mobilenet_025").preprocess_input
     grey = np.random.default_rng(0).integers(0, 255, (11, 32, 32)).astype(np.uint8)
     eager = np.concatenate(
-        [np.asarray(model(grey_to_input(grey[i : i + 4], preprocess), training=False)) for i in range(0, len(grey), 4)]
+        [
+            np.asarray(model(grey_to_input(grey[i : i + 4], preprocess), training=False))
+            for i in range(0, len(grey), 4)
+        ]
     )
-    np.testing.assert_array_equal(predict_grey(model, grey, preprocess, 4), eager)  # batches of 4, 4 and 3
+    np.testing.assert_array_equal(
+        predict_grey(model, grey, preprocess, 4), eager
+    )  # batches of 4, 4 and 3
     np.testing.assert_array_equal(predict_grey(model, grey, preprocess, 11), eager)
     assert compiled_forward(model).experimental_get_tracing_count() == 1
     alive = weakref.ref(model)

@@ -1,4 +1,5 @@
-"""The compiled Grad-CAM gives what the eager computation gives, with one trace for every batch size."""
+"""The compiled Grad-CAM gives what the eager computation gives, with one trace for every batch
+size."""
 
 import keras
 import numpy as np
@@ -23,7 +24,8 @@ def model_and_slices():
 
 
 def eager_heatmaps(model, x):
-    """Grad-CAM written out eagerly: the feature map and its gradient from the whole network on a tape."""
+    """Grad-CAM written out eagerly: the feature map and its gradient from the whole network on a
+    tape."""
     layer = model.get_layer(last_conv_layer(model))
     probe = keras.Model(model.inputs, [layer.output, model.output])
     x = tf.convert_to_tensor(x, tf.float32)
@@ -31,7 +33,9 @@ def eager_heatmaps(model, x):
         features, output = probe(x, training=False)
         score = output[:, 0]
     grads = tape.gradient(score, features).numpy()
-    cam = np.maximum((grads.mean(axis=(1, 2), keepdims=True) * features.numpy()).sum(axis=-1), 0)[..., None]
+    cam = np.maximum((grads.mean(axis=(1, 2), keepdims=True) * features.numpy()).sum(axis=-1), 0)[
+        ..., None
+    ]
     cam = tf.image.resize(cam, (SIZE, SIZE), method="bilinear").numpy()[..., 0]
     peak = cam.max(axis=(1, 2), keepdims=True)
     return np.where(peak > 0, cam / np.where(peak > 0, peak, 1), 0)
@@ -53,5 +57,7 @@ def test_heatmaps_of_slices_in_batches_equal_one_batch(model_and_slices):
     model, grey = model_and_slices
     cam = GradCam(model)
     whole = cam(np.asarray(grey_to_input(grey, SPEC.preprocess_input)))
-    np.testing.assert_allclose(cam.on_slices(grey, SPEC.preprocess_input, batch_size=4), whole, atol=1e-6)
+    np.testing.assert_allclose(
+        cam.on_slices(grey, SPEC.preprocess_input, batch_size=4), whole, atol=1e-6
+    )
     assert cam.on_slices(grey[:0], SPEC.preprocess_input).shape == (0, SIZE, SIZE)

@@ -29,7 +29,11 @@ def test_sixteen_bit_grey_is_scaled_to_eight_bits(tmp_path):
 
 def test_jpeg_data_with_a_png_name_decodes(data_root):
     # 34 COVID files are JPEG data named .png, as in the original release.
-    path = next(p for p in sorted((data_root / "covid-ct" / "CT_COVID").glob("2020.03.1*")) if p.read_bytes()[:2] == b"\xff\xd8")
+    path = next(
+        p
+        for p in sorted((data_root / "covid-ct" / "CT_COVID").glob("2020.03.1*"))
+        if p.read_bytes()[:2] == b"\xff\xd8"
+    )
     assert load_grey(path, 48).std() > 0
 
 

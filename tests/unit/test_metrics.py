@@ -37,8 +37,12 @@ def test_roc_auc_equals_sklearn_with_ties_and_so_do_the_bootstrap_intervals(deci
     assert roc_auc(y, p) == pytest.approx(skm.roc_auc_score(y, p), abs=1e-12)
     assert np.isnan(roc_auc(np.ones(5), p[:5]))
     ours = bootstrap_metrics(y, p, n_bootstrap=200)["roc_auc"]
-    reference = bootstrap(lambda a, b: {"roc_auc": skm.roc_auc_score(a, b)}, y, p, n_bootstrap=200)["roc_auc"]
-    assert (ours.value, ours.low, ours.high) == pytest.approx((reference.value, reference.low, reference.high), abs=1e-12)
+    reference = bootstrap(lambda a, b: {"roc_auc": skm.roc_auc_score(a, b)}, y, p, n_bootstrap=200)[
+        "roc_auc"
+    ]
+    assert (ours.value, ours.low, ours.high) == pytest.approx(
+        (reference.value, reference.low, reference.high), abs=1e-12
+    )
 
 
 def test_undefined_ratios_are_nan_not_zero():
@@ -55,7 +59,8 @@ def test_perfect_predictions_have_degenerate_intervals():
 
 
 def test_accuracy_interval_matches_the_binomial_width():
-    # 1000 images, 800 right: the 95 % interval is about 0.8 +- 1.96 * sqrt(0.8 * 0.2 / 1000) = +-0.0248.
+    # 1000 images, 800 right: the 95 % interval is about 0.8 +- 1.96 * sqrt(0.8 * 0.2 / 1000) =
+    # +-0.0248.
     y = np.ones(1000, int)
     p = np.r_[np.ones(800), np.zeros(200)]
     est = bootstrap_metrics(y, p, n_bootstrap=2000, seed=1)["accuracy"]
@@ -69,15 +74,21 @@ def test_intervals_contain_the_estimate_and_narrow_with_more_data():
     large = bootstrap_metrics(*sample(2000), n_bootstrap=300)
     for name, est in small.items():
         assert est.low <= est.value <= est.high, name
-    assert (large["roc_auc"].high - large["roc_auc"].low) < (small["roc_auc"].high - small["roc_auc"].low)
+    assert (large["roc_auc"].high - large["roc_auc"].low) < (
+        small["roc_auc"].high - small["roc_auc"].low
+    )
 
 
 def test_bootstrap_is_seeded():
     y, p = sample()
-    assert bootstrap_metrics(y, p, n_bootstrap=100, seed=3) == bootstrap_metrics(y, p, n_bootstrap=100, seed=3)
+    assert bootstrap_metrics(y, p, n_bootstrap=100, seed=3) == bootstrap_metrics(
+        y, p, n_bootstrap=100, seed=3
+    )
 
 
-@pytest.mark.parametrize("kwargs, match", [({"confidence": 1.5}, "confidence"), ({"n_bootstrap": 0}, "n_bootstrap")])
+@pytest.mark.parametrize(
+    "kwargs, match", [({"confidence": 1.5}, "confidence"), ({"n_bootstrap": 0}, "n_bootstrap")]
+)
 def test_impossible_parameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bootstrap_metrics(*sample(), **kwargs)

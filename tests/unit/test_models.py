@@ -19,7 +19,12 @@ from mstl.models import (
 )
 from mstl.models.classifier import conv_layer_indices
 
-TABLE_I = {"resnet50v2": 25_613_800, "resnet101v2": 44_675_560, "densenet121": 8_062_504, "densenet169": 14_307_880}
+TABLE_I = {
+    "resnet50v2": 25_613_800,
+    "resnet101v2": 44_675_560,
+    "densenet121": 8_062_504,
+    "densenet169": 14_307_880,
+}
 
 
 @pytest.mark.parametrize("name", PAPER_BACKBONES)
@@ -62,7 +67,11 @@ def test_shallower_half_of_conv_layers_is_frozen(name):
 
 @pytest.mark.parametrize(
     "name, head",
-    [("resnet50v2", ["head_avgpool", "head_flatten"]), ("densenet121", ["head_gap"]), ("mobilenet_025", ["head_gap"])],
+    [
+        ("resnet50v2", ["head_avgpool", "head_flatten"]),
+        ("densenet121", ["head_gap"]),
+        ("mobilenet_025", ["head_gap"]),
+    ],
 )
 def test_target_head_follows_the_paper(name, head):
     model = build_classifier(name, weights=None, image_size=64, output=TARGET_OUTPUT)
@@ -89,7 +98,9 @@ def test_frozen_cut_reproduces_the_full_network(name):
 
 
 def test_reinitialised_head_keeps_the_base_and_replaces_the_output():
-    source = build_classifier("mobilenet_025", weights=None, image_size=64, output=OutputSpec("categorical", 4))
+    source = build_classifier(
+        "mobilenet_025", weights=None, image_size=64, output=OutputSpec("categorical", 4)
+    )
     target = reinitialise_head(source, TARGET_OUTPUT, get_backbone("mobilenet_025"))
     assert target.output_shape == (None, 1)
     assert target.get_layer("conv1") is source.get_layer("conv1")
@@ -98,11 +109,17 @@ def test_reinitialised_head_keeps_the_base_and_replaces_the_output():
 
 def test_imagenet_weights_download_through_keras_from_a_file_url(tmp_path, keras_home):
     mirror = keras_home / "models"
-    path = prefetch_imagenet_weights("mobilenet_025", base_url=mirror.as_uri(), cache_dir=str(tmp_path))
+    path = prefetch_imagenet_weights(
+        "mobilenet_025", base_url=mirror.as_uri(), cache_dir=str(tmp_path)
+    )
     assert path.startswith(str(tmp_path))
     model = build_classifier("mobilenet_025", weights=path, image_size=224)
-    reference = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=path, input_shape=(224, 224, 3))
-    np.testing.assert_array_equal(model.get_layer("conv1").get_weights()[0], reference.get_layer("conv1").get_weights()[0])
+    reference = keras.applications.MobileNet(
+        alpha=0.25, include_top=False, weights=path, input_shape=(224, 224, 3)
+    )
+    np.testing.assert_array_equal(
+        model.get_layer("conv1").get_weights()[0], reference.get_layer("conv1").get_weights()[0]
+    )
 
 
 def test_imagenet_download_with_wrong_bytes_fails(tmp_path):
@@ -110,4 +127,6 @@ def test_imagenet_download_with_wrong_bytes_fails(tmp_path):
     mirror.mkdir()
     (mirror / get_backbone("mobilenet_025").imagenet_file).write_bytes(b"not the weights")
     with pytest.raises(Exception, match="(?i)hash|integrity|corrupt"):
-        prefetch_imagenet_weights("mobilenet_025", base_url=mirror.as_uri(), cache_dir=str(tmp_path / "cache"))
+        prefetch_imagenet_weights(
+            "mobilenet_025", base_url=mirror.as_uri(), cache_dir=str(tmp_path / "cache")
+        )

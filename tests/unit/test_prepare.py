@@ -19,7 +19,11 @@ def dicom_params(tmp_path, **kw):
 
 @pytest.mark.integration  # the real ../shared data
 def test_slice_labels_join_the_selected_slices(tmp_path):
-    export = build_export(dicom_params(tmp_path, labels_csv=str(LUNG / "slice_labels.csv"), label_map="tumour=1,no_tumour=0"))
+    export = build_export(
+        dicom_params(
+            tmp_path, labels_csv=str(LUNG / "slice_labels.csv"), label_map="tumour=1,no_tumour=0"
+        )
+    )
     m = export.manifest
     assert list(m.columns) == prepare.MANIFEST_COLUMNS
     assert len(m) == 42 and m["series_instance_uid"].nunique() == 2
@@ -83,14 +87,18 @@ def test_no_patient_name_in_file_names_or_logged_tables(tmp_path):
         assert "Doe" not in str(path.relative_to(export.folder))
     for logged in ("manifest.csv", "skipped.csv", "series.csv", "summary.json"):
         assert "Doe" not in (export.folder / logged).read_text(), logged
-    assert pd.read_csv(export.folder / "skipped.csv")["reason"].tolist() == ["modality MR is not CT"]
+    assert pd.read_csv(export.folder / "skipped.csv")["reason"].tolist() == [
+        "modality MR is not CT"
+    ]
 
 
 def test_nothing_usable_is_an_error(tmp_path):
     write_slice(tmp_path / "in" / "a", "1.1", z=0, instance=1, modality="MR")
     (tmp_path / "in" / "b.txt").write_text("x")
     with pytest.raises(ValueError, match="nothing usable.*1 not DICOM.*modality MR"):
-        build_export(PrepareParams(dicom_root=str(tmp_path / "in"), export_dir=str(tmp_path / "out")))
+        build_export(
+            PrepareParams(dicom_root=str(tmp_path / "in"), export_dir=str(tmp_path / "out"))
+        )
 
 
 @pytest.mark.parametrize(
@@ -123,9 +131,14 @@ def iq_export(tmp_path_factory):
 def test_slice_folder_duplicates_are_kept_once_and_reported(iq_export):
     m = iq_export.manifest
     assert len(m) == 1097 - 42
-    assert (m["label"] == 1).sum() == 561 - 14 and (m["label"] == 0).sum() == (120 - 17) + (416 - 11)
+    assert (m["label"] == 1).sum() == 561 - 14 and (m["label"] == 0).sum() == (120 - 17) + (
+        416 - 11
+    )
     duplicates = pd.read_csv(iq_export.folder / "duplicates.csv")
-    assert len(duplicates) == 42 and (duplicates["kept_sha256"] == duplicates["duplicate_sha256"]).all()
+    assert (
+        len(duplicates) == 42
+        and (duplicates["kept_sha256"] == duplicates["duplicate_sha256"]).all()
+    )
     assert m["source_sha256"].is_unique
 
 
@@ -144,12 +157,18 @@ def test_label_map_can_drop_a_class_or_keep_three(tmp_path):
     need_shared(IQ)
     dropped = build_export(
         PrepareParams(
-            slices_root=str(IQ), label_map="Malignant cases=1,Bengin cases=0,Normal cases=drop", export_dir=str(tmp_path)
+            slices_root=str(IQ),
+            label_map="Malignant cases=1,Bengin cases=0,Normal cases=drop",
+            export_dir=str(tmp_path),
         )
     )
     assert len(dropped.manifest) == (561 - 14) + (120 - 17)
     three = build_export(PrepareParams(slices_root=str(IQ), export_dir=str(tmp_path)))
-    assert sorted(three.manifest["label_name"].unique()) == ["Bengin cases", "Malignant cases", "Normal cases"]
+    assert sorted(three.manifest["label_name"].unique()) == [
+        "Bengin cases",
+        "Malignant cases",
+        "Normal cases",
+    ]
     assert sorted(three.manifest["label"].unique()) == [0, 1, 2]
 
 
@@ -161,10 +180,16 @@ def test_without_grouping_a_warning_says_so(tmp_path):
     for cls in ("a", "b"):
         (folder / cls).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(np.full((16, 16), 40 * i + (cls == "b") * 100, np.uint8)).save(folder / cls / f"{i}.png")
+            Image.fromarray(np.full((16, 16), 40 * i + (cls == "b") * 100, np.uint8)).save(
+                folder / cls / f"{i}.png"
+            )
     (folder / "a" / "broken.png").write_bytes(b"")
     with pytest.warns(UserWarning, match="no patient IDs"):
-        export = build_export(PrepareParams(slices_root=str(folder), group_near_duplicates=False, export_dir=str(tmp_path / "o")))
+        export = build_export(
+            PrepareParams(
+                slices_root=str(folder), group_near_duplicates=False, export_dir=str(tmp_path / "o")
+            )
+        )
     assert export.manifest["patient_id"].is_unique
     skipped = pd.read_csv(export.folder / "skipped.csv")
     assert len(skipped) == 1 and "empty" in skipped["reason"][0]

@@ -1,4 +1,5 @@
-"""The anti-shortcut preprocessing: lung crop and intensity normalisation, the same in every stage."""
+"""The anti-shortcut preprocessing: lung crop and intensity normalisation, the same in every
+stage."""
 
 import io
 
@@ -11,7 +12,8 @@ from mstl.data.preprocessing import Preprocessing, clahe, lung_box
 
 
 def synthetic_slice(width=256, height=256, caption=True) -> Image.Image:
-    """Black outside air, a bright body, two dark lungs at rows 80..160 and columns 60..120 / 140..200, and a
+    """Black outside air, a bright body, two dark lungs at rows 80..160 and columns 60..120 /
+    140..200, and a
     bright caption block below the body, as on a slice cut from a paper."""
     image = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(image)
@@ -33,13 +35,17 @@ def test_clahe_raises_local_contrast_without_blocks_and_limits_it_on_flat_region
     rng = np.random.default_rng(0)
     low = (100 + 10 * rng.random((128, 128))).astype(np.uint8)  # grey levels 100..109 only
     out = clahe(low)
-    # contrast is raised, but a grey level's slope is at most the clip limit (2) plus the redistributed
+    # contrast is raised, but a grey level's slope is at most the clip limit (2) plus the
+    # redistributed
     # excess (at most 1): the bound that keeps CLAHE from amplifying noise
     assert 2 * low.std() < out.std() <= 3 * low.std()
     assert np.abs(np.diff(out.astype(int), axis=1)).mean() < 60  # blended between tiles, not blocky
     flat = np.full((64, 64), 90, dtype=np.uint8)
     assert len(np.unique(clahe(flat))) == 1  # a flat image stays flat
-    assert clahe(np.zeros((50, 70), dtype=np.uint8)).shape == (50, 70)  # sides not a multiple of the tiles
+    assert clahe(np.zeros((50, 70), dtype=np.uint8)).shape == (
+        50,
+        70,
+    )  # sides not a multiple of the tiles
 
 
 def test_lung_box_frames_both_lungs_squarely_with_the_margin_and_leaves_out_the_caption():
@@ -69,7 +75,8 @@ def test_intensity_options_and_bad_values():
     image = synthetic_slice()
     plain = Preprocessing(64)(image)
     np.testing.assert_array_equal(
-        Preprocessing(64, intensity="equalize")(image), np.asarray(ImageOps.equalize(Image.fromarray(plain)))
+        Preprocessing(64, intensity="equalize")(image),
+        np.asarray(ImageOps.equalize(Image.fromarray(plain))),
     )
     np.testing.assert_array_equal(Preprocessing(64, intensity="clahe")(image), clahe(plain))
     with pytest.raises(ValueError, match="unknown intensity 'gamma'"):
@@ -81,7 +88,8 @@ def test_intensity_options_and_bad_values():
 
 
 def test_training_and_serving_prepare_a_file_identically(tmp_path):
-    """decode_images (training) and request_grey (served model, evaluate, explain) give the same pixels."""
+    """decode_images (training) and request_grey (served model, evaluate, explain) give the same
+    pixels."""
     from mstl import defaults
     from mstl.inference.pyfunc import request_grey, serving_config
 

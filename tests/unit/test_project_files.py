@@ -22,7 +22,11 @@ from tests.conftest import REPO
 def pins_from_pyproject() -> list[str]:
     """The base dependencies and the CPU extra: what the conda environment (a CPU one) installs."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return project["dependencies"][:1] + project["optional-dependencies"]["cpu"] + project["dependencies"][1:]
+    return (
+        project["dependencies"][:1]
+        + project["optional-dependencies"]["cpu"]
+        + project["dependencies"][1:]
+    )
 
 
 def pins_from_conda() -> list[str]:
@@ -68,7 +72,9 @@ def test_every_entry_point_has_a_module():
 def test_mlproject_parameters_match_the_stage_defaults(entry):
     project = yaml.safe_load((REPO / "MLproject").read_text())
     declared = project["entry_points"][entry]["parameters"]
-    fields = {f.name: f.default for f in dataclasses.fields(ENTRY_POINTS[entry]) if f.name != "experiment"}
+    fields = {
+        f.name: f.default for f in dataclasses.fields(ENTRY_POINTS[entry]) if f.name != "experiment"
+    }
     assert set(declared) == set(fields)
     for name, default in fields.items():
         mlproject_default = declared[name]["default"]
@@ -88,7 +94,10 @@ def test_run_outputs_are_ignored():
 def test_one_tensorflow_build_is_required():
     from mstl import tensorflow_build
 
-    assert tensorflow_build() in ("tensorflow", "tensorflow-cpu")  # this environment has exactly one
+    assert tensorflow_build() in (
+        "tensorflow",
+        "tensorflow-cpu",
+    )  # this environment has exactly one
     assert tensorflow_build(lambda name: name == "tensorflow") == "tensorflow"
     with pytest.raises(ImportError, match="both tensorflow and tensorflow-cpu"):
         tensorflow_build(lambda name: True)
@@ -102,4 +111,6 @@ def test_python_311_to_313_and_the_gpu_extra_replaces_the_cpu_build():
     extras = project["optional-dependencies"]
     assert [p.split(";")[0] for p in extras["cpu"]] == ["tensorflow-cpu==2.21.0"]
     assert [p.split(";")[0] for p in extras["gpu"]] == ["tensorflow[and-cuda]==2.21.0"]
-    assert not any(p.startswith("tensorflow-cpu") for p in project["dependencies"])  # so `.[gpu]` never adds a second build
+    assert not any(
+        p.startswith("tensorflow-cpu") for p in project["dependencies"]
+    )  # so `.[gpu]` never adds a second build

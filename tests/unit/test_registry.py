@@ -1,4 +1,5 @@
-"""Choosing the champion: highest validation recall, ties by validation AUC, never an unfinished run."""
+"""Choosing the champion: highest validation recall, ties by validation AUC, never an unfinished
+run."""
 
 import mlflow
 import pytest
@@ -6,9 +7,15 @@ import pytest
 from mstl.stages.promote import PromoteParams, candidates
 
 
-def make_run(client, experiment_id, recall, auc, status="FINISHED", log_model="true", test_recall=0.5):
+def make_run(
+    client, experiment_id, recall, auc, status="FINISHED", log_model="true", test_recall=0.5
+):
     run = client.create_run(experiment_id, tags={"stage": "target"})
-    for key, value in {"val_recall": recall, "val_roc_auc": auc, "test_recall": test_recall}.items():
+    for key, value in {
+        "val_recall": recall,
+        "val_roc_auc": auc,
+        "test_recall": test_recall,
+    }.items():
         client.log_metric(run.info.run_id, key, value)
     client.log_param(run.info.run_id, "log_model", log_model)
     client.set_terminated(run.info.run_id, status)
@@ -47,7 +54,8 @@ def test_a_data_set_another_worker_inserted_first_is_told_apart_from_other_error
 
     # the message a tracking server returned when two grid workers logged one new data set at once
     raced = MlflowException(
-        "BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, datasets.digest"
+        "BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+        "datasets.name, datasets.digest"
     )
     assert is_duplicate_dataset(raced)
     assert not is_duplicate_dataset(MlflowException("RESOURCE_DOES_NOT_EXIST: Run 'abc' not found"))

@@ -1,4 +1,5 @@
-"""compare's pairing of MSTL runs with their ImageNet baseline, on the test split and on external sets."""
+"""compare's pairing of MSTL runs with their ImageNet baseline, on the test split and on external
+sets."""
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,13 @@ from mstl.evaluation.stats import delong_test
 
 def fake_run(run_id, strategy, rng, n=40):
     y = np.arange(n) % 2
-    test = pd.DataFrame({"file": [f"f{i}.png" for i in range(n)], "label": y, "probability": rng.random(n) * 0.5 + 0.4 * y})
+    test = pd.DataFrame(
+        {
+            "file": [f"f{i}.png" for i in range(n)],
+            "label": y,
+            "probability": rng.random(n) * 0.5 + 0.4 * y,
+        }
+    )
     return {
         "run_id": run_id,
         "backbone": "mobilenet_025",
@@ -31,9 +38,21 @@ def fake_run(run_id, strategy, rng, n=40):
 def external_row(run_id, rng, order):
     y = np.arange(30) % 2
     predictions = pd.DataFrame(
-        {"sha256": [f"h{i}" for i in range(30)], "label": y, "probability": rng.random(30) * 0.6 + 0.3 * y}
+        {
+            "sha256": [f"h{i}" for i in range(30)],
+            "label": y,
+            "probability": rng.random(30) * 0.6 + 0.3 * y,
+        }
     )
-    auc = float(np.mean([a > b for a in predictions.probability[y == 1] for b in predictions.probability[y == 0]]))
+    auc = float(
+        np.mean(
+            [
+                a > b
+                for a in predictions.probability[y == 1]
+                for b in predictions.probability[y == 0]
+            ]
+        )
+    )
     return {
         "run_id": run_id,
         "data": "hospital-x",
@@ -47,17 +66,31 @@ def external_row(run_id, rng, order):
 def test_external_pairs_join_by_content_hash_and_match_delong_on_the_aligned_scores():
     rng = np.random.default_rng(0)
     runs = pd.DataFrame([fake_run("base", "imagenet", rng), fake_run("mstl", "hard", rng)])
-    ext = [external_row("base", rng, np.arange(30)), external_row("mstl", rng, rng.permutation(30))]  # another file order
+    ext = [
+        external_row("base", rng, np.arange(30)),
+        external_row("mstl", rng, rng.permutation(30)),
+    ]  # another file order
     external = pd.DataFrame(ext)
     paired = comparisons(runs, external)
     assert sorted(paired["data"].unique()) == ["hospital-x", "test"]
     row = paired[(paired["data"] == "hospital-x") & (paired["metric"] == "auc")].iloc[0]
-    ours = ext[1]["predictions"].set_index("sha256").loc[ext[0]["predictions"]["sha256"], "probability"]
-    expected = delong_test(ext[0]["predictions"]["label"], ours.to_numpy(), ext[0]["predictions"]["probability"])
-    assert row["difference"] == pytest.approx(expected.difference) and row["p_value"] == pytest.approx(expected.p_value)
+    ours = (
+        ext[1]["predictions"]
+        .set_index("sha256")
+        .loc[ext[0]["predictions"]["sha256"], "probability"]
+    )
+    expected = delong_test(
+        ext[0]["predictions"]["label"], ours.to_numpy(), ext[0]["predictions"]["probability"]
+    )
+    assert row["difference"] == pytest.approx(expected.difference) and row[
+        "p_value"
+    ] == pytest.approx(expected.p_value)
     assert row["run_id"] == "mstl" and row["baseline_run_id"] == "base"
     table = external_table(runs, external).set_index("strategy")
-    assert table.loc["hard", "roc_auc"] == pytest.approx(ext[1]["metrics"]["roc_auc"]) and table.loc["hard", "n_images"] == 30
+    assert (
+        table.loc["hard", "roc_auc"] == pytest.approx(ext[1]["metrics"]["roc_auc"])
+        and table.loc["hard", "n_images"] == 30
+    )
     assert table.loc["hard", "roc_auc_ci"].startswith("[")
 
 
@@ -103,7 +136,9 @@ def test_holm_over_the_family_the_mean_over_seeds_and_the_detectable_differences
     auc = summary[summary["metric"] == "auc"].iloc[0]
     d = paired.loc[paired["metric"] == "auc", "difference"].to_numpy()
     half = st.t.ppf(0.975, 2) * d.std(ddof=1) / np.sqrt(3)
-    assert auc["mean_difference"] == pytest.approx(d.mean()) and auc["ci_high"] == pytest.approx(d.mean() + half)
+    assert auc["mean_difference"] == pytest.approx(d.mean()) and auc["ci_high"] == pytest.approx(
+        d.mean() + half
+    )
     assert auc["seeds"] == 3 and auc["seeds_favouring_mstl"] == int((d > 0).sum())
     assert auc["run_ids"] == "hard-0,hard-1,hard-2"
     power = detectable_differences(runs, paired).iloc[0]
@@ -122,11 +157,16 @@ def test_the_results_section_of_a_doc_is_regenerated_between_its_markers(tmp_pat
     (report / "forest_test.png").write_bytes(b"png")
     doc = tmp_path / "docs" / "results.md"
     doc.parent.mkdir()
-    doc.write_text(f"# Results\n\nTyped intro.\n\n{RESULTS_START}\nold numbers\n{RESULTS_END}\n\nTyped outro.\n")
+    doc.write_text(
+        f"# Results\n\nTyped intro.\n\n{RESULTS_START}\nold numbers\n{RESULTS_END}\n\nTyped "
+        "outro.\n"
+    )
     write_results_doc(report, doc)
     text = doc.read_text()
     assert "old numbers" not in text and "Typed intro." in text and "Typed outro." in text
-    assert "## MSTL" in text and "](results/forest_test.png)" in text  # one level down, figures beside the doc
+    assert (
+        "## MSTL" in text and "](results/forest_test.png)" in text
+    )  # one level down, figures beside the doc
     assert (tmp_path / "docs" / "results" / "forest_test.png").read_bytes() == b"png"
     write_results_doc(report, doc)
     assert doc.read_text() == text  # regenerating is idempotent
@@ -141,8 +181,17 @@ def test_the_forest_plot_and_the_report_name_every_seed_and_run():
     summary, detectable = over_seeds(paired), detectable_differences(runs, paired)
     fig = forest_figure(paired, summary)
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert [x for x in labels if x] == ["official hard s0", "official hard s1", "official hard s2", "official hard: mean of 3"]
+    assert [x for x in labels if x] == [
+        "official hard s0",
+        "official hard s1",
+        "official hard s2",
+        "official hard: mean of 3",
+    ]
     best = runs.head(1).assign(val_recall=0.9)
-    text = markdown_report(table_iii(runs, 0.95), paired, best, 0.95, None, summary, detectable, "Generated by test.")
-    assert "## The answer" in text and "What this test set can detect" in text and "p (Holm)" in text
+    text = markdown_report(
+        table_iii(runs, 0.95), paired, best, 0.95, None, summary, detectable, "Generated by test."
+    )
+    assert (
+        "## The answer" in text and "What this test set can detect" in text and "p (Holm)" in text
+    )
     assert "hard-0, imagene" in text  # the runs behind each paired row, by ID

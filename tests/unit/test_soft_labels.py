@@ -88,7 +88,9 @@ def test_a_killed_search_resumes_where_it_stopped(blobs, local_tracking, tmp_pat
     first = list(calls)
     assert len(first) == 3
     calls.clear()
-    monkeypatch.setattr(stage, "fold_scores", lambda features, k, *a: (calls.append(k), real(features, k, *a))[1])
+    monkeypatch.setattr(
+        stage, "fold_scores", lambda features, k, *a: (calls.append(k), real(features, k, *a))[1]
+    )
     with mlflow.start_run() as parent:
         study = search_k(blobs, params, storage, "resume-test", parent)
     assert calls == [first[2]]  # only the k that was interrupted runs again
@@ -99,8 +101,10 @@ def test_a_killed_search_resumes_where_it_stopped(blobs, local_tracking, tmp_pat
 
 
 def test_two_processes_share_one_search_each_k_once(tmp_path):
-    """Two workers on one sqlite study at once, as docs/scaling.md runs them: each k is evaluated (and
-    logged as a trial run) by exactly one of them, no trial fails, and both end with the same best k."""
+    """Two workers on one sqlite study at once, as docs/scaling.md runs them: each k is evaluated
+    (and
+    logged as a trial run) by exactly one of them, no trial fails, and both end with the same best
+    k."""
     import json
     import subprocess
     import sys
@@ -132,7 +136,9 @@ def test_two_processes_share_one_search_each_k_once(tmp_path):
         assert w.returncode == 0, err[-3000:]
     results = [json.loads((tmp_path / f"w{i}.json").read_text()) for i in range(2)]
     assert sorted(results[0]["evaluated"] + results[1]["evaluated"]) == [2, 4, 8, 16]
-    assert results[0]["evaluated"] and results[1]["evaluated"]  # both worked: they really shared the search
+    assert (
+        results[0]["evaluated"] and results[1]["evaluated"]
+    )  # both worked: they really shared the search
     assert results[0]["best_k"] == results[1]["best_k"] == 4
     trials = optuna.load_study(study_name="two-workers", storage=storage).get_trials()
     assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL]

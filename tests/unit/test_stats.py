@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mstl.evaluation.stats import auc_variance, delong_test, mcnemar_test, paired_tests, threshold_for_recall
+from mstl.evaluation.stats import (
+    auc_variance,
+    delong_test,
+    mcnemar_test,
+    paired_tests,
+    threshold_for_recall,
+)
 
 
 def scored(n=400, signal=1.0, seed=0):
@@ -47,7 +53,9 @@ def test_mcnemar_exact_values():
     assert result.p_value == pytest.approx(2 * 0.5**10)
     assert result.difference == pytest.approx(10 / 30)
     assert mcnemar_test(a, a).p_value == 1.0
-    balanced = mcnemar_test(np.r_[np.ones(5, bool), np.zeros(5, bool)], np.r_[np.zeros(5, bool), np.ones(5, bool)])
+    balanced = mcnemar_test(
+        np.r_[np.ones(5, bool), np.zeros(5, bool)], np.r_[np.zeros(5, bool), np.ones(5, bool)]
+    )
     assert balanced.p_value == 1.0
 
 
@@ -79,7 +87,12 @@ def test_holm_matches_statsmodels_multipletests():
     from mstl.evaluation.stats import holm
 
     rng = np.random.default_rng(3)
-    for p in (rng.random(12) ** 3, np.array([0.01, 0.01, 0.04, 0.9]), np.array([0.2]), rng.random(36) ** 4):
+    for p in (
+        rng.random(12) ** 3,
+        np.array([0.01, 0.01, 0.04, 0.9]),
+        np.array([0.2]),
+        rng.random(36) ** 4,
+    ):
         reject, adjusted, *_ = multipletests(p, alpha=0.05, method="holm")
         np.testing.assert_allclose(holm(p), adjusted)
         np.testing.assert_array_equal(holm(p) < 0.05, reject)
@@ -92,7 +105,8 @@ def _binormal(rng, n, mu_a, mu_b, rho):
 
 
 def test_the_detectable_auc_difference_is_detected_with_about_80_percent_power():
-    """Binormal scores of two correlated models: at the difference the formula gives for the observed SE,
+    """Binormal scores of two correlated models: at the difference the formula gives for the
+    observed SE,
     DeLong's test rejects in about 80 % of simulated test sets."""
     from scipy import stats as st
 
@@ -105,7 +119,9 @@ def test_the_detectable_auc_difference_is_detected_with_about_80_percent_power()
     assert delta == pytest.approx((1.959964 + 0.841621) * se, rel=1e-5)
     auc_b = st.norm.cdf(mu_b / np.sqrt(2))
     mu_a = np.sqrt(2) * st.norm.ppf(auc_b + delta)
-    power = np.mean([delong_test(*_binormal(rng, n, mu_a, mu_b, rho)).p_value < 0.05 for _ in range(400)])
+    power = np.mean(
+        [delong_test(*_binormal(rng, n, mu_a, mu_b, rho)).p_value < 0.05 for _ in range(400)]
+    )
     assert 0.7 <= power <= 0.9
 
 
@@ -119,16 +135,25 @@ def test_the_detectable_sensitivity_difference_is_detected_with_about_80_percent
     hits = 0
     for _ in range(600):
         kind = rng.choice(3, size=n, p=[1 - discordant, (discordant + d) / 2, (discordant - d) / 2])
-        correct_a, correct_b = kind != 2, kind != 1  # 0: both right, 1: only a right, 2: only b right
+        correct_a, correct_b = (
+            kind != 2,
+            kind != 1,
+        )  # 0: both right, 1: only a right, 2: only b right
         hits += mcnemar_test(correct_a, correct_b).p_value < 0.05
-    assert 0.65 <= hits / 600 <= 0.9  # the exact test is a little conservative against the normal formula
-    assert np.isnan(detectable_paired_proportion_difference(10, 0.05))  # too few pairs: nothing detectable
+    assert (
+        0.65 <= hits / 600 <= 0.9
+    )  # the exact test is a little conservative against the normal formula
+    assert np.isnan(
+        detectable_paired_proportion_difference(10, 0.05)
+    )  # too few pairs: nothing detectable
     with pytest.raises(ValueError, match="discordant"):
         detectable_paired_proportion_difference(10, 0.0)
 
 
 def test_mcnemar_standard_error_of_a_paired_difference_by_hand():
-    a = np.array([1] * 10 + [0] * 4 + [1] * 50 + [0] * 36, dtype=bool)  # 10 only a right, 4 only b right
+    a = np.array(
+        [1] * 10 + [0] * 4 + [1] * 50 + [0] * 36, dtype=bool
+    )  # 10 only a right, 4 only b right
     b = np.array([0] * 10 + [1] * 4 + [1] * 50 + [0] * 36, dtype=bool)
     result = mcnemar_test(a, b)
     assert result.difference == pytest.approx(0.06)

@@ -1,4 +1,5 @@
-"""mstl.tracking on a real embedded store: a data set logged as a run input and read back through the client."""
+"""mstl.tracking on a real embedded store: a data set logged as a run input and read back through
+the client."""
 
 import warnings
 
@@ -10,7 +11,9 @@ from mstl.tracking import log_dataset, mlflow_false_alarms_silenced
 
 
 def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_tracking, tmp_path):
-    table = pd.DataFrame({"file": ["covid/a.png", "normal/b.png"], "label": [1, 0]})  # integer labels, none missing
+    table = pd.DataFrame(
+        {"file": ["covid/a.png", "normal/b.png"], "label": [1, 0]}
+    )  # integer labels, none missing
     with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log_dataset(
@@ -21,8 +24,10 @@ def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_track
             context="training",
             targets="label",
         )
-    # Without the filter, MLflow 3 warns twice here: a local path "can be interpreted in multiple ways:
-    # LocalArtifactDatasetSource, LocalArtifactDatasetSource", and integer columns cannot hold missing values.
+    # Without the filter, MLflow 3 warns twice here: a local path "can be interpreted in multiple
+    # ways:
+    # LocalArtifactDatasetSource, LocalArtifactDatasetSource", and integer columns cannot hold
+    # missing values.
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     (logged,) = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs
     assert logged.dataset.name == "covid-ct-official-train"
@@ -34,7 +39,8 @@ def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_track
 @pytest.mark.parametrize(
     "message",
     [
-        "The specified dataset source can be interpreted in multiple ways: LocalArtifactDatasetSource, "
+        "The specified dataset source can be interpreted in multiple ways: "
+        "LocalArtifactDatasetSource, "
         "HTTPDatasetSource. MLflow will assume that this is a HTTPDatasetSource source.",
         "Any other MLflow warning",
     ],

@@ -1,4 +1,5 @@
-"""Work shared through an Optuna study by real processes on one sqlite storage: each item evaluated once,
+"""Work shared through an Optuna study by real processes on one sqlite storage: each item evaluated
+once,
 no worker failing another's trial, and a SIGKILLed worker's item retried once by one worker."""
 
 import json
@@ -16,7 +17,8 @@ from tests.workers.shared_items import ITEMS
 
 
 def start_worker(storage, study, out, *extra, together=0, module="shared_items"):
-    """A worker process; with ``together``, it waits until that many workers are ready, so they race."""
+    """A worker process; with ``together``, it waits until that many workers are ready, so they
+    race."""
     return subprocess.Popen(
         [sys.executable, "-m", f"tests.workers.{module}", storage, study, str(out), *extra],
         cwd=REPO,
@@ -34,7 +36,9 @@ def trials_of(storage, study):
 def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="shared", storage=storage)  # both workers then load it at once
-    workers = [start_worker(storage, "shared", tmp_path / f"w{i}.json", together=2) for i in range(2)]
+    workers = [
+        start_worker(storage, "shared", tmp_path / f"w{i}.json", together=2) for i in range(2)
+    ]
     for w in workers:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err[-3000:]
@@ -42,7 +46,9 @@ def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
     evaluated = results[0]["evaluated"] + results[1]["evaluated"]
     assert sorted(evaluated) == ITEMS  # every item once, across both workers
     assert all(r["evaluated"] for r in results)  # and both did work: they really ran side by side
-    assert results[0]["done"] == results[1]["done"] == ITEMS  # each returned with the whole set complete
+    assert (
+        results[0]["done"] == results[1]["done"] == ITEMS
+    )  # each returned with the whole set complete
     trials = trials_of(storage, "shared")
     assert not [t for t in trials if t.state == TrialState.FAIL]
     assert sorted(t.params["item"] for t in trials if t.state == TrialState.COMPLETE) == ITEMS
@@ -51,8 +57,11 @@ def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
 def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="kill", storage=storage)
-    # the victim's heartbeat thread never beats: only run_shared's own first beat makes its trial stale
-    victim = start_worker(storage, "kill", tmp_path / "victim.json", "--die-on", "b", "--no-heartbeat-thread")
+    # the victim's heartbeat thread never beats: only run_shared's own first beat makes its trial
+    # stale
+    victim = start_worker(
+        storage, "kill", tmp_path / "victim.json", "--die-on", "b", "--no-heartbeat-thread"
+    )
     victim.communicate(timeout=120)
     assert victim.returncode == -9
     left = [t for t in trials_of(storage, "kill") if t.state == TrialState.RUNNING]
@@ -61,24 +70,36 @@ def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
     for w in survivors:
         _, err = w.communicate(timeout=120)
         assert w.returncode == 0, err[-3000:]
-    evaluated = [item for i in range(2) for item in json.loads((tmp_path / f"s{i}.json").read_text())["evaluated"]]
+    evaluated = [
+        item
+        for i in range(2)
+        for item in json.loads((tmp_path / f"s{i}.json").read_text())["evaluated"]
+    ]
     assert evaluated.count("b") == 1 and sorted(evaluated) == sorted(set(ITEMS) - {"a"})
     trials = trials_of(storage, "kill")
     failed = [t for t in trials if t.state == TrialState.FAIL]
-    assert [t.params["item"] for t in failed] == ["b"]  # the dead trial, failed once by one survivor
+    assert [t.params["item"] for t in failed] == [
+        "b"
+    ]  # the dead trial, failed once by one survivor
     assert [t.params["item"] for t in trials if t.state == TrialState.COMPLETE].count("b") == 1
-    # Optuna's stale-trial callback queued the retry (a worker may also have queued one: only one ran)
+    # Optuna's stale-trial callback queued the retry (a worker may also have queued one: only one
+    # ran)
     assert len([t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]) == 1
 
 
 def test_two_workers_popping_one_sqlite_queue_never_run_the_same_trial(tmp_path):
-    """Optuna's pop (read WAITING, write RUNNING) is atomic on SQLite only with the write lock taken at BEGIN:
-    without it two workers ran the same trial in 9 of 100 pops here, and CI saw "Cannot tell a COMPLETE trial"."""
+    """Optuna's pop (read WAITING, write RUNNING) is atomic on SQLite only with the write lock taken
+    at BEGIN:
+    without it two workers ran the same trial in 9 of 100 pops here, and CI saw "Cannot tell a
+    COMPLETE trial"."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="queue", storage=storage)
     for i in range(100):
         study.enqueue_trial({"i": i})
-    workers = [start_worker(storage, "queue", tmp_path / f"w{i}.json", together=2, module="pop_queue") for i in range(2)]
+    workers = [
+        start_worker(storage, "queue", tmp_path / f"w{i}.json", together=2, module="pop_queue")
+        for i in range(2)
+    ]
     for w in workers:
         _, err = w.communicate(timeout=180)
         assert w.returncode == 0, err[-3000:]
@@ -93,7 +114,8 @@ def test_heartbeat_must_be_positive(tmp_path):
 
 
 def test_a_worker_taken_for_dead_discards_its_result_and_the_item_runs_again(tmp_path):
-    """A live worker whose trial another worker failed as stale (late heartbeat) warns and goes on."""
+    """A live worker whose trial another worker failed as stale (late heartbeat) warns and goes
+    on."""
     from mstl.tracking.work import run_shared
 
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -104,7 +126,9 @@ def test_a_worker_taken_for_dead_discards_its_result_and_the_item_runs_again(tmp
     def evaluate(trial, item):
         calls.append(item)
         if len(calls) == 1:  # as another worker's fail_stale_trials would, while we still compute
-            trial_id = other.get_trial_id_from_study_id_trial_number(other.get_study_id_from_name("late"), trial.number)
+            trial_id = other.get_trial_id_from_study_id_trial_number(
+                other.get_study_id_from_name("late"), trial.number
+            )
             other.set_trial_state_values(trial_id, TrialState.FAIL)
         return 1.0
 

@@ -1,8 +1,10 @@
-"""A worker of `mstl.tracking.work.run_shared` over items a..d; each evaluation sleeps, so workers overlap.
+"""A worker of `mstl.tracking.work.run_shared` over items a..d; each evaluation sleeps, so workers
+overlap.
 
 python -m tests.workers.shared_items STORAGE STUDY OUT.json [--die-on ITEM [--no-heartbeat-thread]]
 
-``--no-heartbeat-thread``: Optuna's heartbeat thread never beats, as when SIGKILL lands before its first beat.
+``--no-heartbeat-thread``: Optuna's heartbeat thread never beats, as when SIGKILL lands before its
+first beat.
 """
 
 import json
@@ -16,7 +18,8 @@ from mstl.tracking.work import heartbeat_storage, run_shared
 from tests.workers import start_together
 
 ITEMS = ["a", "b", "c", "d"]
-# stale after 2x: wide enough that a loaded CI machine never makes a live worker look dead (seen at 1 s)
+# stale after 2x: wide enough that a loaded CI machine never makes a live worker look dead (seen at
+# 1 s)
 HEARTBEAT_SECONDS = 3
 
 
@@ -28,7 +31,9 @@ def main() -> None:
 
         HeartbeatThread.start = HeartbeatThread.join = lambda self: None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=name, storage=heartbeat_storage(storage, HEARTBEAT_SECONDS), load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name, storage=heartbeat_storage(storage, HEARTBEAT_SECONDS), load_if_exists=True
+    )
     start_together(out, int(os.environ.get("BARRIER_WORKERS", "0")), timeout=60)
     evaluated = []
 

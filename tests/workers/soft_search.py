@@ -1,8 +1,10 @@
-"""One worker of the soft-label search for k, on planted clusters, sharing an Optuna study with others.
+"""One worker of the soft-label search for k, on planted clusters, sharing an Optuna study with
+others.
 
 python -m tests.workers.soft_search OPTUNA_STORAGE MLFLOW_URI OUT.json N_WORKERS
 
-Each worker waits for the others to be ready (files beside OUT.json) before it searches, so they overlap.
+Each worker waits for the others to be ready (files beside OUT.json) before it searches, so they
+overlap.
 """
 
 import json
@@ -26,7 +28,13 @@ def main() -> None:
         study = search_k(x.astype(np.float32), params, storage, "two-workers", parent)
     runs = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     with open(out, "w") as f:
-        json.dump({"evaluated": sorted(int(k) for k in runs.get("params.k", [])), "best_k": int(study.best_trial.params["k"])}, f)
+        json.dump(
+            {
+                "evaluated": sorted(int(k) for k in runs.get("params.k", [])),
+                "best_k": int(study.best_trial.params["k"]),
+            },
+            f,
+        )
 
 
 if __name__ == "__main__":
