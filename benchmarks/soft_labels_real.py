@@ -40,10 +40,10 @@ def main() -> None:
     from sklearn.cluster import KMeans
     from sklearn.metrics import adjusted_rand_score
 
+    from mstl.soft_labels.clusters import reduce_features
     from mstl.soft_labels.features import cached_features
     from mstl.soft_labels.search import CRITERIA, fold_scores
     from mstl.stages.prepare import PrepareParams, build_export
-    from mstl.stages.soft_labels import reduce_features
 
     with tempfile.TemporaryDirectory() as tmp:
         export = build_export(

@@ -12,19 +12,20 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import optuna
 import pandas as pd
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
-from sklearn.random_projection import GaussianRandomProjection
 
 from mstl import defaults
-from mstl.data.images import load_grey
-from mstl.data.montage import montage
 from mstl.models.backbones import check_image_size, get_backbone
+from mstl.soft_labels.clusters import (
+    REDUCTIONS,
+    cluster_labels,
+    cluster_montages,
+    criterion_figure,
+    reduce_features,
+)
 from mstl.soft_labels.features import cached_features
 from mstl.soft_labels.search import (
     CRITERIA,
@@ -37,8 +38,6 @@ from mstl.soft_labels.search import (
 from mstl.tracking import log_figure, log_params, log_table, start_stage_run, tracking_uri
 from mstl.tracking.inputs import load_manifest, log_export_input
 from mstl.tracking.work import HEARTBEAT_SECONDS, claim, heartbeat_storage, run_shared
-
-REDUCTIONS = ("none", "pca", "random")
 
 
 @dataclass(frozen=True)
@@ -87,20 +86,6 @@ class SoftLabelParams:
         return (None if k_range else parse_k_values(self.k_values)), k_range
 
 
-def reduce_features(features: np.ndarray, method: str, dim: int, seed: int) -> np.ndarray:
-    """Optional PCA or Gaussian random projection before clustering (off by default)."""
-    if method == "none":
-        return np.asarray(features)
-    dim = min(dim, features.shape[1], len(features) if method == "pca" else features.shape[1])
-    if method == "pca":
-        return PCA(n_components=dim, random_state=seed).fit_transform(features).astype(np.float32)
-    return (
-        GaussianRandomProjection(n_components=dim, random_state=seed)
-        .fit_transform(features)
-        .astype(np.float32)
-    )
-
-
 def study_name(features_path: Path, params: SoftLabelParams) -> str:
     """Same features and search settings -> same study, so a killed search resumes."""
     shaping = {
@@ -133,6 +118,26 @@ def log_trial_run(client, parent, k: int, criterion: str, scores: list[float]) -
     client.set_terminated(run_id)
 
 
+def open_study(params: SoftLabelParams, storage: str, name: str) -> optuna.Study:
+    """Create, resume or join the study (TPE seeded; several workers may share it)."""
+    return optuna.create_study(
+        study_name=name,
+        storage=heartbeat_storage(storage, params.heartbeat_seconds),
+        sampler=optuna.samplers.TPESampler(seed=params.seed),
+        direction="maximize",
+        load_if_exists=True,
+    )
+
+
+def report_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    if trial.state == optuna.trial.TrialState.COMPLETE:
+        print(f"  k={trial.params.get('k')}: {trial.value}", flush=True)
+
+
+def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
 def search_k(
     features: np.ndarray, params: SoftLabelParams, storage: str, name: str, parent
 ) -> optuna.Study:
@@ -140,18 +145,11 @@ def search_k(
     run.
 
     Several workers may share one study (``storage`` on PostgreSQL or one sqlite file): on the grid
-    of
-    k values each k is evaluated once by one of them (``mstl.tracking.work``), a dead worker's k is
-    retried once, and every worker returns with the whole grid complete.
+    of k values each k is evaluated once by one of them (``mstl.tracking.work``), a dead worker's k
+    is retried once, and every worker returns with the whole grid complete.
     """
     grid, k_range = params.search_space()
-    study = optuna.create_study(
-        study_name=name,
-        storage=heartbeat_storage(storage, params.heartbeat_seconds),
-        sampler=optuna.samplers.TPESampler(seed=params.seed),
-        direction="maximize",
-        load_if_exists=True,
-    )
+    study = open_study(params, storage, name)
     client = mlflow.MlflowClient(tracking_uri())
 
     def evaluate(trial: optuna.Trial, k: int) -> float:
@@ -164,22 +162,17 @@ def search_k(
             )
         return float(np.nanmean(scores))
 
-    def report(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if trial.state == optuna.trial.TrialState.COMPLETE:
-            print(f"  k={trial.params.get('k')}: {trial.value}", flush=True)
-
     if grid:
-        done = {
-            t.params["k"]
-            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        }
-        print(
-            f"searching k over {grid}: {len(set(grid) - done)} to evaluate, shared through study "
-            f"{name}"
-        )
-        run_shared(study, "k", grid, evaluate, callbacks=[report])
-        return study
+        done = {t.params["k"] for t in completed(study)}
+        print(f"searching k over {grid}: {len(set(grid) - done)} to evaluate, study {name}")
+        run_shared(study, "k", grid, evaluate, callbacks=[report_trial])
+    else:
+        search_range(study, k_range, params.n_trials, evaluate)
+    return study
 
+
+def search_range(study: optuna.Study, k_range: tuple[int, int], n_trials: int, evaluate) -> None:
+    """TPE over k in ``k_range`` until the study holds ``n_trials`` completed trials."""
     low, high = k_range
 
     def objective(trial: optuna.Trial) -> float:
@@ -187,37 +180,11 @@ def search_k(
         claim(study, trial, "k", k)  # TPE may propose a k it has seen: prune, do not evaluate twice
         return evaluate(trial, k)
 
-    done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    n_trials = max(0, params.n_trials - done)
-    if n_trials:
-        print(
-            f"searching k in [{low}, {high}]: {n_trials} trial(s) to run, {done} already done "
-            f"(study {name})"
-        )
-        study.optimize(objective, n_trials=n_trials, catch=(), callbacks=[report])
-    return study
-
-
-def criterion_figure(study: optuna.Study, criterion: str, folds: int):
-    trials = sorted(
-        (t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
-        key=lambda t: t.params["k"],
-    )
-    ks = [t.params["k"] for t in trials]
-    means = [t.value for t in trials]
-    spread = [np.nanstd(t.user_attrs.get("fold_scores", [np.nan])) for t in trials]
-    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
-    ax.errorbar(ks, means, yerr=spread, marker="o", capsize=3)
-    ax.set(
-        xlabel="k (clusters)",
-        ylabel=f"{criterion} (held-out, mean ± SD over {folds} folds)",
-        title=f"choosing k by {criterion}",
-    )
-    if len(ks) > 1 and max(ks) / min(ks) >= 4:
-        ax.set_xscale("log", base=2)
-    ax.set_xticks(ks, [str(k) for k in ks])
-    fig.tight_layout()
-    return fig
+    done = len(completed(study))
+    left = max(0, n_trials - done)
+    if left:
+        print(f"searching k in [{low}, {high}]: {left} trial(s) to run, {done} already done")
+        study.optimize(objective, n_trials=left, catch=(), callbacks=[report_trial])
 
 
 def run_soft_labels(params: SoftLabelParams) -> str:
@@ -230,9 +197,8 @@ def run_soft_labels(params: SoftLabelParams) -> str:
     grid, k_range = params.search_space()
     k_max = max(grid) if grid else k_range[1]
     check_counts(len(files), params.folds, k_max)
-    with start_stage_run(
-        params.experiment, f"soft-labels-{params.feature_backbone}-{params.criterion}"
-    ) as run:
+    run_name = f"soft-labels-{params.feature_backbone}-{params.criterion}"
+    with start_stage_run(params.experiment, run_name) as run:
         mlflow.set_tags(
             {
                 "stage": "soft_labels",
@@ -241,26 +207,9 @@ def run_soft_labels(params: SoftLabelParams) -> str:
             }
         )
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
-        raw, features_path, reused = cached_features(
-            files,
-            params.feature_backbone,
-            params.weights,
-            params.image_size,
-            Path(params.cache_dir) / "features",
-            params.batch_size,
-        )
-        log_params(
-            {
-                "features_reused": reused,
-                "n_slices": len(files),
-                "feature_dim": raw.shape[1],
-                "features_sha256": features_path.stem,
-            }
-        )
+        raw, features_path = logged_features(params, files)
         check_features(raw, params.folds, k_max)
         log_export_input(params.manifest, manifest[["file"]], "clustering")
-        if params.log_features:
-            mlflow.log_artifact(str(features_path), "features")
         features = reduce_features(raw, params.reduce, params.reduce_dim, params.seed)
         storage = params.storage or f"sqlite:///{(Path(params.cache_dir) / 'optuna.db').resolve()}"
         Path(params.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -269,35 +218,48 @@ def run_soft_labels(params: SoftLabelParams) -> str:
         study = search_k(features, params, storage, name, run)
         best_k = int(study.best_trial.params["k"])
         mlflow.log_metrics({"best_k": best_k, "best_score": float(study.best_value)})
-        log_figure(
-            criterion_figure(study, params.criterion, params.folds), "plots/criterion_vs_k.png"
-        )
-
-        final = KMeans(n_clusters=best_k, n_init=10, random_state=params.seed).fit(features)
-        labels = pd.DataFrame({"file": manifest["file"], "cluster": final.labels_.astype(int)})
-        log_table(labels, "labels.csv")
-        sizes = labels["cluster"].value_counts().sort_index()
-        log_table(sizes.rename_axis("cluster").reset_index(name="n_slices"), "cluster_sizes.csv")
-        mlflow.log_metrics({f"cluster_{c}_size": int(n) for c, n in sizes.items()})
-        with tempfile.TemporaryDirectory() as tmp:
-            for cluster in sizes.index:
-                members = labels.index[labels["cluster"] == cluster]
-                picked = members[
-                    np.linspace(0, len(members) - 1, min(24, len(members))).round().astype(int)
-                ]
-                sheet = montage(
-                    [load_grey(files[i], 128) for i in picked],
-                    [""] * len(picked),
-                    columns=8,
-                    title=f"cluster {cluster}: {sizes[cluster]} slices "
-                    f"(k={best_k}, {params.criterion})",
-                )
-                sheet.save(Path(tmp) / f"cluster_{cluster:02d}.png")
-            mlflow.log_artifacts(tmp, "montages")
+        figure = criterion_figure(study, params.criterion, params.folds)
+        log_figure(figure, "plots/criterion_vs_k.png")
+        labels = cluster_labels(manifest["file"], features, best_k, params.seed)
+        log_clusters(labels, files, f"k={best_k}, {params.criterion}")
         if str(storage).startswith("sqlite:///"):
             mlflow.log_artifact(str(storage)[len("sqlite:///") :], "optuna")
-        print(
-            f"soft labels: k={best_k} ({params.criterion}={study.best_value:.4f}); sizes "
-            f"{sizes.to_dict()}"
-        )
+        sizes = labels["cluster"].value_counts().sort_index().to_dict()
+        print(f"soft labels: k={best_k} ({params.criterion}={study.best_value:.4f}); sizes {sizes}")
         return run.info.run_id
+
+
+def logged_features(params: SoftLabelParams, files: list[Path]) -> tuple[np.ndarray, Path]:
+    """The slices' CNN features (from the feature cache when they were computed before), logged:
+    whether reused, their size and hash, and the file itself with ``log_features``."""
+    raw, features_path, reused = cached_features(
+        files,
+        params.feature_backbone,
+        params.weights,
+        params.image_size,
+        Path(params.cache_dir) / "features",
+        params.batch_size,
+    )
+    log_params(
+        {
+            "features_reused": reused,
+            "n_slices": len(files),
+            "feature_dim": raw.shape[1],
+            "features_sha256": features_path.stem,
+        }
+    )
+    if params.log_features:
+        mlflow.log_artifact(str(features_path), "features")
+    return raw, features_path
+
+
+def log_clusters(labels: pd.DataFrame, files: list[Path], caption: str) -> None:
+    """The labels CSV the Transition reads, the cluster sizes, and one montage per cluster."""
+    log_table(labels, "labels.csv")
+    sizes = labels["cluster"].value_counts().sort_index()
+    log_table(sizes.rename_axis("cluster").reset_index(name="n_slices"), "cluster_sizes.csv")
+    mlflow.log_metrics({f"cluster_{c}_size": int(n) for c, n in sizes.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, sheet in cluster_montages(files, labels, caption).items():
+            sheet.save(Path(tmp) / name)
+        mlflow.log_artifacts(tmp, "montages")

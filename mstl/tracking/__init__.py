@@ -11,7 +11,6 @@ import contextlib
 import contextvars
 import hashlib
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -143,13 +142,9 @@ def log_params(params: dict) -> None:
 
 
 def log_table(df: pd.DataFrame, artifact_file: str) -> None:
-    """Log a DataFrame as a CSV artifact at ``artifact_file`` (e.g. ``data/split.csv``)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / Path(artifact_file).name
-        df.to_csv(path, index=False)
-        mlflow.log_artifact(
-            str(path), str(Path(artifact_file).parent) if "/" in artifact_file else None
-        )
+    """Log a DataFrame as a CSV artifact at ``artifact_file`` (e.g. ``data/split.csv``): CSV, not
+    ``mlflow.log_table``'s JSON, because the report, users and spreadsheets read it back."""
+    mlflow.log_text(df.to_csv(index=False), artifact_file)
 
 
 @contextlib.contextmanager

@@ -111,27 +111,16 @@ def distribution_scope(name: str):
         yield strategy
 
 
-class KeepBestWeights(keras.callbacks.Callback):
-    """Remember the full model's weights at the best validation accuracy (ties: the earliest epoch);
-    restore them at the end. With ``patience``, stop once that many epochs have passed without a
-    better one."""
-
-    def __init__(self, full_model: keras.Model, monitor: str = "val_accuracy", patience: int = 0):
-        super().__init__()
-        self.full_model, self.monitor, self.patience = full_model, monitor, patience
-        self.best, self.best_epoch, self.best_weights = -np.inf, -1, None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is not None and value > self.best:
-            self.best, self.best_epoch = float(value), epoch
-            self.best_weights = self.full_model.get_weights()
-        if self.patience and self.best_epoch >= 0 and epoch - self.best_epoch >= self.patience:
-            self.model.stop_training = True
-
-    def on_train_end(self, logs=None):
-        if self.best_weights is not None:
-            self.full_model.set_weights(self.best_weights)
+def keep_best_weights(patience: int, epochs: int) -> keras.callbacks.EarlyStopping:
+    """Keras's own keep-best rule: the weights at the best validation accuracy (ties: the earliest
+    epoch) are restored when the fit ends. ``patience`` 0 means never stop early (Keras would stop
+    at the first epoch without a better one), so it becomes more epochs than the fit has."""
+    return keras.callbacks.EarlyStopping(
+        monitor="val_accuracy",
+        mode="max",
+        patience=patience or epochs,
+        restore_best_weights=True,
+    )
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -227,6 +216,81 @@ def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_si
     )
 
 
+def frozen_cut(model: keras.Model, config: FitConfig, n_images: int) -> int | None:
+    """The layer up to which the network is computed once, or None: with augmentation nothing is
+    fixed, and past ``FROZEN_CACHE_MAX_BYTES`` of features the full network runs every step."""
+    cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
+    if cut is None:
+        return None
+    needed = 4 * int(np.prod(model.layers[cut].output.shape[1:])) * n_images
+    if needed > defaults.FROZEN_CACHE_MAX_BYTES:
+        limit = defaults.FROZEN_CACHE_MAX_BYTES / 1024**3
+        print(
+            f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit {limit:.1f}); "
+            "running the full network every step instead"
+        )
+        return None
+    return cut
+
+
+@dataclass
+class FrozenFeatures:
+    """The frozen half's output for the training and validation slices, and how it was had."""
+
+    train: np.ndarray
+    val: np.ndarray
+    cache: str  # off, hit or miss
+    seconds: float
+
+
+def frozen_features(
+    bottom: keras.Model,
+    grey: tuple[np.ndarray, np.ndarray],
+    preprocess_input,
+    config: FitConfig,
+    cache: ArrayCache | None,
+) -> FrozenFeatures:
+    """The frozen half over the training and validation slices, from the on-disk cache when it has
+    them (keyed by everything the output depends on)."""
+
+    def features(part: np.ndarray) -> np.ndarray:
+        def compute() -> np.ndarray:
+            return predict_grey(bottom, part, preprocess_input, config.batch_size)
+
+        if cache is None:
+            return compute()
+        key = frozen_key(bottom, preprocess_input, part, config.batch_size)
+        return cache.get("frozen", key, compute)
+
+    misses = dict(cache.misses) if cache is not None else {}
+    start = time.perf_counter()
+    train, val = features(grey[0]), features(grey[1])
+    how = "off"
+    if cache is not None:
+        missed = cache.misses.get("frozen", 0) > misses.get("frozen", 0)
+        how = "miss" if missed else "hit"
+    return FrozenFeatures(train, val, how, time.perf_counter() - start)
+
+
+def feature_datasets(
+    frozen: FrozenFeatures, y: tuple[np.ndarray, np.ndarray], config: FitConfig
+) -> tuple[tf.data.Dataset, tf.data.Dataset]:
+    """Batches of the frozen features: shuffled (seeded) for training, in order for validation."""
+    train = (
+        tf.data.Dataset.from_tensor_slices((frozen.train, y[0]))
+        .cache()
+        .shuffle(len(frozen.train), seed=config.seed, reshuffle_each_iteration=True)
+        .batch(config.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    val = (
+        tf.data.Dataset.from_tensor_slices((frozen.val, y[1]))
+        .batch(config.batch_size)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return train, val
+
+
 def fit_classifier(
     model: keras.Model,
     train: tuple[np.ndarray, np.ndarray],
@@ -237,68 +301,48 @@ def fit_classifier(
     cache: ArrayCache | None = None,
 ) -> FitResult:
     """Train ``model`` on decoded grey slices; the best-val-accuracy weights are left in ``model``.
-    With
-    ``cache``, the frozen half's features are read from (or written to) that shared on-disk
+    With ``cache``, the frozen half's features are read from (or written to) that shared on-disk
     cache."""
     if len(train[0]) == 0 or len(val[0]) == 0:
         raise ValueError(
             f"need training and validation images, got {len(train[0])} and {len(val[0])}"
         )
     start = time.perf_counter()
-    frozen_cache, frozen_seconds = "off", 0.0
-    cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
-    if cut is not None:
-        per_image = 4 * int(np.prod(model.layers[cut].output.shape[1:]))
-        needed = per_image * (len(train[0]) + len(val[0]))
-        if needed > defaults.FROZEN_CACHE_MAX_BYTES:
-            print(
-                f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit "
-                f"{defaults.FROZEN_CACHE_MAX_BYTES / 1024**3:.1f}); running the full network every "
-                "step instead"
-            )
-            cut = None
+    cut = frozen_cut(model, config, len(train[0]) + len(val[0]))
+    frozen = FrozenFeatures(train[0][:0], val[0][:0], "off", 0.0)
     if cut is not None:
         bottom, trained = split_at_cut(model, cut)
-
-        def features(grey: np.ndarray) -> np.ndarray:
-            def compute() -> np.ndarray:
-                return predict_grey(bottom, grey, preprocess_input, config.batch_size)
-
-            return (
-                compute()
-                if cache is None
-                else cache.get(
-                    "frozen", frozen_key(bottom, preprocess_input, grey, config.batch_size), compute
-                )
-            )
-
-        misses = dict(cache.misses) if cache is not None else {}
-        frozen_start = time.perf_counter()
-        train_x, val_x = features(train[0]), features(val[0])
-        frozen_seconds = time.perf_counter() - frozen_start
-        if cache is not None:
-            frozen_cache = (
-                "miss" if cache.misses.get("frozen", 0) > misses.get("frozen", 0) else "hit"
-            )
-        train_ds = (
-            tf.data.Dataset.from_tensor_slices((train_x, train[1]))
-            .cache()
-            .shuffle(len(train_x), seed=config.seed, reshuffle_each_iteration=True)
-            .batch(config.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-        val_ds = (
-            tf.data.Dataset.from_tensor_slices((val_x, val[1]))
-            .batch(config.batch_size)
-            .prefetch(tf.data.AUTOTUNE)
-        )
-    if cut is None:
+        frozen = frozen_features(bottom, (train[0], val[0]), preprocess_input, config, cache)
+        train_ds, val_ds = feature_datasets(frozen, (train[1], val[1]), config)
+    else:
         trained = model
         train_ds = image_dataset(
             *train, preprocess_input, config.batch_size, True, config.seed, config.augment
         )
         val_ds = image_dataset(*val, preprocess_input, config.batch_size)
+    keep, timer, history = train_top(trained, train_ds, val_ds, output, config)
+    return FitResult(
+        best_epoch=keep.best_epoch,
+        best_val_accuracy=float(keep.best),
+        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        cached_frozen=cut is not None,
+        cut_layer=model.layers[cut].name if cut is not None else None,
+        seconds=time.perf_counter() - start,
+        epoch_seconds=timer.seconds,
+        frozen_cache=frozen.cache,
+        frozen_seconds=frozen.seconds,
+    )
 
+
+def train_top(
+    trained: keras.Model,
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    output: OutputSpec,
+    config: FitConfig,
+):
+    """The paper's optimiser (SGD with momentum) on the part that trains, best weights kept; the
+    keep-best callback, the epoch timer and Keras's history."""
     trained.compile(
         optimizer=keras.optimizers.SGD(
             learning_rate=config.learning_rate, momentum=config.momentum
@@ -306,7 +350,7 @@ def fit_classifier(
         loss=output.loss,
         metrics=["accuracy"],
     )
-    keep, timer = KeepBestWeights(model, patience=config.patience), EpochTimer()
+    keep, timer = keep_best_weights(config.patience, config.epochs), EpochTimer()
     callbacks: list[keras.callbacks.Callback] = [keep, timer]
     if config.log_to_mlflow:
         callbacks.append(MlflowEpochLogger(timer))
@@ -319,14 +363,4 @@ def fit_classifier(
         shuffle=False,  # the datasets shuffle themselves, seeded
         verbose=2,
     )
-    return FitResult(
-        best_epoch=keep.best_epoch,
-        best_val_accuracy=keep.best,
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
-        cached_frozen=cut is not None,
-        cut_layer=model.layers[cut].name if cut is not None else None,
-        seconds=time.perf_counter() - start,
-        epoch_seconds=timer.seconds,
-        frozen_cache=frozen_cache,
-        frozen_seconds=frozen_seconds,
-    )
+    return keep, timer, history

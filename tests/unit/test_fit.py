@@ -11,15 +11,16 @@ import pytest
 from mstl.data.pipeline import grey_to_input
 from mstl.inference.predict import compiled_forward, predict_grey
 from mstl.models import build_classifier, get_backbone
-from mstl.training.fit import FitConfig, KeepBestWeights
+from mstl.training.fit import FitConfig, keep_best_weights
 
 
 def stop_epoch(val_accuracies, patience):
-    """Feed ``val_accuracies`` to KeepBestWeights epoch by epoch; the epoch after which it stopped
-    (or None)."""
+    """Feed ``val_accuracies`` to the keep-best callback epoch by epoch; the epoch after which it
+    stopped (or None)."""
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
-    keep = KeepBestWeights(model, patience=patience)
+    keep = keep_best_weights(patience, epochs=len(val_accuracies))
     keep.set_model(model)
+    keep.on_train_begin()
     model.stop_training = False
     for epoch, value in enumerate(val_accuracies):
         model.get_layer(index=0).kernel.assign(
@@ -38,7 +39,7 @@ def test_patience_stops_after_that_many_epochs_without_a_better_one_and_keeps_th
     assert keep.best_epoch == 1 and keep.best == 0.6
     keep.on_train_end()
     assert (
-        keep.full_model.get_layer(index=0).kernel.numpy()[0, 0] == 1.0
+        keep.model.get_layer(index=0).kernel.numpy()[0, 0] == 1.0
     )  # the best epoch's weights restored
     # a better epoch restarts the count
     assert stop_epoch([0.5, 0.5, 0.6, 0.6, 0.6], patience=2)[0] == 4
@@ -98,3 +99,57 @@ def test_batch_predictions_equal_eager_calls_bit_for_bit_with_one_trace():
     del model
     gc.collect()
     assert alive() is None  # the compiled forward pass does not keep the model alive
+
+
+class HandWrittenKeepBest(keras.callbacks.Callback):
+    """The rule mstl used before Keras's EarlyStopping replaced it: the reference for the swap."""
+
+    def __init__(self, patience: int):
+        super().__init__()
+        self.patience, self.best, self.best_epoch, self.best_weights = patience, -np.inf, -1, None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get("val_accuracy")
+        if value is not None and value > self.best:
+            self.best, self.best_epoch = float(value), epoch
+            self.best_weights = self.model.get_weights()
+        if self.patience and self.best_epoch >= 0 and epoch - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        self.model.set_weights(self.best_weights)
+
+
+@pytest.mark.parametrize("patience", [0, 2])
+def test_kerass_early_stopping_keeps_the_same_weights_as_the_hand_written_rule(patience):
+    """Same seed, same data, 12 epochs: the same best epoch, the same epochs run and the kept
+    weights equal bit for bit (tolerance 0)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(64, 4)).astype("float32")
+    y = (x[:, 0] + rng.normal(size=64) > 0).astype("float32")
+
+    def fit(callback):
+        keras.utils.set_random_seed(0)
+        dense = [keras.layers.Dense(8), keras.layers.Dense(1, activation="sigmoid")]
+        model = keras.Sequential([keras.Input((4,)), *dense])
+        model.compile(keras.optimizers.SGD(0.05), "binary_crossentropy", metrics=["accuracy"])
+        run = model.fit(
+            x[:48],
+            y[:48],
+            validation_data=(x[48:], y[48:]),
+            epochs=12,
+            verbose=0,
+            callbacks=[callback],
+            batch_size=8,
+            shuffle=False,
+        )
+        return model.get_weights(), callback.best_epoch, len(run.history["loss"])
+
+    old_weights, old_best, old_epochs = fit(HandWrittenKeepBest(patience))
+    new_weights, new_best, new_epochs = fit(keep_best_weights(patience, epochs=12))
+    assert (new_best, new_epochs) == (old_best, old_epochs)
+    assert (
+        old_best < old_epochs - 1
+    )  # the kept weights are not the last epoch's: the rule is tested
+    for old, new in zip(old_weights, new_weights, strict=True):
+        np.testing.assert_array_equal(old, new)

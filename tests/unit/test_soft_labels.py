@@ -7,8 +7,9 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from mstl.soft_labels import check_features, fold_scores, parse_k_range, parse_k_values
+from mstl.soft_labels.clusters import reduce_features
 from mstl.stages import soft_labels as stage
-from mstl.stages.soft_labels import SoftLabelParams, reduce_features, search_k
+from mstl.stages.soft_labels import SoftLabelParams, search_k
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,13 @@
 the client."""
 
 import warnings
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 
-from mstl.tracking import log_dataset, mlflow_false_alarms_silenced
+from mstl.tracking import log_dataset, log_table, mlflow_false_alarms_silenced
 
 
 def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_tracking, tmp_path):
@@ -48,3 +49,19 @@ def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_track
 def test_only_the_two_false_alarms_are_silenced(message):
     with pytest.warns(UserWarning, match=message.split(":")[0]), mlflow_false_alarms_silenced():
         warnings.warn(message, UserWarning, stacklevel=1)
+
+
+def test_a_logged_table_is_the_csv_pandas_writes_byte_for_byte(local_tracking, tmp_path):
+    """log_table through mlflow.log_text: the artifact holds exactly ``df.to_csv(index=False)``,
+    the file the old temporary-file route wrote, in the sub-folder named by the artifact path."""
+    table = pd.DataFrame(
+        {"file": ["a b.png", "c,d.png"], "probability": [0.25, 1 / 3], "label": [1, 0]}
+    )
+    with mlflow.start_run() as run:
+        log_table(table, "predictions/test.csv")
+        log_table(table, "top.csv")
+    expected = tmp_path / "expected.csv"
+    table.to_csv(expected, index=False)
+    for name in ("predictions/test.csv", "top.csv"):
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)
+        assert Path(path).read_bytes() == expected.read_bytes()
