@@ -1,6 +1,5 @@
 """What a Target run spends after fitting on things it no longer does the slow way, measured in one
-run
-against the way it did them before:
+run against the way it did them before:
 
 - the validation and test predictions and the test split's Grad-CAM pictures and shortcut probes, on
 the
@@ -65,8 +64,7 @@ def model_evaluation(
     model_dir: str, data_root: str, repeats: int
 ) -> list[tuple[str, float, float]]:
     """(step, before, now) seconds, best of ``repeats``, for the prediction and Grad-CAM work of a
-    Target
-    run's evaluation; raises if the two ways disagree."""
+    Target run's evaluation; raises if the two ways disagree."""
     import json
     from pathlib import Path
 

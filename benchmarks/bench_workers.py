@@ -2,16 +2,11 @@
 machine.
 
 Each worker is one process doing what a Target epoch does (``bench_pipeline.py``'s default variant:
-the
-official split's 425 training and 118 validation images at 224 px, MobileNet-0.25 with the frozen
-half
-computed once), started together with the others. Throughput is the sum over workers of training
-images
-per second in the later epochs; every configuration is measured ``--repeats`` times, interleaved, so
-a
-noisy neighbour hits them alike, and reported as the median ratio against one worker with
-TensorFlow's
-default threads (what one `mlflow run -e experiment` does).
+the official split's 425 training and 118 validation images at 224 px, MobileNet-0.25 with the
+frozen half computed once), started together with the others. Throughput is the sum over workers of
+training images per second in the later epochs; every configuration is measured ``--repeats`` times,
+interleaved, so a noisy neighbour hits them alike, and reported as the median ratio against one
+worker with TensorFlow's default threads (what one `mlflow run -e experiment` does).
 
     python benchmarks/bench_workers.py --data-root ../shared/data --epochs 10 --repeats 2
 """

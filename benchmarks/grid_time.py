@@ -1,8 +1,7 @@
 """Where an experiment grid's time went, read back from its runs: per stage (cells that ran, reused
-ones
-left out), and for the Transition and Target cells the decode and frozen-feature time with the
-shared
-on-disk cache missing against hitting, so what each saving bought is measured on the grid itself.
+ones left out), and for the Transition and Target cells the decode and frozen-feature time with the
+shared on-disk cache missing against hitting, so what each saving bought is measured on the grid
+itself.
 
     python benchmarks/grid_time.py --experiment cpu-profile [--tracking-uri sqlite:///mlflow.db]
 

@@ -1,11 +1,10 @@
 """The criterion-vs-k curves and the effect of dimension reduction, on real features.
 
 Features: MobileNet-0.25 (ImageNet) conv base at 224 px, flattened (7 x 7 x 256 = 12,544 values), of
-the
-1,055 distinct IQ-OTH/NCCD slices in ../shared, after prepare_transition's grey conversion. For each
-criterion, the held-out score of 10-fold CV for k in {2, 4, 8, 16}; then, at the k silhouette
-chooses,
-the adjusted Rand index between the final KMeans labels with and without PCA / random projection.
+the 1,055 distinct IQ-OTH/NCCD slices in ../shared, after prepare_transition's grey conversion. For
+each criterion, the held-out score of 10-fold CV for k in {2, 4, 8, 16}; then, at the k silhouette
+chooses, the adjusted Rand index between the final KMeans labels with and without PCA / random
+projection.
 
     python benchmarks/soft_labels_real.py --out docs/img/criterion-vs-k-real.png
 """

@@ -20,8 +20,7 @@ _os.environ.setdefault("MPLBACKEND", "Agg")
 
 def tensorflow_build(installed=None) -> str:
     """Which TensorFlow build is installed ("tensorflow" or "tensorflow-cpu"); an error naming the
-    fix
-    when there is none, or both (two packages owning one folder break each other)."""
+    fix when there is none, or both (two packages owning one folder break each other)."""
 
     def present(name: str) -> bool:
         try:

@@ -55,9 +55,8 @@ class BadRequest(MlflowException):
 
 def request_grey(data: bytes, config: dict, min_side: int = 0) -> np.ndarray:
     """File bytes -> the (image_size, image_size) uint8 grey the model reads, for an image or a
-    DICOM CT slice,
-    prepared as the served model's ``config`` says; an image with a side under ``min_side`` pixels
-    is refused."""
+    DICOM CT slice, prepared as the served model's ``config`` says; an image with a side under
+    ``min_side`` pixels is refused."""
     if not data:
         raise BadRequest("empty image: the request's image field decodes to 0 bytes")
     if len(data) > 132 and data[128:132] == b"DICM":
@@ -113,8 +112,7 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # The hint says what pyfunc passes (the signature's DataFrame); MLflow infers no schema from
-        # it
-        # (the logged signature is the schema) and stops warning that predict has no type hints.
+        # it (the logged signature is the schema) and stops warning that predict has no type hints.
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if INPUT_COLUMN not in frame.columns or frame.empty:
             raise BadRequest(
@@ -149,13 +147,10 @@ def serving_config(backbone: str, preprocessing: Preprocessing, threshold: float
 
 def serving_requirements() -> list[str] | None:
     """The served model's pip requirements: this installation's own dependencies (the TensorFlow
-    build its
-    extras chose included), pinned to the installed versions. Complete where MLflow's inference is
-    not
-    (it missed pydicom, imported only for DICOM input) and without ``mstl`` itself, which travels as
-    code
-    and is not on PyPI; it also spares the inference subprocess. None when mstl runs without being
-    installed: MLflow then infers."""
+    build its extras chose included), pinned to the installed versions. Complete where MLflow's
+    inference is not (it missed pydicom, imported only for DICOM input) and without ``mstl`` itself,
+    which travels as code and is not on PyPI; it also spares the inference subprocess. None when
+    mstl runs without being installed: MLflow then infers."""
     try:
         declared = metadata.requires("mstl") or []
     except metadata.PackageNotFoundError:

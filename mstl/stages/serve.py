@@ -1,6 +1,5 @@
 """The served model as MLflow "models from code": loading a registered model runs this file (with
-the
-mstl package logged beside it) instead of unpickling a Python object."""
+the mstl package logged beside it) instead of unpickling a Python object."""
 
 from mlflow.models import set_model
 

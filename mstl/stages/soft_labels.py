@@ -1,7 +1,6 @@
 """The soft_labels stage: CNN features of the Transition slices, an Optuna search over the number of
 KMeans clusters (each trial a nested MLflow run), and the labels CSV that `-e transition -P
-strategy=soft`
-reads.
+strategy=soft` reads.
 """
 
 from __future__ import annotations

@@ -176,9 +176,8 @@ def log_dataset(
     df: pd.DataFrame, name: str, source: str, digest: str, context: str, targets: str | None = None
 ):
     """Record ``df`` as an MLflow data set input of the active run (the UI's Datasets column) and
-    return it,
-    so metrics can be linked to it. ``digest`` is a content hash (of the files, not of the
-    table)."""
+    return it, so metrics can be linked to it. ``digest`` is a content hash (of the files, not of
+    the table)."""
     with (
         mlflow_false_alarms_silenced()
     ):  # the source is resolved here, the schema inferred when logged
@@ -186,10 +185,8 @@ def log_dataset(
             df, source=source, name=name, digest=digest[:DIGEST_CHARS], targets=targets
         )
         # Two grid workers logging the same new data set at once: the store looks the data set up,
-        # finds
-        # none, and both insert it; the second insert breaks the unique key (experiment, name,
-        # digest). The
-        # data set exists now, so the retry finds it and only links it to this run.
+        # finds none, and both insert it; the second insert breaks the unique key (experiment, name,
+        # digest). The data set exists now, so the retry finds it and only links it to this run.
         retry_lost_race(
             lambda: mlflow.log_input(dataset, context=context),
             lambda exc: (

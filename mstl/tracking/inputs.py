@@ -44,9 +44,8 @@ def log_export_input(
     manifest_run: str, table: pd.DataFrame, context: str, targets: str | None = None
 ) -> None:
     """Record a prepare_transition export as this run's data set: named and digested by its export
-    key
-    (a hash of every input file and the selection parameters), sourced from the prepare run's export
-    folder."""
+    key (a hash of every input file and the selection parameters), sourced from the prepare run's
+    export folder."""
     run = resolve_run(manifest_run, stage="prepare_transition")
     key = run.data.params.get("export_key", "")
     log_dataset(

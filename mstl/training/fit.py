@@ -28,9 +28,8 @@ from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 def set_seed(seed: int, deterministic: bool = True) -> None:
     """Seed Python, NumPy and TensorFlow; with ``deterministic`` (the default) also make TF ops
     deterministic, so a run repeats exactly. On a GPU that is slower, and an op without a
-    deterministic
-    kernel raises; ``deterministic=false`` keeps the seeds and lets such ops run (runs then vary
-    slightly)."""
+    deterministic kernel raises; ``deterministic=false`` keeps the seeds and lets such ops run (runs
+    then vary slightly)."""
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -38,9 +37,8 @@ def set_seed(seed: int, deterministic: bool = True) -> None:
 
 def set_threads(threads: int) -> None:
     """Let TensorFlow use ``threads`` threads within an op and between ops (0: its default, one per
-    core).
-    Two grid workers with one thread each get more from a 2-core machine than one worker with two
-    (docs/benchmarks.md). Must run before TensorFlow's first op."""
+    core). Two grid workers with one thread each get more from a 2-core machine than one worker with
+    two (docs/benchmarks.md). Must run before TensorFlow's first op."""
     if threads < 0:
         raise ValueError(f"threads must be 0 (TensorFlow's default) or more, got {threads}")
     if threads:
@@ -62,10 +60,8 @@ class FitSettings:
     cache_frozen: bool = True
     deterministic: bool = True
     # stop after this many epochs without a better validation accuracy (0: never, as in the paper's
-    # Target);
-    # the best epoch's weights are kept either way, so stopping only skips epochs that could not be
-    # kept
-    # unless a later one beat them (docs/choices.md)
+    # Target); the best epoch's weights are kept either way, so stopping only skips epochs that
+    # could not be kept unless a later one beat them (docs/choices.md)
     patience: int = 0
 
     def __post_init__(self) -> None:
@@ -94,8 +90,7 @@ DISTRIBUTE = ("none", "mirrored")
 @contextmanager
 def distribution_scope(name: str):
     """``none``: as is. ``mirrored``: tf.distribute.MirroredStrategy over every visible GPU (or,
-    with
-    none, every logical CPU device); the model must be built and compiled inside this scope."""
+    with none, every logical CPU device); the model must be built and compiled inside this scope."""
     if name not in DISTRIBUTE:
         raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {name!r}")
     if name == "none":
@@ -199,10 +194,8 @@ class FitResult:
 
 def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_size: int) -> str:
     """What the frozen half's output depends on: its layers and weights, the backbone's input
-    preprocessing,
-    the slices' pixels (which carry the preprocessing before them) and the batch size (kernels may
-    round
-    differently per batch shape), and the Keras version."""
+    preprocessing, the slices' pixels (which carry the preprocessing before them) and the batch size
+    (kernels may round differently per batch shape), and the Keras version."""
     return content_key(
         [
             "frozen",

@@ -1,6 +1,5 @@
 """distribute=mirrored on the CPU with two logical devices (in a fresh process: devices are fixed at
-start): training,
-then the predictions the stages make after it."""
+start): training, then the predictions the stages make after it."""
 
 import subprocess
 import sys

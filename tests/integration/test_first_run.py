@@ -1,7 +1,6 @@
 """The README's first run without make: after `make weights` (which seeds Keras's own cache), the
-`mlflow run`
-commands work from the activated venv, offline, with no KERAS_HOME set: Keras finds the weights
-where it looks."""
+`mlflow run` commands work from the activated venv, offline, with no KERAS_HOME set: Keras finds the
+weights where it looks."""
 
 import os
 import subprocess

@@ -1,7 +1,6 @@
 """soft_labels end to end against a real `mlflow server`: the real DICOM sample through
-prepare_transition,
-MobileNet-0.25 ImageNet features, nested Optuna trial runs, the labels CSV, and a soft Transition on
-it."""
+prepare_transition, MobileNet-0.25 ImageNet features, nested Optuna trial runs, the labels CSV, and
+a soft Transition on it."""
 
 import pandas as pd
 import pytest

@@ -1,6 +1,5 @@
-"""The Target entry point end to end: `mlflow run . -e target` against a real `mlflow server`,
-on the real COVID-CT and the genuine MobileNet-0.25 ImageNet weights, read back through the
-client."""
+"""The Target entry point end to end: `mlflow run . -e target` against a real `mlflow server`, on
+the real COVID-CT and the genuine MobileNet-0.25 ImageNet weights, read back through the client."""
 
 import hashlib
 import os
@@ -21,8 +20,7 @@ pytestmark = pytest.mark.integration
 
 TINY = {"image_size": 64, "epochs": 2, "n_bootstrap": 200, "batch_size": 32}
 # the anti-shortcut preprocessing is on here, so that the tests below which reproduce the Target
-# run's
-# probabilities through the served model, `evaluate` and `explain` show it is applied the same
+# run's probabilities through the served model, `evaluate` and `explain` show it is applied the same
 # everywhere
 PREPROCESSING = {"lung_crop": "true", "intensity": "clahe"}
 

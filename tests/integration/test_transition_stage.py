@@ -1,8 +1,6 @@
 """MSTL end to end against a real `mlflow server`: prepare_transition -> transition -> target with
-init_from,
-through `mlflow run`, on the real DICOM sample and on the real 2-D slice folder; the parent/child
-link is
-read back from the server."""
+init_from, through `mlflow run`, on the real DICOM sample and on the real 2-D slice folder; the
+parent/child link is read back from the server."""
 
 import pandas as pd
 import pytest
@@ -209,9 +207,8 @@ def evaluate_on_a_folder_set(client, tracking, experiment, data_root, tmp_path):
 
 def test_compare_reports_mstl_against_its_imagenet_baseline(mlflow_server, data_root, tmp_path):
     """After the DICOM chain (a hard Target run), a baseline on the same split and seed, both
-    evaluated on an
-    external folder set, then `-e compare`: Table III, its external columns and the paired tests on
-    both sets."""
+    evaluated on an external folder set, then `-e compare`: Table III, its external columns and the
+    paired tests on both sets."""
     experiment = "mstl-chain-dicom"
     run_ok(
         "target", {"data_root": data_root, "n_bootstrap": 100, **TINY}, mlflow_server, experiment

@@ -33,8 +33,8 @@ def test_serving_requirements_are_the_installed_runtime_dependencies_pinned():
 
 def test_defining_the_served_model_raises_no_mlflow_warning():
     """MLflow checks ``predict``'s type hints when the class is defined (on every import of
-    mstl.inference.pyfunc:
-    each Target run, each `mlflow models serve`); without one it warns to add one."""
+    mstl.inference.pyfunc: each Target run, each `mlflow models serve`); without one it warns to add
+    one."""
     import importlib
     import warnings
 

@@ -26,8 +26,7 @@ def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_track
             targets="label",
         )
     # Without the filter, MLflow 3 warns twice here: a local path "can be interpreted in multiple
-    # ways:
-    # LocalArtifactDatasetSource, LocalArtifactDatasetSource", and integer columns cannot hold
+    # ways: LocalArtifactDatasetSource, LocalArtifactDatasetSource", and integer columns cannot hold
     # missing values.
     assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     (logged,) = mlflow.MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs

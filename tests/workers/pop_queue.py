@@ -1,6 +1,6 @@
 """A worker that runs queued trials of a study, doing no work in them, until the queue is empty.
 
-python -m tests.workers.pop_queue STORAGE STUDY OUT.json   (OUT.json: the numbers of the trials it
+python -m tests.workers.pop_queue STORAGE STUDY OUT.json (OUT.json: the numbers of the trials it
 ran)
 """
 
