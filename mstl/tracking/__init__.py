@@ -34,16 +34,36 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri
 
 
+# What MLflow's UI reads from an experiment's tags: open on the runs (model training, not MLflow 3's
+# GenAI overview of traces), and chart and sort by the threshold-free figure MSTL is judged on.
+UI_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.experiment.primaryMetric.name": "test_roc_auc",
+}
+
+
 def ensure_experiment(name: str = defaults.EXPERIMENT_NAME) -> str:
-    """Create the experiment if needed; on a local store its artifacts go under ./mlartifacts."""
+    """Create the experiment if needed (on a local store its artifacts go under ./mlartifacts),
+    tagged for the UI either way."""
     mlflow.set_tracking_uri(tracking_uri())
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = None
-    if is_local_store(tracking_uri()):
-        location = Path(EMBEDDED_ARTIFACTS).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    if experiment is None:
+        location = None
+        if is_local_store(tracking_uri()):
+            location = Path(EMBEDDED_ARTIFACTS).resolve().as_uri()
+        experiment = mlflow.get_experiment(
+            mlflow.create_experiment(name, artifact_location=location)
+        )
+    tag_for_the_ui(experiment)
+    return experiment.experiment_id
+
+
+def tag_for_the_ui(experiment) -> None:
+    """Set the UI tags the experiment lacks; a value a user chose is left alone."""
+    client = mlflow.MlflowClient(tracking_uri())
+    for key, value in UI_TAGS.items():
+        if key not in experiment.tags:
+            client.set_experiment_tag(experiment.experiment_id, key, value)
 
 
 def code_version() -> str:
@@ -92,7 +112,10 @@ def start_stage_run(
         return mlflow.start_run(run_name=run_name, tags=tags, nested=True, **system)
     if not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_id=experiment_id or ensure_experiment(experiment))
-    return mlflow.start_run(run_name=run_name, tags=tags, **system)
+    run = mlflow.start_run(run_name=run_name, tags=tags, **system)
+    # `mlflow run --experiment-name` creates the experiment itself, without the UI tags
+    tag_for_the_ui(mlflow.get_experiment(run.info.experiment_id))
+    return run
 
 
 def find_finished_run(stage: str, params: dict, experiment_id: str) -> str | None:

@@ -8,7 +8,14 @@ import mlflow
 import pandas as pd
 import pytest
 
-from mstl.tracking import log_dataset, log_table, mlflow_false_alarms_silenced
+from mstl.tracking import (
+    UI_TAGS,
+    ensure_experiment,
+    log_dataset,
+    log_table,
+    mlflow_false_alarms_silenced,
+    start_stage_run,
+)
 
 
 def test_a_logged_data_set_is_read_back_without_mlflows_false_alarms(local_tracking, tmp_path):
@@ -64,3 +71,22 @@ def test_a_logged_table_is_the_csv_pandas_writes_byte_for_byte(local_tracking, t
     for name in ("predictions/test.csv", "top.csv"):
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name)
         assert Path(path).read_bytes() == expected.read_bytes()
+
+
+def test_experiments_open_on_their_runs_in_the_ui_and_a_users_choice_stays(local_tracking):
+    """ensure_experiment and a stage run in an experiment made elsewhere (as `mlflow run
+    --experiment-name` makes it) both carry the tags MLflow's UI reads; a tag a user set is kept."""
+    client = mlflow.MlflowClient()
+    made = client.get_experiment(ensure_experiment("made-here"))
+    assert {k: made.tags.get(k) for k in UI_TAGS} == UI_TAGS
+    assert made.tags["mlflow.experimentKind"] == "custom_model_development"
+    elsewhere = mlflow.create_experiment("made-elsewhere", tags={UI_TAGS_PRIMARY: "test_recall"})
+    assert "mlflow.experimentKind" not in client.get_experiment(elsewhere).tags
+    with start_stage_run("made-elsewhere", "probe", experiment_id=elsewhere):
+        pass
+    tags = client.get_experiment(elsewhere).tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tags[UI_TAGS_PRIMARY] == "test_recall"
+
+
+UI_TAGS_PRIMARY = "mlflow.experiment.primaryMetric.name"
