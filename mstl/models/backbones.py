@@ -27,6 +27,13 @@ class BackboneSpec:
     imagenet_file: str | None = None
     imagenet_sha256: str | None = None
     imagenet_url: str | None = None
+    keras_name: str = ""  # the name in Keras's weight file names, when it differs from ``name``
+
+    @property
+    def keras_weights_file(self) -> str:
+        """The file keras.applications caches no-top ImageNet weights as (in ~/.keras/models)."""
+        stem = self.keras_name or self.name
+        return self.imagenet_file or f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
     def build(
         self,
@@ -76,6 +83,7 @@ BACKBONES: dict[str, BackboneSpec] = {
             _apps.inception_v3.preprocess_input,
             "global_avgpool",
             75,
+            keras_name="inception_v3",
         ),
         BackboneSpec(
             "mobilenet_025",

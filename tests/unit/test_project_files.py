@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from mstl.stages.compare import CompareParams
+from mstl.stages.doctor import DoctorParams
 from mstl.stages.evaluate import EvaluateParams
 from mstl.stages.experiment import ExperimentParams
 from mstl.stages.explain import ExplainParams
@@ -56,6 +57,7 @@ ENTRY_POINTS = {
     "experiment": ExperimentParams,
     "explain": ExplainParams,
     "evaluate": EvaluateParams,
+    "doctor": DoctorParams,
 }
 
 
