@@ -2,8 +2,8 @@
 batch 32 with the paper's frozen half, on whatever device TensorFlow sees (CPU here; on a GPU
 machine pass --mixed-precision to compare float32 with mixed float16).
 
-    python benchmarks/bench_throughput.py --backbones mobilenet_025,densenet121 python
-    benchmarks/bench_throughput.py --backbones densenet121,densenet169 --mixed-precision # GPU
+    python benchmarks/bench_throughput.py --backbones mobilenet_025,densenet121
+    python benchmarks/bench_throughput.py --backbones densenet121,densenet169 --mixed-precision
 """
 
 from __future__ import annotations
