@@ -120,27 +120,56 @@ def freeze_shallow_half(
     return boundary
 
 
+def _inbound_layer_names(serialized: object) -> list[str]:
+    """The layers whose outputs a serialized call (a node of ``get_config``) reads, in order.
+
+    Keras writes each input tensor of a call as a ``__keras_tensor__`` whose ``keras_history``
+    starts with the producing layer's name; the tensors may sit in nested args and kwargs.
+    """
+    if isinstance(serialized, dict):
+        if serialized.get("class_name") == "__keras_tensor__":
+            return [serialized["config"]["keras_history"][0]]
+        return [name for value in serialized.values() for name in _inbound_layer_names(value)]
+    if isinstance(serialized, list | tuple):
+        return [name for value in serialized for name in _inbound_layer_names(value)]
+    return []
+
+
+def _layer_graph(model: keras.Model) -> tuple[list[int], list[int]]:
+    """Per layer of ``model``: how many times the model calls it, and the deepest layer that reads
+    its output (the layer itself if none does).
+
+    Read from the model's public config, the graph Keras itself saves, rather than from the
+    layers' private node lists. An input layer counts no calls (its config has no inbound node).
+    """
+    index = {layer.name: i for i, layer in enumerate(model.layers)}
+    calls = [0] * len(index)
+    last_consumer = list(range(len(index)))
+    for layer_config in model.get_config()["layers"]:
+        j = index.get(layer_config["name"])
+        if j is None:  # an operation that is not a layer: not a place to cut
+            continue
+        calls[j] = len(layer_config["inbound_nodes"])
+        for name in _inbound_layer_names(layer_config["inbound_nodes"]):
+            src = index.get(name)
+            if src is not None:
+                last_consumer[src] = max(last_consumer[src], j)
+    return calls, last_consumer
+
+
 def cache_cut_index(model: keras.Model) -> int | None:
     """The deepest frozen layer whose output alone carries everything deeper layers need.
 
     When augmentation is off, the frozen layers are a fixed function of the input, so their output
     at such a cut can be computed once and reused every epoch. Returns None if there is no cut.
     """
-    layers = model.layers
-    index = {id(layer): i for i, layer in enumerate(layers)}
-    last_consumer = [i for i in range(len(layers))]
-    for j, layer in enumerate(layers):
-        for node in layer._inbound_nodes:
-            for tensor in node.input_tensors:
-                src = index.get(id(tensor._keras_history.operation))
-                if src is not None:
-                    last_consumer[src] = max(last_consumer[src], j)
-    boundary = freeze_boundary(model)
+    calls, last_consumer = _layer_graph(model)
     best = None
     reach = 0
-    for i in range(boundary):
-        # A cut after layer i is valid if no layer before i feeds a layer after i.
-        if i > 0 and reach <= i and len(layers[i]._inbound_nodes) == 1:
+    for i in range(freeze_boundary(model)):
+        # A cut after layer i is valid if no layer before i feeds a layer after i, and layer i is
+        # called once (so its output is one tensor).
+        if i > 0 and reach <= i and calls[i] == 1:
             best = i
         reach = max(reach, last_consumer[i])
     return best

@@ -72,6 +72,34 @@ def check_features(features: np.ndarray, folds: int, k_max: int) -> None:
         )
 
 
+def held_out_score(model: KMeans, x: np.ndarray, criterion: str) -> float:
+    """One fold's score (higher is better) of ``model`` on its held-out slices ``x``.
+
+    Every criterion but inertia scores a labelling, and is undefined (NaN) when the fold's
+    labels form one cluster or a cluster per slice, so such a fold cannot sway the mean.
+    """
+    labels = model.predict(x)
+    if criterion == "inertia":
+        return float(model.score(x))  # negative inertia: KMeans' own score
+    if len(set(labels)) < 2 or len(set(labels)) >= len(x):
+        return float("nan")  # the score is undefined for this fold
+    if criterion == "silhouette":
+        return float(silhouette_score(x, labels))
+    if criterion == "calinski_harabasz":
+        return float(calinski_harabasz_score(x, labels))
+    return -float(davies_bouldin_score(x, labels))  # davies_bouldin: lower is better
+
+
+def stability_scores(models: list[KMeans], held: list[np.ndarray]) -> list[float]:
+    """Per fold, the adjusted Rand index between its model's and the next fold's model's labels
+    of its held-out slices: stable clusterings label unseen data alike, whoever fitted them."""
+    scores = []
+    for i, x in enumerate(held):
+        other = models[(i + 1) % len(models)]
+        scores.append(float(adjusted_rand_score(models[i].predict(x), other.predict(x))))
+    return scores
+
+
 def fold_scores(features: np.ndarray, k: int, criterion: str, folds: int, seed: int) -> list[float]:
     """One score per fold: KMeans fitted on the other folds, scored on the held-out fold."""
     if criterion not in CRITERIA:
@@ -88,19 +116,7 @@ def fold_scores(features: np.ndarray, k: int, criterion: str, folds: int, seed: 
             models.append(model)
             held.append(x)
             continue  # scored below, once every fold model exists
-        labels = model.predict(x)
-        if criterion == "inertia":
-            scores.append(float(model.score(x)))  # negative inertia: KMeans' own score
-        elif len(set(labels)) < 2 or len(set(labels)) >= len(x):
-            scores.append(float("nan"))  # the score is undefined for this fold
-        elif criterion == "silhouette":
-            scores.append(float(silhouette_score(x, labels)))
-        elif criterion == "calinski_harabasz":
-            scores.append(float(calinski_harabasz_score(x, labels)))
-        elif criterion == "davies_bouldin":
-            scores.append(-float(davies_bouldin_score(x, labels)))
+        scores.append(held_out_score(model, x, criterion))
     if criterion == "stability":
-        for i, x in enumerate(held):
-            other = models[(i + 1) % len(models)]
-            scores.append(float(adjusted_rand_score(models[i].predict(x), other.predict(x))))
+        scores = stability_scores(models, held)
     return scores

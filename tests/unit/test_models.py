@@ -97,6 +97,63 @@ def test_frozen_cut_reproduces_the_full_network(name):
     keras.backend.clear_session()
 
 
+# The cut each backbone had when it was found from Keras's private node lists, before the public
+# config replaced them: the frozen-feature cache must not move.
+CUT_INDEX = {
+    "mobilenet_025": 42,
+    "resnet50v2": 87,
+    "resnet101v2": 185,
+    "densenet121": 210,
+    "densenet169": 294,
+    "inceptionv3": 132,
+}
+
+
+def test_every_backbone_has_its_known_cut():
+    assert set(CUT_INDEX) == set(BACKBONES)
+
+
+@pytest.mark.parametrize("name", sorted(CUT_INDEX))
+def test_frozen_cut_index_per_backbone(name):
+    model = build_classifier(name, weights=None, image_size=75)
+    assert cache_cut_index(model) == CUT_INDEX[name]
+    target = reinitialise_head(model, TARGET_OUTPUT, get_backbone(name))
+    assert cache_cut_index(target) == CUT_INDEX[name]  # the head does not move the cut
+    keras.backend.clear_session()
+
+
+def small_net(relu_calls: int) -> keras.Model:
+    """Convs a, b (with a skip around b), c, then a ReLU called ``relu_calls`` times, then d, e, f:
+    a, b and c are the frozen half."""
+    x = inputs = keras.Input((8, 8, 1))
+    a = keras.layers.Conv2D(2, 3, padding="same", name="a")(x)
+    b = keras.layers.Conv2D(2, 3, padding="same", name="b")(a)
+    x = keras.layers.Add(name="add")([a, b])
+    x = keras.layers.Conv2D(2, 3, padding="same", name="c")(x)
+    relu = keras.layers.ReLU(name="relu")
+    for _ in range(relu_calls):
+        x = relu(x)
+    for name in "def":
+        x = keras.layers.Conv2D(2, 3, padding="same", name=name)(x)
+    return keras.Model(inputs, x)
+
+
+def names_at(model: keras.Model, *indices: int) -> list[str]:
+    return [model.layers[i].name for i in indices]
+
+
+def test_the_cut_is_never_inside_a_skip_nor_at_a_layer_called_twice():
+    once = small_net(relu_calls=1)
+    assert names_at(once, freeze_boundary(once), cache_cut_index(once)) == ["d", "relu"]
+    twice = small_net(relu_calls=2)  # the ReLU's output is two tensors: no cut there
+    assert names_at(twice, freeze_boundary(twice), cache_cut_index(twice)) == ["d", "c"]
+    skip = keras.Model(once.input, once.get_layer("add").output)  # convs a and b: boundary b
+    assert names_at(skip, freeze_boundary(skip), cache_cut_index(skip)) == ["b", "a"]
+    # "a" feeds both "b" and "add", so no cut lies between "a" and "add"
+    deeper = keras.Model(once.input, once.get_layer("d").output)  # convs a to d: boundary c
+    assert names_at(deeper, freeze_boundary(deeper), cache_cut_index(deeper)) == ["c", "add"]
+
+
 def test_reinitialised_head_keeps_the_base_and_replaces_the_output():
     source = build_classifier(
         "mobilenet_025", weights=None, image_size=64, output=OutputSpec("categorical", 4)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
@@ -136,3 +137,50 @@ def test_a_worker_taken_for_dead_discards_its_result_and_the_item_runs_again(tmp
         done = run_shared(study, "item", ["x"], evaluate, poll_seconds=0.1)
     assert calls == ["x", "x"] and done["x"].state == TrialState.COMPLETE
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_trial_beats_before_its_work_starts(tmp_path, monkeypatch):
+    """With Optuna's heartbeat thread silent (a worker killed before its first beat), the trial the
+    work runs in already has a beat, so it goes stale and another worker can fail and retry it."""
+    from optuna.storages._heartbeat import HeartbeatThread
+
+    from mstl.tracking.work import frozen_by_number, run_shared
+
+    monkeypatch.setattr(HeartbeatThread, "start", lambda self: None)
+    monkeypatch.setattr(HeartbeatThread, "join", lambda self: None)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="beat", storage=heartbeat_storage(url, 1))
+    other = optuna.load_study(study_name="beat", storage=heartbeat_storage(url, 1))
+    seen = []
+
+    def evaluate(trial, item):
+        if not seen:  # as another worker would, once our beat is older than the grace period (2 s)
+            time.sleep(3.2)  # sqlite's clock counts whole seconds
+            optuna.storages.fail_stale_trials(other)
+            seen.append(frozen_by_number(other, trial.number).state)
+        return 1.0
+
+    with pytest.warns(RuntimeWarning, match="judged this one dead"):
+        done = run_shared(study, "item", ["x"], evaluate, poll_seconds=0.1)
+    assert seen == [TrialState.FAIL]  # a trial without a beat is never stale: it would be RUNNING
+    assert done["x"].state == TrialState.COMPLETE
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+@pytest.mark.filterwarnings(
+    "ignore:Heartbeat of storage is supposed to be used with Study.optimize"
+)
+def test_a_trial_whose_first_beat_cannot_be_recorded_fails_at_once(tmp_path, monkeypatch):
+    """Not left RUNNING without a beat, which no worker would ever judge stale."""
+    storage = heartbeat_storage(f"sqlite:///{tmp_path / 'optuna.db'}", 1)
+    study = optuna.create_study(study_name="nobeat", storage=storage)
+    study.enqueue_trial({"item": "x"})
+
+    def broken(trial_id):
+        raise RuntimeError("database gone")
+
+    monkeypatch.setattr(storage, "record_heartbeat", broken)
+    with pytest.raises(RuntimeError, match="database gone"):
+        study.ask()
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
