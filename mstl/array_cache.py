@@ -3,18 +3,14 @@ shared folder).
 
 Used for what many runs of a grid compute identically: the decoded slices of a data set (key: the
 files' SHA-256s and the preprocessing) and the frozen lower half's features of those slices (key:
-the
-frozen weights, the slices' pixels and the backbone). A key is a SHA-256 of everything the value
-depends
-on, so a changed input is a different entry, never a stale hit.
+the frozen weights, the slices' pixels and the backbone). A key is a SHA-256 of everything the value
+depends on, so a changed input is a different entry, never a stale hit.
 
 Each entry is ``<key>.npy`` beside ``<key>.json`` holding the array file's SHA-256 and size. An
-entry is
-written to a temporary file and renamed into place, so a reader never sees half a file; on reading,
-the
-file is checked against its record, and an entry that fails (truncated, corrupt, record missing) is
-recomputed and replaced, never loaded. Two processes computing one entry at once both write the same
-bytes; the last rename wins.
+entry is written to a temporary file and renamed into place, so a reader never sees half a file; on
+reading, the file is checked against its record, and an entry that fails (truncated, corrupt,
+record missing) is recomputed and replaced, never loaded. Two processes computing one entry at once
+both write the same bytes; the last rename wins.
 """
 
 from __future__ import annotations
@@ -31,21 +27,16 @@ import numpy as np
 KEY_VERSION = b"mstl-array-cache-v1"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """The SHA-256 of a file's bytes, read in chunks: the one file hash of the project (downloads,
-    data sets,
-    exports, cache keys)."""
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (``hashlib.file_digest``, read in chunks): the one file hash
+    of the project (downloads, data sets, exports, cache keys)."""
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
     """SHA-256 over the parts, each length-prefixed (so ("ab", "c") and ("a", "bc") differ); arrays
-    by dtype,
-    shape and bytes."""
+    by dtype, shape and bytes."""
     digest = hashlib.sha256(KEY_VERSION)
     for part in parts:
         if isinstance(part, np.ndarray):
@@ -62,7 +53,7 @@ def content_key(parts: Iterable[bytes | str | np.ndarray]) -> str:
 
 def outcome(cache: ArrayCache | None, kind: str) -> str:
     """off, hit or miss: how a run's use of the cache for one kind of array fared (miss if any part
-    missed)."""
+    of it missed)."""
     if cache is None:
         return "off"
     return "miss" if cache.misses.get(kind) else "hit" if cache.hits.get(kind) else "off"
@@ -82,8 +73,7 @@ class ArrayCache:
         return self.folder / kind / f"{key}.npy"
 
     def load(self, kind: str, key: str) -> np.ndarray | None:
-        """The stored array, or None when absent or damaged (then it is reported and will be
-        rewritten)."""
+        """The stored array, or None when absent or damaged (then reported, and later rewritten)."""
         data, record = self.path(kind, key), self.path(kind, key).with_suffix(".json")
         if not data.exists():
             return None

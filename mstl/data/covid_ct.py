@@ -167,8 +167,7 @@ def patient_split(
         patients = rng.permutation(sizes.index.to_numpy())
         total, done = len(sub), 0
         for patient in patients:
-            # Assign each patient to the first split whose cumulative quota its midpoint falls
-            # within.
+            # each patient goes to the first split whose cumulative quota holds its midpoint
             mid = (done + sizes[patient] / 2) / total
             part = SPLITS[min(int(np.searchsorted(bounds, mid)), len(SPLITS) - 1)]
             split[sub.index[sub["patient_id"] == patient]] = part

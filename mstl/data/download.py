@@ -1,5 +1,6 @@
-"""Real download paths for the public datasets: fetch over any URL (https, or file:// in tests),
-check SHA-256, extract, and verify every extracted file against the checksums shipped here.
+"""Real download paths for the public datasets: fetch over any URL (https through pooch, or
+file:// in tests), check SHA-256, extract, and verify every extracted file against the checksums
+shipped here.
 
 COVID-CT's archives carry no published hash, so the check is per file: the bytes of each image,
 split list and metadata file must equal the original release (``checksums/covid-ct.sha256``).
@@ -8,17 +9,19 @@ split list and metadata file must equal the original release (``checksums/covid-
 from __future__ import annotations
 
 import argparse
-import hashlib
+import logging
 import os
 import shutil
 import stat
-import tempfile
 import urllib.request
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
 
+import pooch
 from tqdm.auto import tqdm
 
 from mstl.array_cache import sha256_file
@@ -52,29 +55,54 @@ class ChecksumError(ValueError):
     file."""
 
 
-def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:
-    """Stream ``url`` to ``dest`` atomically; with ``sha256``, a mismatch raises and leaves nothing
-    behind."""
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+def copy_url(url: str, output_file: str, pooch_instance=None) -> None:
+    """pooch's downloader for the scheme it has none (``file://``: a mirror on disk, the tests):
+    urllib streams the bytes; pooch still owns the temporary file, the hash check and the rename."""
+    with urllib.request.urlopen(url) as response, open(output_file, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        name = PurePosixPath(urlsplit(url).path).name
+        with tqdm(total=total, unit="B", unit_scale=True, desc=name, mininterval=2) as bar:
+            while block := response.read(1 << 20):
+                out.write(block)
+                bar.update(len(block))
+
+
+@contextmanager
+def quiet_pooch():
+    """Mute pooch's advice to pin the hash of a file that has none published (the archives):
+    their contents are checked file by file after extraction instead."""
+    logger = pooch.get_logger()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, mininterval=2) as bar:
-                while block := response.read(1 << 20):
-                    out.write(block)
-                    digest.update(block)
-                    bar.update(len(block))
-        if sha256 and digest.hexdigest() != sha256.lower():
-            raise ChecksumError(
-                f"SHA-256 mismatch for {url}: expected {sha256}, got {digest.hexdigest()}"
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None) -> Path:
+    """Fetch ``url`` to ``dest`` with ``pooch.retrieve``: streamed to a temporary file beside it,
+    checked, then renamed, so a mismatch (ChecksumError naming the URL) leaves nothing behind.
+    A ``dest`` already holding the expected bytes is kept; one with no hash to check is fetched
+    afresh."""
+    dest = Path(dest)
+    if sha256 is None:
+        dest.unlink(missing_ok=True)
+    local = urlsplit(url).scheme == "file"
+    try:
+        with quiet_pooch():
+            pooch.retrieve(
+                url,
+                known_hash=f"sha256:{sha256.lower()}" if sha256 else None,
+                fname=dest.name,
+                path=dest.parent,
+                downloader=copy_url if local else None,
+                progressbar=True,
             )
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except ValueError as exc:
+        if "does not match the known hash" not in str(exc):
+            raise
+        raise ChecksumError(f"SHA-256 mismatch for {url}: {exc}") from None
     return dest
 
 
@@ -147,14 +175,16 @@ def fetch_dataset(name: str, data_root: str | os.PathLike, base_url: str | None 
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     sources, checksum_file = DATASETS[name]
+    checksums = read_checksums(checksum_file)
     target = Path(data_root) / name
     for source in sources:
         url = source.url if base_url is None else base_url.rstrip("/") + source.url[len(UCSD) :]
-        path = download(url, target / source.dest, source.sha256)
+        # a file listed in the checksums is checked as it arrives; an archive, once extracted
+        path = download(url, target / source.dest, source.sha256 or checksums.get(source.dest))
         if path.suffix == ".zip":
             extract_zip(path, target)
             path.unlink()
-    count = verify_files(target, read_checksums(checksum_file))
+    count = verify_files(target, checksums)
     print(f"{name}: {count} files verified under {target}")
     return target
 

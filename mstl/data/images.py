@@ -43,8 +43,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image:
-    """Decode an image file (or its bytes) to an 8-bit grey PIL image, or raise ImageReadError
-    naming it."""
+    """Decode an image file (or its bytes) to 8-bit grey, or raise ImageReadError naming it."""
     is_bytes = isinstance(source, (bytes, bytearray))
     name = name or ("image bytes" if is_bytes else str(source))
     try:
@@ -63,8 +62,7 @@ def open_grey(source: str | os.PathLike | bytes, name: str | None = None) -> Ima
 
 
 def load_grey(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Read one image as a (image_size, image_size) uint8 grey array (plain resize), or raise
-    ImageReadError."""
+    """One image as an (image_size, image_size) uint8 grey array (plain resize)."""
     return Preprocessing(image_size)(open_grey(path))
 
 
@@ -75,9 +73,7 @@ class DecodedImages:
     pixels: np.ndarray  # (n, size, size) uint8
     kept: list[int]  # indices into the requested paths
     unreadable: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
-    lung_field_missing: list[int] = field(
-        default_factory=list
-    )  # kept paths that lung_crop left whole
+    lung_field_missing: list[int] = field(default_factory=list)  # kept, but lung_crop left whole
     seconds: float = 0.0  # wall time of decoding (or of reading the cache)
 
 
@@ -92,8 +88,7 @@ def decode_images(
 
     An unreadable file raises ImageReadError unless ``skip_unreadable``; then it is left out
     and reported in ``unreadable`` so callers can log it. Nothing is dropped silently.
-    ``preprocessing``
-    is a :class:`Preprocessing` or, for the plain resize, an image size.
+    ``preprocessing`` is a :class:`Preprocessing` or, for the plain resize, an image size.
     """
     prepare = (
         preprocessing
@@ -138,9 +133,8 @@ def decode_images_cached(
     cache: ArrayCache | None = None,
 ) -> DecodedImages:
     """``decode_images`` through ``cache`` when given, keyed by the files' SHA-256s and the
-    preprocessing, so
-    the runs of a grid decode a data set once. A set with an unreadable file is decoded afresh every
-    time."""
+    preprocessing, so the runs of a grid decode a data set once. A set with an unreadable file is
+    decoded afresh every time."""
     start = time.perf_counter()
     if cache is None:
         decoded = decode_images(paths, preprocessing, skip_unreadable)

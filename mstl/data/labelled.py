@@ -1,5 +1,5 @@
 """A labelled image set from a user: class folders (one holding the positives) or a CSV of
-path,label[,patient_id]."""
+``path,label[,patient_id]``."""
 
 from __future__ import annotations
 

@@ -10,9 +10,11 @@ borders, arrows and scanner-specific grey levels that differ by class):
   most of the outside air fall away. A slice in which no lung field is found is kept whole and
   counted (``lung_field_missing``), never dropped.
 - ``intensity``: ``equalize`` (global histogram equalisation) or ``clahe`` (contrast-limited
-adaptive
-  histogram equalisation, Zuiderveld 1994: 8x8 tiles, clip limit 2) after the resize, so grey levels
-  no longer carry the scanner's or the paper's contrast settings.
+  adaptive histogram equalisation, Zuiderveld 1994: 8x8 tiles, clip limit 2) after the resize, so
+  grey levels no longer carry the scanner's or the paper's contrast settings.
+
+Both intensity steps stay hand-written or Pillow's: scikit-image's ``equalize_adapthist`` stretches
+each image to 14 bits and clips iteratively, so it gives other numbers (docs/choices.md).
 """
 
 from __future__ import annotations
@@ -26,12 +28,8 @@ from PIL import Image, ImageOps
 from mstl.dicom.selection import lung_mask_8bit
 
 INTENSITIES = ("none", "clahe", "equalize")
-LUNG_CROP_MARGIN = (
-    0.1  # of the lung field's box, on every side: keeps the pleura and the chest wall
-)
-MASK_SIDE = (
-    256  # the lung field is found on a copy this wide: the box, not the outline, is what is used
-)
+LUNG_CROP_MARGIN = 0.1  # of the lung field's box, on every side: keeps the pleura and chest wall
+MASK_SIDE = 256  # the lung field is found on a copy this wide: the box, not the outline, is used
 CLAHE_TILES = 8
 CLAHE_CLIP_LIMIT = 2.0  # times the mean bin count of a tile's histogram (OpenCV's convention)
 
@@ -40,10 +38,8 @@ def clahe(
     grey: np.ndarray, tiles: int = CLAHE_TILES, clip_limit: float = CLAHE_CLIP_LIMIT
 ) -> np.ndarray:
     """Contrast-limited adaptive histogram equalisation of a uint8 image: each tile's histogram is
-    clipped at
-    ``clip_limit`` times its mean bin count, the excess spread over all bins, and each pixel mapped
-    through
-    the bilinear blend of its four nearest tiles' cumulative histograms."""
+    clipped at ``clip_limit`` times its mean bin count, the excess spread over all bins, and each
+    pixel mapped through the bilinear blend of its four nearest tiles' cumulative histograms."""
     grey = np.asarray(grey, dtype=np.uint8)
     h, w = grey.shape
     th, tw = math.ceil(h / tiles), math.ceil(w / tiles)
@@ -81,8 +77,7 @@ def clahe(
 def lung_box(
     grey: Image.Image, margin: float = LUNG_CROP_MARGIN
 ) -> tuple[int, int, int, int] | None:
-    """(left, top, right, bottom) of the square crop around the lung field, or None when none is
-    found."""
+    """(left, top, right, bottom) of the square crop around the lung field, or None without one."""
     width, height = grey.size
     scale = min(1.0, MASK_SIDE / max(width, height))
     small = (
@@ -110,8 +105,7 @@ def lung_box(
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """From a decoded 8-bit grey slice to the (image_size, image_size) uint8 array the network
-    reads."""
+    """From a decoded 8-bit grey slice to the square uint8 array the network reads."""
 
     image_size: int
     lung_crop: bool = False
@@ -153,8 +147,7 @@ class Preprocessing:
 
     @classmethod
     def from_config(cls, config: dict) -> Preprocessing:
-        """From a served model's config; models logged before these options were added used
-        neither."""
+        """From a served model's config; models logged before these options existed used neither."""
         return cls(
             int(config["image_size"]),
             bool(config.get("lung_crop", False)),

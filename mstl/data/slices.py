@@ -8,7 +8,6 @@ split grouped by them keeps a patient's neighbouring slices on one side.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from mstl.array_cache import sha256_file
 from mstl.data.images import IMAGE_SUFFIXES
 
 DROP = "drop"
@@ -37,8 +37,7 @@ def parse_label_map(text: str) -> dict[str, str]:
 
 @dataclass
 class SliceFolder:
-    """What was found under ``slices_root``: usable images, their labels, and everything left
-    out."""
+    """What was found under ``slices_root``: usable images, their labels, everything left out."""
 
     files: list[Path]
     labels: list[str]
@@ -73,7 +72,7 @@ def scan_slice_folder(root: str | Path, label_map: dict[str, str]) -> SliceFolde
                 continue
             if label == DROP:
                 continue
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = sha256_file(path)
             if digest in seen:
                 duplicates.append((str(seen[digest]), str(path)))
                 continue
@@ -90,10 +89,8 @@ def natural_key(name: str) -> list:
 
 
 HASH_SIDE = 16  # 16 x 16 = 256-bit difference hash
-NEAR_DUPLICATE_BITS = (
-    24  # at most ~9 % of the bits differ: measured on IQ-OTH/NCCD, docs/transition.md
-)
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint16)
+# at most ~9 % of the 256 bits differ: measured on IQ-OTH/NCCD, docs/transition.md
+NEAR_DUPLICATE_BITS = 24
 
 
 def difference_hash(grey: Image.Image, side: int = HASH_SIDE) -> np.ndarray:
@@ -105,14 +102,15 @@ def difference_hash(grey: Image.Image, side: int = HASH_SIDE) -> np.ndarray:
 def group_near_duplicates(
     hashes: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS, chunk: int = 256
 ) -> np.ndarray:
-    """Connected components of slices whose hashes differ in at most ``max_bits`` bits (a group id
-    each)."""
+    """A group id per slice: connected components of slices whose hashes differ in at most
+    ``max_bits`` bits."""
     hashes = np.asarray(hashes, dtype=np.uint8)
     n = len(hashes)
     rows, cols = [], []
     for start in range(0, n, chunk):
         block = hashes[start : start + chunk]
-        distance = _POPCOUNT[np.bitwise_xor(block[:, None, :], hashes[None, :, :])].sum(axis=2)
+        differing = np.bitwise_xor(block[:, None, :], hashes[None, :, :])
+        distance = np.bitwise_count(differing).sum(axis=2, dtype=np.int64)
         i, j = np.nonzero(distance <= max_bits)
         rows.append(i + start)
         cols.append(j)
@@ -132,8 +130,6 @@ def check_two_classes(labels: pd.Series, origin: str) -> None:
         which = f"only class {present[0]!r}" if present else "no labelled slice"
         raise ValueError(
             f"the hard task has a single class: {which} in {origin}. A hard Transition needs two "
-            "classes "
-            "(e.g. benign and malignant, or tumour and no tumour slice labels); use slice labels, "
-            "add "
-            "negatives, or use strategy=soft"
+            "classes (e.g. benign and malignant, or tumour and no tumour slice labels); use slice "
+            "labels, add negatives, or use strategy=soft"
         )

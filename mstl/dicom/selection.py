@@ -10,8 +10,13 @@ the slices above the apices (only the trachea is air) and those in the abdomen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
+
+from mstl.dicom.series import Series, read_hu, window
 
 AIR_HU = -400.0
 MIN_COMPONENT_FRACTION = 0.001
@@ -21,8 +26,7 @@ MIN_LUNG_FRACTION = 0.35
 def enclosed_components(
     mask: np.ndarray, min_component_fraction: float = MIN_COMPONENT_FRACTION
 ) -> np.ndarray:
-    """The parts of ``mask`` whose connected components do not touch the image border and are not
-    specks."""
+    """The connected components of ``mask`` that neither touch the border nor are specks."""
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -42,7 +46,9 @@ def lung_mask(
 
 
 def otsu_threshold(grey: np.ndarray) -> float:
-    """The grey level that best separates dark from bright pixels (Otsu, 1979)."""
+    """The grey level that best separates dark from bright pixels (Otsu, 1979), between two integer
+    levels. Kept by hand: scikit-image's ``filters.threshold_otsu`` draws the same masks but would
+    bring a large dependency for these lines (docs/choices.md)."""
     counts = np.bincount(np.asarray(grey, dtype=np.uint8).ravel(), minlength=256).astype(float)
     levels = np.arange(256)
     w0 = np.cumsum(counts)
@@ -64,12 +70,11 @@ def lung_mask_8bit(
     max_border_share: float = MAX_BORDER_SHARE,
 ) -> np.ndarray:
     """The lung field of an 8-bit slice with no HU (a PNG or JPG): as ``lung_mask`` does with HU,
-    the dark
-    pixels (below Otsu's threshold) that are not the air around the body. Slices cut from papers are
-    often cropped through a lung, so a dark region counts as outside air only when it runs along
-    more
-    than ``max_border_share`` of the image's edge, not merely when it touches it. Holes in the field
-    (vessels, nodules, consolidation) are filled, so what the lungs contain belongs to them."""
+    the dark pixels (below Otsu's threshold) that are not the air around the body. Slices cut from
+    papers are often cropped through a lung, so a dark region counts as outside air only when it
+    runs along more than ``max_border_share`` of the image's edge, not merely when it touches it.
+    Holes in the field (vessels, nodules, consolidation) are filled, so what the lungs contain
+    belongs to them."""
     dark = np.asarray(grey) < otsu_threshold(grey)
     labels, n = ndimage.label(dark)
     if n == 0:
@@ -99,3 +104,34 @@ def select_slices(
     peak = areas.max() if len(areas) else 0.0
     relative = areas / peak if peak > 0 else np.zeros_like(areas)
     return (relative >= min_lung_fraction) & (relative > 0), relative
+
+
+@dataclass
+class SeriesSelection:
+    """One series read once: each slice windowed to 8 bits, its lung area, and which are kept."""
+
+    windowed: list[np.ndarray]
+    areas: np.ndarray
+    keep: np.ndarray
+    relative: np.ndarray  # lung area relative to the series' largest
+
+
+def select_series(
+    series: Series,
+    window_width: float,
+    window_level: float,
+    air_hu: float = AIR_HU,
+    min_lung_fraction: float = MIN_LUNG_FRACTION,
+    progress: Callable[[int], object] | None = None,
+) -> SeriesSelection:
+    """Read each slice's HU once, for both its lung area and its windowed image, then keep the
+    slices whose lung area is at least ``min_lung_fraction`` of the series' largest."""
+    windowed, areas = [], []
+    for header in series.slices:
+        hu = read_hu(header)
+        areas.append(lung_area(hu, air_hu))
+        windowed.append(window(hu, window_width, window_level))
+        if progress is not None:
+            progress(1)
+    keep, relative = select_slices(np.asarray(areas), min_lung_fraction)
+    return SeriesSelection(windowed, np.asarray(areas, dtype=float), keep, relative)

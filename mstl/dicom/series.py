@@ -1,5 +1,5 @@
-"""Reading DICOM CT as TCIA delivers it: any file name, grouped by series, ordered along the slice
-normal.
+"""Reading DICOM CT as TCIA delivers it: any file name, grouped by series, ordered along the
+slice normal.
 
 Every file is tried with pydicom; what cannot be used is skipped with a reason that is reported,
 never dropped silently.
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
+from pydicom.pixels import apply_modality_lut, get_decoder
 
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -72,8 +72,7 @@ def missing_decoder(ds: pydicom.Dataset) -> str | None:
 
 
 def read_header(path: Path) -> SliceHeader | str:
-    """A usable CT slice's header, or the reason it cannot be used. Raises InvalidDicomError for
-    non-DICOM."""
+    """A usable CT slice's header, or why it cannot be used; InvalidDicomError if not DICOM."""
     ds = pydicom.dcmread(path, defer_size="1 KB")  # pixel data stays on disk until needed
     modality = str(ds.get("Modality", "")).upper()
     if modality != "CT":
@@ -110,10 +109,8 @@ def read_header(path: Path) -> SliceHeader | str:
         position=tuple(float(v) for v in position) if has_position else None,
         orientation=tuple(float(v) for v in orientation) if has_position else None,
         shape=(int(ds.Rows), int(ds.Columns)),
-        slope=float(
-            ds.get("RescaleSlope", 1) or 1
-        ),  # recorded for the manifest; dataset_hu applies them
-        intercept=float(ds.get("RescaleIntercept", 0) or 0),
+        slope=rescale_slope(ds),  # recorded for the manifest; dataset_hu applies them
+        intercept=rescale_intercept(ds),
     )
 
 
@@ -185,12 +182,32 @@ def scan(root: str | os.PathLike, progress=None) -> ScanResult:
     return result
 
 
+def rescale_slope(ds: pydicom.Dataset) -> float:
+    """RescaleSlope (0028,1053); 1 when missing or empty."""
+    return float(ds.get("RescaleSlope", 1) or 1)
+
+
+def rescale_intercept(ds: pydicom.Dataset) -> float:
+    """RescaleIntercept (0028,1052); 0 when missing or empty."""
+    return float(ds.get("RescaleIntercept", 0) or 0)
+
+
+def modality_lut(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """What pydicom's Modality LUT stage reads: ``ds`` itself when it has a Modality LUT Sequence,
+    else its two rescale values, 1 and 0 standing in for a missing or empty tag (pydicom would
+    skip the rescale, or fail on an empty value)."""
+    if ds.get("ModalityLUTSequence"):
+        return ds
+    rescale = pydicom.Dataset()
+    rescale.RescaleSlope = rescale_slope(ds)
+    rescale.RescaleIntercept = rescale_intercept(ds)
+    return rescale
+
+
 def dataset_hu(ds: pydicom.Dataset) -> np.ndarray:
-    """Hounsfield units: stored value x RescaleSlope (0028,1053) + RescaleIntercept (0028,1052), as
-    float32."""
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return ds.pixel_array.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+    """Hounsfield units as float32 through ``pydicom.pixels.apply_modality_lut``: stored value x
+    RescaleSlope + RescaleIntercept (or the Modality LUT Sequence), computed in float64."""
+    return apply_modality_lut(ds.pixel_array, modality_lut(ds)).astype(np.float32)
 
 
 def read_hu(header: SliceHeader) -> np.ndarray:

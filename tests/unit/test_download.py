@@ -126,3 +126,55 @@ def test_safe_zip_extracts_regular_files_and_skips_macos_metadata(tmp_path):
         "CT_COVID/sub/b.png",
     ]
     assert (tmp_path / "out" / "CT_COVID" / "sub" / "b.png").read_bytes() == b"2"
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A folder served over plain HTTP on 127.0.0.1: the path pooch's own downloader takes."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path / "served"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_over_http_gives_the_same_bytes_and_refuses_a_wrong_hash(http_folder, tmp_path):
+    folder, base = http_folder
+    data = bytes(range(256)) * 5000
+    (folder / "archive.zip").write_bytes(data)
+    good = hashlib.sha256(data).hexdigest()
+    out = download(f"{base}/archive.zip", tmp_path / "out" / "archive.zip", good)
+    assert out.read_bytes() == data
+    with pytest.raises(ChecksumError, match=f"{base}/archive.zip"):
+        download(f"{base}/archive.zip", tmp_path / "bad" / "archive.zip", "f" * 64)
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_a_file_already_there_is_kept_when_its_hash_matches_and_replaced_otherwise(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"new bytes")
+    digest = hashlib.sha256(b"new bytes").hexdigest()
+    dest = tmp_path / "data" / "src.txt"
+    download(src.as_uri(), dest, digest)
+    src.unlink()  # the source is gone: a matching file is not fetched again
+    assert download(src.as_uri(), dest, digest).read_bytes() == b"new bytes"
+    src.write_bytes(b"new bytes")
+    dest.write_bytes(b"stale")
+    assert download(src.as_uri(), dest, digest).read_bytes() == b"new bytes"  # wrong: refetched
+    dest.write_bytes(b"stale")
+    assert download(src.as_uri(), dest).read_bytes() == b"new bytes"  # no hash: always fetched
+
+
+def test_a_missing_source_is_named(tmp_path):
+    with pytest.raises(OSError, match="nowhere.zip"):
+        download((tmp_path / "nowhere.zip").as_uri(), tmp_path / "out" / "nowhere.zip")
+    assert list((tmp_path / "out").iterdir()) == []

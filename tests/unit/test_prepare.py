@@ -3,7 +3,7 @@
 import pandas as pd
 import pytest
 
-from mstl.stages import prepare
+from mstl.data import export as library
 from mstl.stages.prepare import PrepareParams, build_export
 from tests.conftest import DATA_ROOT, need_shared
 from tests.dicom_factory import write_series, write_slice
@@ -25,7 +25,7 @@ def test_slice_labels_join_the_selected_slices(tmp_path):
         )
     )
     m = export.manifest
-    assert list(m.columns) == prepare.MANIFEST_COLUMNS
+    assert list(m.columns) == library.MANIFEST_COLUMNS
     assert len(m) == 42 and m["series_instance_uid"].nunique() == 2
     # every annotated (tumour) slice lies mid-lung, so all 18 are kept
     assert (m["label"] == 1).sum() == 18 and (m["label"] == 0).sum() == 24
@@ -62,7 +62,7 @@ def test_rerun_reuses_the_finished_export(tmp_path):
 @pytest.mark.integration  # the real ../shared data
 def test_interrupted_export_leaves_no_manifest(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_save = prepare.save_slice
+    real_save = library.save_slice
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -70,12 +70,12 @@ def test_interrupted_export_leaves_no_manifest(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real_save(*args, **kwargs)
 
-    monkeypatch.setattr(prepare, "save_slice", flaky)
+    monkeypatch.setattr(library, "save_slice", flaky)
     params = dicom_params(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         build_export(params)
     assert list((tmp_path / "exports").iterdir()) == []
-    monkeypatch.setattr(prepare, "save_slice", real_save)
+    monkeypatch.setattr(library, "save_slice", real_save)
     assert not build_export(params).reused
 
 

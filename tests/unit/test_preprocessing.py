@@ -13,8 +13,7 @@ from mstl.data.preprocessing import Preprocessing, clahe, lung_box
 
 def synthetic_slice(width=256, height=256, caption=True) -> Image.Image:
     """Black outside air, a bright body, two dark lungs at rows 80..160 and columns 60..120 /
-    140..200, and a
-    bright caption block below the body, as on a slice cut from a paper."""
+    140..200, and a bright caption block below the body, as on a slice cut from a paper."""
     image = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(image)
     draw.ellipse((20, 40, 236, 200), fill=180)
@@ -36,16 +35,13 @@ def test_clahe_raises_local_contrast_without_blocks_and_limits_it_on_flat_region
     low = (100 + 10 * rng.random((128, 128))).astype(np.uint8)  # grey levels 100..109 only
     out = clahe(low)
     # contrast is raised, but a grey level's slope is at most the clip limit (2) plus the
-    # redistributed
-    # excess (at most 1): the bound that keeps CLAHE from amplifying noise
+    # redistributed excess (at most 1): the bound that keeps CLAHE from amplifying noise
     assert 2 * low.std() < out.std() <= 3 * low.std()
     assert np.abs(np.diff(out.astype(int), axis=1)).mean() < 60  # blended between tiles, not blocky
     flat = np.full((64, 64), 90, dtype=np.uint8)
     assert len(np.unique(clahe(flat))) == 1  # a flat image stays flat
-    assert clahe(np.zeros((50, 70), dtype=np.uint8)).shape == (
-        50,
-        70,
-    )  # sides not a multiple of the tiles
+    # sides not a multiple of the tiles
+    assert clahe(np.zeros((50, 70), dtype=np.uint8)).shape == (50, 70)
 
 
 def test_lung_box_frames_both_lungs_squarely_with_the_margin_and_leaves_out_the_caption():
