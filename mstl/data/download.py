@@ -11,10 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
-import stat
 import urllib.request
-import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -25,6 +22,8 @@ import pooch
 from tqdm.auto import tqdm
 
 from mstl.array_cache import sha256_file
+from mstl.data import nbia, spie_aapm
+from mstl.data.archives import extract_zip
 
 UCSD = "https://github.com/UCSD-AI4H/COVID-CT/raw/master"
 
@@ -124,48 +123,6 @@ def verify_files(folder: str | os.PathLike, checksums: dict[str, str]) -> int:
     return len(checksums)
 
 
-class UnsafeArchiveError(ValueError):
-    """An archive member that would land outside the extraction folder; the message names it."""
-
-
-def member_path(member: zipfile.ZipInfo, target: Path) -> Path | None:
-    """Where a zip member goes under ``target``, None for folders and macOS/dot files; refuses
-    absolute paths, drive letters, ``..`` and symbolic links (zip-slip), naming the member."""
-    name = member.filename
-    if (member.external_attr >> 16) & 0o170000 == stat.S_IFLNK:
-        raise UnsafeArchiveError(f"refusing archive member {name!r}: it is a symbolic link")
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or (pure.parts and ":" in pure.parts[0]):
-        raise UnsafeArchiveError(f"refusing archive member {name!r}: absolute path")
-    if ".." in pure.parts:
-        raise UnsafeArchiveError(
-            f"refusing archive member {name!r}: it climbs out of the folder with '..'"
-        )
-    if member.is_dir() or "__MACOSX" in pure.parts or pure.name.startswith("."):
-        return None
-    out = (target / Path(*pure.parts)).resolve()
-    if not out.is_relative_to(target.resolve()):
-        raise UnsafeArchiveError(f"refusing archive member {name!r}: it resolves outside {target}")
-    return out
-
-
-def extract_zip(archive_path: str | os.PathLike, target: str | os.PathLike) -> list[Path]:
-    """Extract regular files only inside ``target``. Every member is checked before anything is
-    written, so an unsafe archive leaves nothing behind."""
-    target = Path(target)
-    with zipfile.ZipFile(archive_path) as archive:
-        plan = [(member, member_path(member, target)) for member in archive.infolist()]
-        written = []
-        for member, out in plan:
-            if out is None:
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(member) as src, open(out, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            written.append(out)
-    return written
-
-
 def fetch_dataset(name: str, data_root: str | os.PathLike, base_url: str | None = None) -> Path:
     """Download, extract and verify a dataset into ``data_root/<name>``.
 
@@ -189,13 +146,44 @@ def fetch_dataset(name: str, data_root: str | os.PathLike, base_url: str | None 
     return target
 
 
+def fetch_spie_aapm(args: argparse.Namespace) -> Path:
+    """The paper's Transition set: the CT series from TCIA's NBIA API into ``dest/spie-aapm``
+    (resumable, verified), then, with ``--truth``, the labels and nodule positions beside them."""
+    target = Path(args.dest) / "spie-aapm"
+    patients = [p.strip() for p in args.patients.split(",") if p.strip()] or None
+    summary = spie_aapm.download_collection(
+        target, args.base_url or nbia.DEFAULT_BASE_URL, patients
+    )
+    print(summary.describe())
+    if args.truth:
+        truth = Path(args.truth)
+        labels, nodules = spie_aapm.write_labels(
+            truth / spie_aapm.TEST_XLSX,
+            truth / spie_aapm.CALIBRATION_XLSX,
+            target / nbia.SERIES_CSV,
+            target,
+            strict=patients is None,  # a partial download has scans without a series
+        )
+        print(f"spie-aapm: labels in {labels}, nodule positions in {nodules}")
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Download and verify a public dataset.")
-    parser.add_argument("dataset", choices=sorted(DATASETS))
+    parser.add_argument("dataset", choices=sorted([*DATASETS, "spie-aapm"]))
     parser.add_argument("--dest", default="data", help="data_root to download into")
     parser.add_argument("--base-url", default=None, help="mirror replacing the public origin")
+    parser.add_argument(
+        "--patients", default="", help="spie-aapm: only these scans (comma-separated patient ids)"
+    )
+    parser.add_argument(
+        "--truth", default="", help="spie-aapm: the folder holding TCIA's two truth spreadsheets"
+    )
     args = parser.parse_args(argv)
-    fetch_dataset(args.dataset, args.dest, args.base_url)
+    if args.dataset == "spie-aapm":
+        fetch_spie_aapm(args)
+    else:
+        fetch_dataset(args.dataset, args.dest, args.base_url)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import time
 import urllib.request
 import zipfile
@@ -45,6 +44,8 @@ from urllib.parse import urlencode
 
 import pydicom
 from pydicom.errors import InvalidDicomError
+
+from mstl.data import archives
 
 try:
     import fcntl
@@ -305,42 +306,16 @@ def fetch_to_file(
     return size
 
 
-def member_path(member: zipfile.ZipInfo, target: Path) -> Path | None:
-    """Where a zip member goes under ``target`` (None for a folder); refuses absolute paths, drive
-    letters, '..' and symbolic links, naming the member."""
-    name = member.filename
-    if (member.external_attr >> 16) & 0o170000 == stat.S_IFLNK:
-        raise UnsafeArchiveError(f"refusing zip member {name!r}: it is a symbolic link")
-    pure = PurePosixPath(name.replace("\\", "/"))
-    if pure.is_absolute() or (pure.parts and ":" in pure.parts[0]):
-        raise UnsafeArchiveError(f"refusing zip member {name!r}: absolute path")
-    if ".." in pure.parts:
-        raise UnsafeArchiveError(f"refusing zip member {name!r}: it climbs out with '..'")
-    if member.is_dir() or not pure.parts:
-        return None
-    out = (target / Path(*pure.parts)).resolve()
-    if not out.is_relative_to(target.resolve()):
-        raise UnsafeArchiveError(f"refusing zip member {name!r}: it resolves outside {target}")
-    return out
-
-
 def extract_zip_safely(archive: Path, target: Path) -> list[Path]:
-    """Extract regular files only; every member is checked before anything is written."""
+    """Extract a series' zip (``archives.extract_zip``), its errors as this module's: an unsafe
+    member is refused, a broken zip is worth another try."""
     target.mkdir(parents=True, exist_ok=True)
-    written = []
     try:
-        with zipfile.ZipFile(archive) as zf:
-            plan = [(member, member_path(member, target)) for member in zf.infolist()]
-            for member, out in plan:
-                if out is None:
-                    continue
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(out, "wb") as dst:
-                    shutil.copyfileobj(src, dst, CHUNK)
-                written.append(out)
+        return archives.extract_zip(archive, target)
+    except archives.UnsafeArchiveError as exc:
+        raise UnsafeArchiveError(str(exc)) from exc
     except (zipfile.BadZipFile, EOFError) as exc:
         raise TransientError(f"not a valid zip: {exc}") from exc
-    return written
 
 
 def md5_file(path: Path) -> str:

@@ -8,15 +8,8 @@ from pathlib import Path
 import pytest
 
 from mstl.data import covid_ct
-from mstl.data.download import (
-    COVID_CT_SOURCES,
-    UCSD,
-    ChecksumError,
-    UnsafeArchiveError,
-    download,
-    extract_zip,
-    fetch_dataset,
-)
+from mstl.data.archives import UnsafeArchiveError, extract_zip
+from mstl.data.download import COVID_CT_SOURCES, UCSD, ChecksumError, download, fetch_dataset
 
 
 def test_download_checks_sha256_and_leaves_nothing_on_mismatch(tmp_path):
