@@ -39,7 +39,15 @@ from mstl.data.slices import (
     parse_label_map,
     scan_slice_folder,
 )
-from mstl.dicom.selection import AIR_HU, MIN_LUNG_FRACTION, SeriesSelection, select_series
+from mstl.dicom.selection import (
+    AIR_HU,
+    MIN_LUNG_FRACTION,
+    Nodule,
+    NoduleSelection,
+    SeriesSelection,
+    nodule_slices,
+    select_series,
+)
 from mstl.dicom.series import ScanResult, Series, SliceHeader, scan
 
 EXPORT_VERSION = "1"  # bump when the export's content for the same input changes
@@ -61,7 +69,9 @@ MANIFEST_COLUMNS = [
     "source_sha256",
     "label",
     "label_name",
+    "selection",  # lung (lung-field selection) or nodule (within nodule_mm of a nodule's centre)
 ]
+SELECTIONS = ("lung", "nodule", "lung+nodule")
 Labels = tuple[str, dict[str, tuple[int | None, str]]]  # key column, {key: (label, label name)}
 
 
@@ -80,9 +90,13 @@ class ExportSpec:
     image_format: str = "png"
     group_near_duplicates: bool = True
     near_duplicate_bits: int = NEAR_DUPLICATE_BITS
+    selection: str = "lung"
+    nodules_csv: str = ""  # series_instance_uid, nodule, x, y, slice, label, diagnosis per nodule
+    nodule_mm: float = 10.0  # reach along the slice normal on each side of a nodule's centre slice
+    nodule_counting: str = "instance"  # the centre slice number is the InstanceNumber, or position
 
 
-INPUTS = ("dicom_root", "slices_root", "labels_csv")  # hashed by content, not by name
+INPUTS = ("dicom_root", "slices_root", "labels_csv", "nodules_csv")  # hashed by content
 
 
 @dataclass
@@ -108,8 +122,9 @@ def export_key(spec: ExportSpec) -> str:
     for path in tqdm(files, desc="hashing input", unit="file", mininterval=2):
         digest.update(str(path.relative_to(root)).encode())
         digest.update(bytes.fromhex(sha256_file(path)))
-    if spec.labels_csv:
-        digest.update(bytes.fromhex(sha256_file(Path(spec.labels_csv))))
+    for table in (spec.labels_csv, spec.nodules_csv):
+        if table:
+            digest.update(bytes.fromhex(sha256_file(Path(table))))
     return digest.hexdigest()[:32]
 
 
@@ -160,6 +175,24 @@ def read_labels(labels_csv: str, label_map: str) -> Labels | None:
             )
         out[k] = (None if value == DROP else int(value), name)
     return key, out
+
+
+def read_nodules(nodules_csv: str) -> dict[str, list[Nodule]]:
+    """Nodules by series UID, from a CSV such as `python -m mstl.data.download spie-aapm` writes."""
+    if not nodules_csv:
+        return {}
+    table = pd.read_csv(nodules_csv, dtype={"series_instance_uid": str, "diagnosis": str})
+    needed = {"series_instance_uid", "nodule", "x", "y", "slice", "label", "diagnosis"}
+    if needed - set(table.columns):
+        raise ValueError(
+            f"nodules_csv {nodules_csv} lacks column(s) {sorted(needed - set(table.columns))}"
+        )
+    out: dict[str, list[Nodule]] = {}
+    for row in table.itertuples():
+        nodule = Nodule(int(row.nodule), int(row.x), int(row.y), int(row.slice), int(row.label),
+                        str(row.diagnosis))  # fmt: skip
+        out.setdefault(str(row.series_instance_uid).strip(), []).append(nodule)
+    return out
 
 
 def slice_label(header: SliceHeader, labels: Labels | None) -> tuple[int | None, str] | None:
@@ -229,6 +262,7 @@ def export_dicom(spec: ExportSpec, folder: Path) -> tuple[pd.DataFrame, dict]:
         progress=lambda it: tqdm(it, desc="reading DICOM headers", unit="file", mininterval=2),
     )
     labels = read_labels(spec.labels_csv, spec.label_map)
+    nodules = read_nodules(spec.nodules_csv)
     rows, series_rows = [], []
     total = sum(len(s.slices) for s in scanned.series)
     bar = tqdm(total=total, desc="HU, lung selection, export", unit="slice", mininterval=2)
@@ -243,9 +277,12 @@ def export_dicom(spec: ExportSpec, folder: Path) -> tuple[pd.DataFrame, dict]:
                 spec.min_lung_fraction,
                 progress=bar.update,
             )
-            rows += export_series(k, series, chosen, labels, spec.image_format, folder, submit)
+            near = near_nodules(series, nodules, spec)
+            rows += export_series(
+                k, series, chosen, near, labels, spec.image_format, folder, submit, spec.selection
+            )
             series_rows.append(series_row(k, series, chosen))
-            series_montage(k, series, chosen, spec.min_lung_fraction).save(
+            series_montage(k, series, chosen, spec.min_lung_fraction, near).save(
                 folder / "montages" / f"s{k:03d}.png"
             )
     bar.close()
@@ -268,22 +305,47 @@ def export_dicom(spec: ExportSpec, folder: Path) -> tuple[pd.DataFrame, dict]:
     return manifest, summary
 
 
+def near_nodules(
+    series: Series, nodules: dict[str, list[Nodule]], spec: ExportSpec
+) -> NoduleSelection | None:
+    """The series' nodule slices when the selection uses nodules and the series has any."""
+    if "nodule" not in spec.selection or series.uid not in nodules:
+        return None
+    return nodule_slices(series, nodules[series.uid], spec.nodule_mm, spec.nodule_counting)
+
+
+def kept_label(
+    i: int, header: SliceHeader, chosen: SeriesSelection, near: NoduleSelection | None,
+    labels: Labels | None, selection: str,
+) -> tuple[int | None, str, str] | None:  # fmt: skip
+    """(label, label name, which selection kept it) of slice ``i``, None when no selection keeps
+    it or label_map drops it. A nodule slice takes its nodule's diagnosis."""
+    if near is not None and near.keep[i]:
+        return near.labels[i], near.names[i], "nodule"
+    if "lung" not in selection or not chosen.keep[i]:
+        return None
+    labelled = slice_label(header, labels)
+    return None if labelled is None else (*labelled, "lung")
+
+
 def export_series(
     k: int,
     series: Series,
     chosen: SeriesSelection,
+    near: NoduleSelection | None,
     labels: Labels | None,
     image_format: str,
     folder: Path,
     submit: SubmitSlice,
+    selection: str = "lung",
 ) -> list[dict]:
     """Queue the kept slices of series ``k`` for writing; their manifest rows. File names are
     numbers, never a patient's name."""
     rows = []
     for i, (header, pixels) in enumerate(zip(series.slices, chosen.windowed, strict=False)):
-        labelled = slice_label(header, labels) if chosen.keep[i] else None
+        labelled = kept_label(i, header, chosen, near, labels, selection)
         if labelled is None:
-            continue  # not a lung slice, or label_map drops it
+            continue  # not selected, or label_map drops it
         rel = f"slices/s{k:03d}/{i:04d}.{image_format}"
         submit(pixels, folder / rel, image_format)
         rows.append(
@@ -300,6 +362,7 @@ def export_series(
                 "source_sha256": sha256_file(Path(header.path)),
                 "label": labelled[0],
                 "label_name": labelled[1],
+                "selection": labelled[2],
             }
         )
     return rows
@@ -319,14 +382,27 @@ def series_row(k: int, series: Series, chosen: SeriesSelection) -> dict:
 
 
 def series_montage(
-    k: int, series: Series, chosen: SeriesSelection, min_lung_fraction: float
+    k: int,
+    series: Series,
+    chosen: SeriesSelection,
+    min_lung_fraction: float,
+    near: NoduleSelection | None = None,
 ) -> Image.Image:
     """Up to MONTAGE_MAX evenly spaced slices of series ``k``, kept ones framed green, rejected
-    ones red, so the selection can be checked by eye."""
-    windowed, keep, relative = chosen.windowed, chosen.keep, chosen.relative
+    ones red, so the selection can be checked by eye; a nodule's centre slice is always shown, with
+    a ring at the nodule and its slices framed blue."""
+    windowed, keep, relative = list(chosen.windowed), chosen.keep, chosen.relative
+    centres = near.centres if near is not None else {}
     shown = np.unique(
-        np.linspace(0, len(windowed) - 1, min(len(windowed), MONTAGE_MAX)).round().astype(int)
+        np.concatenate(
+            [np.linspace(0, len(windowed) - 1, min(len(windowed), MONTAGE_MAX)), list(centres)]
+        )
+        .round()
+        .astype(int)
     )
+    for i, nodule in centres.items():
+        windowed[i] = ringed(windowed[i], nodule.x - 1, nodule.y - 1)
+    nodule_keep = near.keep if near is not None else np.zeros(len(keep), bool)
     title = (
         f"series s{k:03d}: {int(keep.sum())}/{len(keep)} kept (green), rejected (red) "
         f"at min_lung_fraction={min_lung_fraction}"
@@ -335,11 +411,24 @@ def series_montage(
         title += f"; {len(shown)} of {len(windowed)} slices shown"
     return montage(
         [windowed[i] for i in shown],
-        [f"{series.positions[i]:.0f} mm\nf={relative[i]:.2f}" for i in shown],
+        [
+            f"{series.positions[i]:.0f} mm\n"
+            + (f"nodule {centres[i].number}" if i in centres else f"f={relative[i]:.2f}")
+            for i in shown
+        ],
         columns=10,
         title=title,
-        colors=["green" if keep[i] else "red" for i in shown],
+        colors=["blue" if nodule_keep[i] else "green" if keep[i] else "red" for i in shown],
     )
+
+
+def ringed(grey: np.ndarray, x: int, y: int, radius: int = 14) -> np.ndarray:
+    """A copy of a slice with a white ring around (x, y): where the truth puts the nodule."""
+    rows, cols = np.ogrid[: grey.shape[0], : grey.shape[1]]
+    ring = np.abs(np.hypot(cols - x, rows - y) - radius) < 1.5
+    out = np.array(grey, copy=True)
+    out[ring] = 255
+    return out
 
 
 def nothing_usable(root: str, scanned: ScanResult) -> ValueError:

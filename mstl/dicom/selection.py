@@ -135,3 +135,74 @@ def select_series(
             progress(1)
     keep, relative = select_slices(np.asarray(areas), min_lung_fraction)
     return SeriesSelection(windowed, np.asarray(areas, dtype=float), keep, relative)
+
+
+NODULE_COUNTING = ("instance", "position")  # how a nodule's centre slice number counts
+
+
+@dataclass(frozen=True)
+class Nodule:
+    """A nodule as a truth spreadsheet gives it: pixel x, y from (1, 1), a centre slice number."""
+
+    number: int
+    x: int
+    y: int
+    slice: int
+    label: int
+    diagnosis: str
+
+
+@dataclass
+class NoduleSelection:
+    """Per slice of a series: within reach of a nodule or not, with that nodule's label; and the
+    nodules' centre slices."""
+
+    keep: np.ndarray
+    labels: list[int | None]
+    names: list[str]
+    centres: dict[int, Nodule]  # slice index -> the nodule centred on it
+
+
+def centre_index(series: Series, nodule: Nodule, counting: str) -> int:
+    """The index (in the series' sorted order) of a nodule's centre slice: the slice whose DICOM
+    InstanceNumber is the number (``instance``), or the number-th slice from one end
+    (``position``, 1-based in the sorted order)."""
+    if counting == "position":
+        if not 1 <= nodule.slice <= len(series.slices):
+            raise ValueError(
+                f"nodule {nodule.number} of series {series.uid}: centre slice {nodule.slice} is "
+                f"outside the series' 1..{len(series.slices)}"
+            )
+        return nodule.slice - 1
+    numbers = [s.instance_number for s in series.slices]
+    if nodule.slice not in numbers:
+        raise ValueError(
+            f"nodule {nodule.number} of series {series.uid}: no slice has InstanceNumber "
+            f"{nodule.slice} (try nodule_counting=position)"
+        )
+    return numbers.index(nodule.slice)
+
+
+def nodule_slices(
+    series: Series, nodules: list[Nodule], reach_mm: float, counting: str = "instance"
+) -> NoduleSelection:
+    """The slices within ``reach_mm`` of a nodule's centre slice along the slice normal
+    (millimetres, not slice counts, so thin and thick series give the same anatomy), labelled by
+    that nodule's diagnosis; a slice near two nodules takes the nearer one's."""
+    if series.ordering != "slice_normal":
+        raise ValueError(
+            f"series {series.uid} has no position tags: a distance in mm along the slice normal "
+            "cannot be measured, so its nodule slices cannot be chosen"
+        )
+    positions = np.asarray(series.positions)
+    distance = np.full(len(positions), np.inf)
+    labels: list[int | None] = [None] * len(positions)
+    names = [""] * len(positions)
+    centres = {}
+    for nodule in nodules:
+        centre = centre_index(series, nodule, counting)
+        centres[centre] = nodule
+        away = np.abs(positions - positions[centre])
+        for i in np.flatnonzero((away <= reach_mm) & (away < distance)):
+            distance[i], labels[i], names[i] = away[i], nodule.label, nodule.diagnosis
+    return NoduleSelection(np.isfinite(distance), labels, names, centres)

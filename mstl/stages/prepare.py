@@ -15,7 +15,8 @@ import pandas as pd
 
 from mstl import defaults
 from mstl.data import export as library
-from mstl.data.export import IMAGE_FORMATS, Export, ExportSpec, export_key
+from mstl.data.export import IMAGE_FORMATS, SELECTIONS, Export, ExportSpec, export_key
+from mstl.dicom.selection import NODULE_COUNTING
 from mstl.tracking import log_params, start_stage_run
 
 __all__ = ["Export", "PrepareParams", "build_export", "export_key", "run_prepare"]
@@ -51,6 +52,22 @@ class PrepareParams(ExportSpec):
             raise ValueError(
                 "with slices_root the class folders are the labels; labels_csv is for dicom_root"
             )
+        self.validate_nodules()
+
+    def validate_nodules(self) -> None:
+        """The nodule selection needs DICOM (positions in mm) and a nodules CSV."""
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.nodule_counting not in NODULE_COUNTING:
+            raise ValueError(
+                f"nodule_counting must be one of {NODULE_COUNTING}, got {self.nodule_counting!r}"
+            )
+        if "nodule" in self.selection and not (self.dicom_root and self.nodules_csv):
+            raise ValueError(f"selection={self.selection} needs dicom_root and nodules_csv")
+        if self.nodules_csv and not Path(self.nodules_csv).is_file():
+            raise FileNotFoundError(f"nodules_csv not found: {self.nodules_csv}")
+        if self.nodule_mm < 0:
+            raise ValueError(f"nodule_mm must be 0 or more, got {self.nodule_mm}")
 
     @property
     def source(self) -> str:
