@@ -10,10 +10,12 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
+from mlflow import MlflowClient
 
 from mstl.data import nbia, spie_aapm
-from tests.conftest import DATA_ROOT, REPO, need_shared
+from tests.conftest import DATA_ROOT, REPO, need_shared, run_entry_point
 from tests.fake_nbia import FakeNbia, make_series, metadata_rows
 
 pytestmark = pytest.mark.integration
@@ -105,3 +107,56 @@ def test_throughput_against_the_fake_server(tmp_path, real_series):
         f"{summary.seconds:.2f} s = {summary.mb_per_s:.1f} MB/s (fetch, extract, verify, install)"
     )
     assert summary.mb_per_s > 2  # far below the measured rate: catches a pathological slowdown
+
+
+def test_the_download_command_then_nodule_slices_through_mlflow_run(
+    tmp_path, real_series, mlflow_server
+):
+    """What a user types: `python -m mstl.data.download spie-aapm` against the (fake) NBIA API with
+    TCIA's real truth spreadsheets, then `mlflow run . -e prepare_transition` with the nodule
+    selection; the prepare run is read back from the tracking server."""
+    templates, rows = real_series
+    chosen = [r for r in rows if r[0] in ("CT-Training-BE001", "CT-Training-LC001")]
+    series = make_series(chosen, templates[:8], 8)
+    data = tmp_path / "data"
+    with FakeNbia(series) as fake:
+        cmd = [sys.executable, "-m", "mstl.data.download", "spie-aapm", "--dest", str(data),
+               "--base-url", fake.base_url, "--patients", "CT-Training-BE001,CT-Training-LC001",
+               "--truth", str(DATA_ROOT / "spie-aapm")]  # fmt: skip
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 series downloaded" in done.stdout and "labels in" in done.stdout
+    root = data / "spie-aapm"
+    labels = pd.read_csv(root / "labels.csv")
+    assert dict(zip(labels["patient_id"], labels["label"], strict=True)) == {
+        "CT-Training-BE001": 0,
+        "CT-Training-LC001": 1,
+    }
+    nodules = pd.read_csv(root / "nodules.csv").dropna(subset=["series_instance_uid"])
+    assert len(nodules) == 2  # the calibration set: one nodule per scan
+    # the fake series hold 8 of a scan's slices, InstanceNumber 1-8: the centres move to slice 4
+    nodules.assign(slice=4).to_csv(tmp_path / "nodules-on-the-fake-series.csv", index=False)
+    params = {
+        "dicom_root": root,
+        "labels_csv": root / "labels.csv",
+        "nodules_csv": tmp_path / "nodules-on-the-fake-series.csv",
+        "selection": "nodule",
+        "nodule_mm": 1000.0,  # every slice of these short series is within reach
+        "export_dir": tmp_path / "exports",
+    }
+    result = run_entry_point("prepare_transition", params, mlflow_server, "spie-aapm")
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(mlflow_server)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("spie-aapm").experiment_id],
+        "tags.stage = 'prepare_transition'",
+    )
+    assert run.data.params["selection"] == "nodule" and run.data.metrics["n_series"] == 2
+    manifest = pd.read_csv(
+        client.download_artifacts(run.info.run_id, "manifest.csv", str(tmp_path))
+    )
+    assert set(manifest["selection"]) == {"nodule"} and len(manifest) == 16
+    by_patient = manifest.groupby("patient_id")["label"].unique()
+    assert list(by_patient["CT-Training-BE001"]) == [0] and list(
+        by_patient["CT-Training-LC001"]
+    ) == [1]
