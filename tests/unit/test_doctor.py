@@ -41,6 +41,7 @@ def test_a_ready_machine_prints_its_facts_and_the_paper_profile_warns_without_a_
     assert any("without a GPU" in w for w in found.warnings)  # this machine has none
 
 
+@pytest.mark.integration  # a fresh Python that loads TensorFlow: seconds
 def test_the_command_line_rejects_an_unknown_profile():
     result = subprocess.run(
         [sys.executable, "-m", "mstl", "doctor", "--profile", "gpu-cluster"],

@@ -19,6 +19,14 @@ from mstl.models import (
 )
 from mstl.models.classifier import conv_layer_indices
 
+
+def heavy(*names: str) -> list:
+    """Backbones as test parameters: building a paper network takes seconds, so all but the CPU
+    backbone (MobileNet-0.25) run with the integration tests."""
+    mark = pytest.mark.integration
+    return [n if n == "mobilenet_025" else pytest.param(n, marks=mark, id=n) for n in names]
+
+
 TABLE_I = {
     "resnet50v2": 25_613_800,
     "resnet101v2": 44_675_560,
@@ -27,7 +35,7 @@ TABLE_I = {
 }
 
 
-@pytest.mark.parametrize("name", PAPER_BACKBONES)
+@pytest.mark.parametrize("name", heavy(*PAPER_BACKBONES))
 def test_paper_backbones_have_table_i_parameter_counts(name):
     model = get_backbone(name).build(weights=None, image_size=None, include_top=True)
     assert model.count_params() == TABLE_I[name]
@@ -54,7 +62,7 @@ def test_missing_weights_file_is_named(tmp_path):
         build_classifier("mobilenet_025", weights=str(tmp_path / "nowhere.h5"), image_size=64)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_025", "densenet121", "resnet50v2"])
+@pytest.mark.parametrize("name", heavy("mobilenet_025", "densenet121", "resnet50v2"))
 def test_shallower_half_of_conv_layers_is_frozen(name):
     model = build_classifier(name, weights=None, image_size=64)
     convs = conv_layer_indices(model)
@@ -68,8 +76,8 @@ def test_shallower_half_of_conv_layers_is_frozen(name):
 @pytest.mark.parametrize(
     "name, head",
     [
-        ("resnet50v2", ["head_avgpool", "head_flatten"]),
-        ("densenet121", ["head_gap"]),
+        pytest.param("resnet50v2", ["head_avgpool", "head_flatten"], marks=pytest.mark.integration),
+        pytest.param("densenet121", ["head_gap"], marks=pytest.mark.integration),
         ("mobilenet_025", ["head_gap"]),
     ],
 )
@@ -84,7 +92,7 @@ def test_target_head_follows_the_paper(name, head):
     keras.backend.clear_session()
 
 
-@pytest.mark.parametrize("name", ["mobilenet_025", "densenet121", "resnet50v2"])
+@pytest.mark.parametrize("name", heavy("mobilenet_025", "densenet121", "resnet50v2"))
 def test_frozen_cut_reproduces_the_full_network(name):
     model = build_classifier(name, weights=None, image_size=64)
     cut = cache_cut_index(model)
@@ -113,7 +121,7 @@ def test_every_backbone_has_its_known_cut():
     assert set(CUT_INDEX) == set(BACKBONES)
 
 
-@pytest.mark.parametrize("name", sorted(CUT_INDEX))
+@pytest.mark.parametrize("name", heavy(*sorted(CUT_INDEX)))
 def test_frozen_cut_index_per_backbone(name):
     model = build_classifier(name, weights=None, image_size=75)
     assert cache_cut_index(model) == CUT_INDEX[name]

@@ -101,6 +101,7 @@ def test_a_killed_search_resumes_where_it_stopped(blobs, local_tracking, tmp_pat
     assert children["params.k"].tolist() == [str(first[2])]
 
 
+@pytest.mark.integration  # several processes: run with the integration tests
 def test_two_processes_share_one_search_each_k_once(tmp_path):
     """Two workers on one sqlite study at once, as docs/scaling.md runs them: each k is evaluated
     (and logged as a trial run) by exactly one of them, no trial fails, and both end with the same

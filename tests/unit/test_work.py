@@ -34,6 +34,7 @@ def trials_of(storage, study):
     return optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
 
 
+@pytest.mark.integration  # several processes: run with the integration tests
 def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="shared", storage=storage)  # both workers then load it at once
@@ -55,6 +56,7 @@ def test_two_workers_evaluate_each_item_exactly_once_and_fail_nothing(tmp_path):
     assert sorted(t.params["item"] for t in trials if t.state == TrialState.COMPLETE) == ITEMS
 
 
+@pytest.mark.integration  # several processes: run with the integration tests
 def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="kill", storage=storage)
@@ -88,6 +90,7 @@ def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
     assert len([t for t in trials if t.system_attrs.get("failed_trial") == failed[0].number]) == 1
 
 
+@pytest.mark.integration  # several processes: run with the integration tests
 def test_two_workers_popping_one_sqlite_queue_never_run_the_same_trial(tmp_path):
     """Optuna's pop (read WAITING, write RUNNING) is atomic on SQLite only with the write lock taken
     at BEGIN:
