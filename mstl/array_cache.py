@@ -8,9 +8,9 @@ depends on, so a changed input is a different entry, never a stale hit.
 
 Each entry is ``<key>.npy`` beside ``<key>.json`` holding the array file's SHA-256 and size. An
 entry is written to a temporary file and renamed into place, so a reader never sees half a file; on
-reading, the file is checked against its record, and an entry that fails (truncated, corrupt,
-record missing) is recomputed and replaced, never loaded. Two processes computing one entry at once
-both write the same bytes; the last rename wins.
+reading, the file is checked against its record, and an entry that fails (truncated, corrupt, record
+missing) is recomputed and replaced, never loaded. Two processes computing one entry at once both
+write the same bytes; the last rename wins.
 """
 
 from __future__ import annotations

@@ -86,9 +86,9 @@ def decode_images(
 ) -> DecodedImages:
     """Decode many images in threads (PIL releases the GIL), with a progress bar.
 
-    An unreadable file raises ImageReadError unless ``skip_unreadable``; then it is left out
-    and reported in ``unreadable`` so callers can log it. Nothing is dropped silently.
-    ``preprocessing`` is a :class:`Preprocessing` or, for the plain resize, an image size.
+    An unreadable file raises ImageReadError unless ``skip_unreadable``; then it is left out and
+    reported in ``unreadable`` so callers can log it. Nothing is dropped silently. ``preprocessing``
+    is a :class:`Preprocessing` or, for the plain resize, an image size.
     """
     prepare = (
         preprocessing

@@ -1,5 +1,5 @@
-"""Reading DICOM CT as TCIA delivers it: any file name, grouped by series, ordered along the
-slice normal.
+"""Reading DICOM CT as TCIA delivers it: any file name, grouped by series, ordered along the slice
+normal.
 
 Every file is tried with pydicom; what cannot be used is skipped with a reason that is reported,
 never dropped silently.

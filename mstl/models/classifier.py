@@ -110,8 +110,8 @@ def freeze_shallow_half(
     """Freeze layers before :func:`freeze_boundary`; frozen BatchNorm layers run in inference mode.
 
     With ``train_batchnorm=False`` the BatchNorm layers of the deeper half stay frozen as well
-    (their
-    ImageNet statistics and scale are kept), as the Keras fine-tuning guide advises for small data.
+    (their ImageNet statistics and scale are kept), as the Keras fine-tuning guide advises for small
+    data.
     """
     boundary = freeze_boundary(model)
     for i, layer in enumerate(model.layers):

@@ -177,8 +177,8 @@ def frozen_by_number(study: optuna.Study, number: int) -> FrozenTrial:
 
 
 def popped_from_queue(study: optuna.Study, trial: optuna.Trial) -> bool:
-    """Whether a running trial came from the study's queue, rather than being created because it
-    was empty."""
+    """Whether a running trial came from the study's queue, rather than being created because it was
+    empty."""
     return "fixed_params" in frozen(study, trial).system_attrs
 
 
@@ -283,8 +283,8 @@ def run_one_trial(
         if not evaluated or frozen_by_number(study, evaluated[0]).state != TrialState.FAIL:
             raise
         # we evaluated the item, but our heartbeat came later than the grace period (a stalled
-        # machine, a slow database), so another worker took us for dead and failed the trial
-        # (Optuna then refuses our result): its retry evaluates the item again
+        # machine, a slow database), so another worker took us for dead and failed the trial (Optuna
+        # then refuses our result): its retry evaluates the item again
         warnings.warn(
             f"study {study.study_name!r}: trial {evaluated[0]} was failed by another worker that "
             "judged this one dead (no heartbeat within the grace period); its result is "
@@ -304,8 +304,8 @@ def run_shared(
     max_failures: int = MAX_FAILURES,
     callbacks: Sequence[Callable] = (),
 ) -> dict[Hashable, FrozenTrial]:
-    """Evaluate every item exactly once across all workers of ``study``; return each item's
-    COMPLETE trial.
+    """Evaluate every item exactly once across all workers of ``study``; return each item's COMPLETE
+    trial.
 
     ``ready(item, done)`` says whether an item's prerequisites are complete (default: always), so a
     worker only queues what can run now and waits while others finish the rest. The study's

@@ -1,6 +1,5 @@
 """`-e experiment` on the cpu profile against a real `mlflow server`: the grid's nesting, finished
-cells
-reused, two workers sharing one grid, and a grid killed with SIGKILL that resumes on rerun."""
+cells reused, two workers sharing one grid, and a grid killed with SIGKILL that resumes on rerun."""
 
 import os
 import signal
@@ -84,8 +83,7 @@ def test_grid_nests_stages_and_reuses_finished_cells(
     assert prepare.metrics["n_groups"] < 1055
     assert all(t.data.params["group_by"] == "patient" for t in transitions.values())
     # the ImageNet cell decoded COVID-CT and computed its frozen features; the MSTL cells reused
-    # both, since a
-    # Transition leaves the frozen lower half at its ImageNet weights
+    # both, since a Transition leaves the frozen lower half at its ImageNet weights
     assert (
         targets["imagenet"].data.params["decoded_cache"],
         targets["imagenet"].data.params["frozen_cache"],

@@ -106,8 +106,7 @@ def _binormal(rng, n, mu_a, mu_b, rho):
 
 def test_the_detectable_auc_difference_is_detected_with_about_80_percent_power():
     """Binormal scores of two correlated models: at the difference the formula gives for the
-    observed SE,
-    DeLong's test rejects in about 80 % of simulated test sets."""
+    observed SE, DeLong's test rejects in about 80 % of simulated test sets."""
     from scipy import stats as st
 
     from mstl.evaluation.stats import auc_difference, delong_test, detectable_auc_difference

@@ -1,6 +1,6 @@
 """Work shared through an Optuna study by real processes on one sqlite storage: each item evaluated
-once,
-no worker failing another's trial, and a SIGKILLed worker's item retried once by one worker."""
+once, no worker failing another's trial, and a SIGKILLed worker's item retried once by one
+worker."""
 
 import json
 import os
@@ -93,9 +93,8 @@ def test_a_killed_workers_item_is_retried_once_by_one_worker(tmp_path):
 @pytest.mark.integration  # several processes: run with the integration tests
 def test_two_workers_popping_one_sqlite_queue_never_run_the_same_trial(tmp_path):
     """Optuna's pop (read WAITING, write RUNNING) is atomic on SQLite only with the write lock taken
-    at BEGIN:
-    without it two workers ran the same trial in 9 of 100 pops here, and CI saw "Cannot tell a
-    COMPLETE trial"."""
+    at BEGIN: without it two workers ran the same trial in 9 of 100 pops here, and CI saw "Cannot
+    tell a COMPLETE trial"."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     study = optuna.create_study(study_name="queue", storage=storage)
     for i in range(100):
