@@ -1,25 +1,20 @@
 """What a Target run spends after fitting on things it no longer does the slow way, measured in one
 run against the way it did them before:
 
-- the validation and test predictions and the test split's Grad-CAM pictures and shortcut probes, on
-the
-  logged model and the real COVID-CT splits: eager calls (``model(x)`` per batch, and the Grad-CAM
-  of
-  Keras's own example: a probe model called under an eager ``GradientTape``, built for every batch)
-  against one compiled forward pass (``fit.compiled_forward``) and one compiled ``GradCam`` per
-  model. Each way starts
-  from a freshly loaded model, so tracing is counted as a run pays it; the two give the same
-  numbers,
-  checked here;
+- the validation and test predictions and the test split's Grad-CAM pictures and shortcut probes,
+  on the logged model and the real COVID-CT splits: eager calls (``model(x)`` per batch, and the
+  Grad-CAM of Keras's own example: a probe model called under an eager ``GradientTape``, built for
+  every batch) against one compiled forward pass (``predict.compiled_forward``) and one compiled
+  ``GradCam`` per model. Each way starts from a freshly loaded model, so tracing is counted as a run
+  pays it; the two give the same numbers, checked here;
 - the percentile bootstrap of the test metrics (1,000 resamples of 203 images): ROC AUC by
-scikit-learn's
-  ``roc_auc_score`` on every resample against the mid-rank (Mann-Whitney) AUC of
+  scikit-learn's ``roc_auc_score`` on every resample against the mid-rank (Mann-Whitney) AUC of
   ``metrics.roc_auc``;
 - the served model's requirements: MLflow's inference (a subprocess that loads the model and records
-  its imports) against the installation's pinned dependencies (``serving.serving_requirements``).
+  its imports) against the installation's pinned dependencies (``pyfunc.serving_requirements``).
 
-    python benchmarks/bench_evaluation.py --model-dir mlartifacts/models/<model id>/artifacts
-    --data-root ../shared/data
+    python benchmarks/bench_evaluation.py \
+        --model-dir mlartifacts/models/<model id>/artifacts --data-root ../shared/data
 """
 
 from __future__ import annotations
