@@ -1,6 +1,11 @@
 """Calibration: does a predicted 0.8 mean COVID 8 times in 10? Brier score, expected calibration
-error
-and the reliability diagram, plus the score histogram per class."""
+error and the reliability diagram, plus the score histogram per class.
+
+Both agree with scikit-learn (tested) but stay here: ``brier_score_loss`` is some 70 times
+slower per call, and the bootstrap calls it 1,000 times per set; ``calibration_curve`` puts a
+probability on an inner bin edge in the lower bin (ours: the upper, as logged so far) and returns
+no counts.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +17,14 @@ N_BINS = 10
 
 def brier_score(y_true, y_prob) -> float:
     """Mean squared difference between the probability and the 0/1 truth (0 is perfect, 0.25 is a
-    coin)."""
+    coin): ``sklearn.metrics.brier_score_loss``."""
     y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
     return float(np.mean((p - y) ** 2))
 
 
 def reliability_bins(y_true, y_prob, n_bins: int = N_BINS) -> list[tuple[float, float, int]]:
-    """(mean probability, observed positive fraction, count) per equal-width bin of [0, 1]; empty
-    bins left out.
-    A probability of exactly 1 falls in the last bin."""
+    """(mean probability, observed positive fraction, count) per equal-width bin [a, b) of [0, 1];
+    empty bins left out. A probability of exactly 1 falls in the last bin."""
     y, p = np.asarray(y_true, dtype=float), np.asarray(y_prob, dtype=float)
     index = np.minimum((p * n_bins).astype(int), n_bins - 1)
     return [

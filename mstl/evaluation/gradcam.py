@@ -45,9 +45,8 @@ class GradCam:
     """Grad-CAM heat maps of one model, compiled once and reused for every batch.
 
     The heat map needs the gradient of the score with respect to the feature map only, so the
-    backward
-    pass runs through the head alone; in a compiled graph TensorFlow keeps just that path, where an
-    eager tape walked back through the whole network. One trace serves every batch size.
+    backward pass runs through the head alone; in a compiled graph TensorFlow keeps just that path,
+    where an eager tape walked back through the whole network. One trace serves every batch size.
     """
 
     def __init__(self, model: keras.Model, layer: str | None = None) -> None:

@@ -1,10 +1,8 @@
 """What a grid of Target runs says about MSTL against the ImageNet baseline, with the statistics a
-reader
-needs to trust it: paired tests per seed on the same images, Holm's correction across the family,
-the
-per-seed differences with confidence intervals (a forest plot), their mean over seeds, and the
-smallest
-differences the test set could have detected (power), so a null result can be read for what it is.
+reader needs to trust it: paired tests per seed on the same images, Holm's correction across the
+family, the per-seed differences with confidence intervals (a forest plot), their mean over seeds,
+and the smallest differences the test set could have detected (power), so a null result can be read
+for what it is.
 """
 
 from __future__ import annotations
@@ -14,6 +12,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mstl.evaluation.metrics import ACCURACY, PAIRED_SHOWN, RECALL, ROC_AUC
 from mstl.evaluation.stats import (
     detectable_auc_difference,
     detectable_paired_proportion_difference,
@@ -27,7 +26,8 @@ BASELINE = "imagenet"
 SETTING = ["backbone", "strategy", "split", "image_size", "epochs"]
 ALPHA = 0.05
 POWER = 0.8
-TEST_NAMES = {"auc": "DeLong", "accuracy": "McNemar (exact)", "sensitivity": "McNemar (exact)"}
+AUC, SENSITIVITY = ROC_AUC.paired, RECALL.paired  # "auc", "sensitivity": keys of paired tests
+TEST_NAMES = {AUC: "DeLong", ACCURACY.paired: "McNemar (exact)", SENSITIVITY: "McNemar (exact)"}
 
 
 def baseline_pairs(runs: pd.DataFrame):
@@ -55,7 +55,7 @@ def paired_rows(
     tests = paired_tests(y, joined["probability"], joined["probability_base"], run["threshold"])
     ours_right = (joined["probability"].to_numpy() >= run["threshold"]) == y
     base_right = (joined["probability_base"].to_numpy() >= run["threshold"]) == y
-    pairs = {"auc": None, "accuracy": np.ones(len(y), bool), "sensitivity": y == 1}
+    pairs = {AUC: None, ACCURACY.paired: np.ones(len(y), bool), SENSITIVITY: y == 1}
     rows = []
     for metric, result in tests.items():
         low, high = result.interval(1 - ALPHA)
@@ -90,11 +90,9 @@ def paired_rows(
 
 def comparisons(runs: pd.DataFrame, external: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each MSTL run against the ImageNet baseline of the same setting and seed, on the same test
-    images, and
-    on every external data set on which both were evaluated (the same files, by content hash).
-    ``p_holm``
-    is Holm-adjusted within each data set's family of tests (every strategy, split, seed and
-    metric)."""
+    images, and on every external data set on which both were evaluated (the same files, by content
+    hash). ``p_holm`` is Holm-adjusted within each data set's family of tests (every strategy,
+    split, seed and metric)."""
     out = []
     scored = (
         {} if external is None else {(r["run_id"], r["digest"]): r for _, r in external.iterrows()}
@@ -120,9 +118,8 @@ def comparisons(runs: pd.DataFrame, external: pd.DataFrame | None = None) -> pd.
 
 def over_seeds(paired: pd.DataFrame) -> pd.DataFrame:
     """Per data set, setting and metric: the mean paired difference over seeds with a t interval
-    (seeds as
-    replicates of the whole training), how many seeds favour MSTL, and how many are significant
-    after Holm."""
+    (seeds as replicates of the whole training), how many seeds favour MSTL, and how many are
+    significant after Holm."""
     rows = []
     keys = ["data", "backbone", "split", "image_size", "epochs", "strategy", "metric"]
     for key, group in paired.groupby(keys, sort=False):
@@ -153,16 +150,15 @@ def detectable_differences(
     runs: pd.DataFrame, paired: pd.DataFrame, power: float = POWER
 ) -> pd.DataFrame:
     """Per setting on the test split: the smallest AUC and sensitivity differences a single seed's
-    paired test
-    detects with ``power`` at alpha 0.05 and at Holm's strictest level (alpha / family size), from
-    the
-    observed standard errors (DeLong) and discordant shares (McNemar) of this grid's pairs."""
+    paired test detects with ``power`` at alpha 0.05 and at Holm's strictest level (alpha / family
+    size), from the observed standard errors (DeLong) and discordant shares (McNemar) of this grid's
+    pairs."""
     test = paired[paired["data"] == "test"]
     family = len(test)
     rows = []
     keys = ["backbone", "split", "image_size", "epochs"]
     for key, group in test.groupby(keys, sort=False):
-        auc, sens = group[group["metric"] == "auc"], group[group["metric"] == "sensitivity"]
+        auc, sens = group[group["metric"] == AUC], group[group["metric"] == SENSITIVITY]
         base = runs[
             np.logical_and.reduce([runs[k] == v for k, v in zip(keys, key, strict=True)])
             & (runs["strategy"] == BASELINE)
@@ -173,20 +169,20 @@ def detectable_differences(
             int(sens["n"].median()),
         )
         row = dict(zip(keys, key, strict=True)) | {
-            "baseline_auc": float(
-                np.mean([m.get("test_roc_auc", np.nan) for m in base["metrics"]])
-            ),
-            "baseline_sensitivity": float(
-                np.mean([m.get("test_recall", np.nan) for m in base["metrics"]])
-            ),
+            f"baseline_{m.paired}": float(
+                np.mean([r.get(f"test_{m.name}", np.nan) for r in base["metrics"]])
+            )
+            for m in PAIRED_SHOWN
+        }
+        row |= {
             "n_test": int(auc["n"].median()),
             "n_positive": n_pos,
             "se_auc_difference": se,
             "discordant_positive_share": discordant,
         }
         for label, alpha in (("", ALPHA), ("_holm", ALPHA / max(family, 1))):
-            row[f"detectable_auc{label}"] = detectable_auc_difference(se, alpha, power)
-            row[f"detectable_sensitivity{label}"] = (
+            row[f"detectable_{AUC}{label}"] = detectable_auc_difference(se, alpha, power)
+            row[f"detectable_{SENSITIVITY}{label}"] = (
                 detectable_paired_proportion_difference(n_pos, discordant, alpha, power)
                 if discordant > 0
                 else float("nan")
@@ -195,74 +191,65 @@ def detectable_differences(
     return pd.DataFrame(rows)
 
 
+def grid_counts(runs: pd.DataFrame, paired: pd.DataFrame, external: pd.DataFrame) -> dict:
+    """What a compare run logs as metrics: the Target runs, the paired differences significant
+    without and with Holm's correction, and the external data sets."""
+    return {
+        "n_target_runs": len(runs),
+        "n_significant": int(paired["significant"].sum()) if len(paired) else 0,
+        "n_significant_holm": int(paired["significant_holm"].sum()) if len(paired) else 0,
+        "n_external_sets": int(external["digest"].nunique()) if len(external) else 0,
+    }
+
+
 def forest_figure(paired: pd.DataFrame, summary: pd.DataFrame, data: str = "test"):
     """Per-seed paired differences (MSTL - ImageNet) with 95 % intervals, and their mean over seeds
-    (diamond),
-    for AUC and sensitivity, one row per split, strategy and seed."""
-    metrics = ["auc", "sensitivity"]
-    rows = paired[(paired["data"] == data) & (paired["metric"] == "auc")].sort_values(
-        ["backbone", "split", "strategy", "seed"]
-    )
-    labels = []
-    fig, axes = plt.subplots(
-        1,
-        2,
-        figsize=(11, 0.32 * (len(rows) + 2 * rows.groupby(["split", "strategy"]).ngroups) + 1.5),
-        dpi=110,
-    )
-    for ax, metric in zip(axes, metrics, strict=True):
-        y, labels = 0, []
-        table = paired[(paired["data"] == data) & (paired["metric"] == metric)]
-        for (backbone, split, strategy), group in table.groupby(
-            ["backbone", "split", "strategy"], sort=True
-        ):
-            for _, r in group.sort_values("seed").iterrows():
-                colour = "tab:red" if r["significant_holm"] else "black"
-                ax.errorbar(
-                    r["difference"],
-                    -y,
-                    xerr=[[r["difference"] - r["ci_low"]], [r["ci_high"] - r["difference"]]],
-                    fmt="o",
-                    ms=3,
-                    color=colour,
-                    capsize=2,
-                )
-                labels.append(f"{split} {strategy} s{r['seed']}")
-                y += 1
-            s = summary[
-                (summary["data"] == data)
-                & (summary["metric"] == metric)
-                & (summary["split"] == split)
-                & (summary["strategy"] == strategy)
-                & (summary["backbone"] == backbone)
-            ]
-            if len(s):
-                s = s.iloc[0]
-                ax.errorbar(
-                    s["mean_difference"],
-                    -y,
-                    xerr=[
-                        [s["mean_difference"] - s["ci_low"]],
-                        [s["ci_high"] - s["mean_difference"]],
-                    ]
-                    if np.isfinite(s["ci_low"])
-                    else None,
-                    fmt="D",
-                    ms=6,
-                    color="tab:blue",
-                    capsize=3,
-                )
-                labels.append(f"{split} {strategy}: mean of {s['seeds']}")
-                y += 2
-                labels.append("")
+    (diamond), for AUC and sensitivity, one row per split, strategy and seed."""
+    rows = paired[(paired["data"] == data) & (paired["metric"] == AUC)]
+    height = 0.32 * (len(rows) + 2 * rows.groupby(["split", "strategy"]).ngroups) + 1.5
+    fig, axes = plt.subplots(1, len(PAIRED_SHOWN), figsize=(11, height), dpi=110)
+    for ax, metric in zip(axes, PAIRED_SHOWN, strict=True):
+        table = paired[(paired["data"] == data) & (paired["metric"] == metric.paired)]
+        mean = summary[(summary["data"] == data) & (summary["metric"] == metric.paired)]
+        labels = forest_panel(ax, table, mean)
         ax.axvline(0, color="grey", lw=1, ls="--")
         ax.set_yticks([-i for i in range(len(labels))], labels, fontsize=7)
-        ax.set_xlabel(
-            f"{'AUC' if metric == 'auc' else 'sensitivity'} difference, MSTL - ImageNet (95 % CI)"
-        )
+        ax.set_xlabel(f"{metric.label} difference, MSTL - ImageNet (95 % CI)")
     fig.suptitle(
         f"Paired differences on {'the COVID-CT test split' if data == 'test' else data} (red: "
         "significant after Holm)"
     )
     fig.tight_layout()
     return fig
+
+
+def forest_panel(ax, table: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    """One metric's panel: each setting's seeds top-down, then their mean; returns row labels."""
+    y, labels = 0, []
+    for (backbone, split, strategy), group in table.groupby(
+        ["backbone", "split", "strategy"], sort=True
+    ):
+        for _, r in group.sort_values("seed").iterrows():
+            colour = "tab:red" if r["significant_holm"] else "black"
+            interval_marker(ax, r["difference"], r["ci_low"], r["ci_high"], -y, "o", 3, colour, 2)
+            labels.append(f"{split} {strategy} s{r['seed']}")
+            y += 1
+        s = summary[
+            (summary["split"] == split)
+            & (summary["strategy"] == strategy)
+            & (summary["backbone"] == backbone)
+        ]
+        if len(s):
+            s = s.iloc[0]
+            interval_marker(
+                ax, s["mean_difference"], s["ci_low"], s["ci_high"], -y, "D", 6, "tab:blue", 3
+            )
+            labels += [f"{split} {strategy}: mean of {s['seeds']}", ""]
+            y += 2
+    return labels
+
+
+def interval_marker(ax, value, low, high, y, marker, size, colour, cap) -> None:
+    """A point at ``value`` with error bars to ``low`` and ``high`` (none when they are NaN)."""
+    xerr = [[value - low], [high - value]] if np.isfinite(low) else None
+    ax.errorbar(value, y, xerr=xerr, fmt=marker, ms=size, color=colour, capsize=cap)

@@ -1,14 +1,11 @@
 """Shortcut probes: is the model reading the lungs, or the page the slice was cut from?
 
 - lung attention: the share of a Grad-CAM heat map's mass inside the lung field, averaged over
-images;
-  a model that reads the lungs puts most of its attention there.
+  images; a model that reads the lungs puts most of its attention there.
 - masked-lung AUC: the AUC on the same images with the lung field blanked out (filled with its own
-mean
-  grey, so texture and density are gone but the outline stays). Near 0.5 is good: without the lungs
-  the
-  model cannot tell the classes apart. Near the unmasked AUC means it reads something else: text,
-  borders, colour modes, the source paper's layout.
+  mean grey, so texture and density are gone but the outline stays). Near 0.5 is good: without the
+  lungs the model cannot tell the classes apart. Near the unmasked AUC means it reads something
+  else: text, borders, colour modes, the source paper's layout.
 """
 
 from __future__ import annotations
@@ -38,8 +35,7 @@ def lung_attention(heatmaps: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def mean_lung_attention(attention: np.ndarray, found: np.ndarray) -> float:
     """The mean over images with a lung field and some heat; NaN where no image has both (a model
-    whose
-    heat maps are all zero, as after one epoch at tiny settings), without numpy's empty-mean
+    whose heat maps are all zero, as after one epoch at tiny settings), without numpy's empty-mean
     warning."""
     scored = np.asarray(found, dtype=bool) & np.isfinite(attention)
     return float(attention[scored].mean()) if scored.any() else float("nan")
@@ -63,12 +59,9 @@ def shortcut_probes(
     cam: GradCam | None = None,
 ) -> dict[str, float]:
     """lung_attention (``mean_lung_attention``: over images with a lung field and some heat),
-    masked_lung_auc,
-    and the share of images in which a lung field was found (``lung_field_found``), for a Keras
-    binary
-    classifier on uint8 grey slices.
-    ``cam``: the model's ``GradCam``, when the caller has one already (it is compiled once per
-    model)."""
+    masked_lung_auc, and the share of images in which a lung field was found (``lung_field_found``),
+    for a Keras binary classifier on uint8 grey slices. ``cam``: the model's ``GradCam``, when the
+    caller has one already (it is compiled once per model)."""
     cam = cam or GradCam(model)
     masks = lung_masks(grey)
     found = masks.reshape(len(masks), -1).any(axis=1)

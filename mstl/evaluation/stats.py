@@ -17,6 +17,8 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import brentq
 
+from mstl.evaluation.metrics import ACCURACY, RECALL, ROC_AUC
+
 
 @dataclass(frozen=True)
 class PairedTest:
@@ -99,9 +101,9 @@ def paired_tests(y_true, prob_a, prob_b, threshold: float) -> dict[str, PairedTe
     pred_a, pred_b = np.asarray(prob_a) >= threshold, np.asarray(prob_b) >= threshold
     positive = y == 1
     return {
-        "auc": delong_test(y, prob_a, prob_b),
-        "accuracy": mcnemar_test(pred_a == y, pred_b == y),
-        "sensitivity": mcnemar_test(pred_a[positive], pred_b[positive]),
+        ROC_AUC.paired: delong_test(y, prob_a, prob_b),
+        ACCURACY.paired: mcnemar_test(pred_a == y, pred_b == y),
+        RECALL.paired: mcnemar_test(pred_a[positive], pred_b[positive]),
     }
 
 
@@ -120,7 +122,8 @@ def threshold_for_recall(y_true, prob, target_recall: float) -> float:
 def holm(p_values) -> np.ndarray:
     """Holm's step-down adjusted p-values (family-wise error control without assuming independence):
     the i-th smallest p times (m - i + 1), made monotone, capped at 1. Reject where adjusted <
-    alpha."""
+    alpha. statsmodels' ``multipletests(method="holm")`` gives the same values (tested), but is a
+    65 MB dependency (with patsy and formulaic) for these six lines, so it stays a test one."""
     p = np.asarray(p_values, dtype=float)
     order = np.argsort(p, kind="stable")
     m = len(p)
@@ -134,9 +137,8 @@ def detectable_auc_difference(
     se_difference: float, alpha: float = 0.05, power: float = 0.8
 ) -> float:
     """The smallest true AUC difference a two-sided DeLong test at ``alpha`` detects with ``power``,
-    given the
-    standard error of the paired difference on this test set (normal approximation: (z_{1-a/2} +
-    z_power) se)."""
+    given the standard error of the paired difference on this test set (normal approximation:
+    (z_{1-a/2} + z_power) se)."""
     return float((stats.norm.ppf(1 - alpha / 2) + stats.norm.ppf(power)) * se_difference)
 
 
@@ -144,10 +146,8 @@ def detectable_paired_proportion_difference(
     n: int, discordant: float, alpha: float = 0.05, power: float = 0.8
 ) -> float:
     """The smallest difference in paired proportions (e.g. sensitivity on ``n`` positives) that
-    McNemar's test
-    at ``alpha`` detects with ``power`` when a share ``discordant`` of the pairs disagree (Connor
-    1987):
-    solve n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 for d."""
+    McNemar's test at ``alpha`` detects with ``power`` when a share ``discordant`` of the pairs
+    disagree (Connor 1987): solve n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 for d."""
     if n < 1 or not 0 < discordant <= 1:
         raise ValueError(
             f"need n >= 1 and a discordant share in (0, 1], got n={n}, discordant={discordant}"

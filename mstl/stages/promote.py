@@ -1,9 +1,8 @@
 """Promotion to the MLflow model registry: the most sensitive Target model becomes ``champion``.
 
 Selection uses the **validation** split (highest recall, ties broken by validation ROC AUC):
-choosing
-on the test split would leak it into the model choice, so ``select_on=test`` is allowed only with a
-warning. Re-promoting registers a new version and moves the alias; older versions stay.
+choosing on the test split would leak it into the model choice, so ``select_on=test`` is allowed
+only with a warning. Re-promoting registers a new version and moves the alias; older versions stay.
 """
 
 from __future__ import annotations
@@ -14,12 +13,13 @@ from dataclasses import asdict, dataclass
 import mlflow
 
 from mstl import defaults
+from mstl.evaluation.champion import description, selection_key, version_metric_tags
+from mstl.evaluation.metrics import HEADLINE, RECALL, ROC_AUC
 from mstl.stages.evaluate import EvaluateParams, run_evaluate
 from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri
 
 SERVED_MODEL = "classifier"  # the pyfunc that answers images and DICOM (mstl.inference.pyfunc)
 MODEL_NAME = "mstl-covid-ct"
-REPORTED = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,8 @@ class PromotionRefused(RuntimeError):
 
 
 def candidates(client, experiment_name: str, select_on: str) -> list:
-    """Finished Target runs with the selection metrics and a served model, best first."""
+    """Finished Target runs with the selection metrics and a served model, best first
+    (``selection_key``: highest recall, ties by ROC AUC, then the earliest)."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
         raise ValueError(f"no experiment named {experiment_name!r} on {tracking_uri()}")
@@ -82,22 +83,31 @@ def candidates(client, experiment_name: str, select_on: str) -> list:
     usable = [
         r
         for r in runs
-        if f"{select_on}_recall" in r.data.metrics
+        if f"{select_on}_{RECALL.name}" in r.data.metrics
         and r.data.params.get("log_model", "true") == "true"
     ]
     if not usable:
         raise ValueError(
-            f"no finished Target run with {select_on}_recall and a logged model in experiment "
-            f"{experiment_name!r}"
+            f"no finished Target run with {select_on}_{RECALL.name} and a logged model in "
+            f"experiment {experiment_name!r}"
         )
     return sorted(
-        usable,
-        key=lambda r: (
-            -r.data.metrics[f"{select_on}_recall"],
-            -r.data.metrics.get(f"{select_on}_roc_auc", float("-inf")),
-            r.info.start_time,
-        ),
+        usable, key=lambda r: (*selection_key(r.data.metrics, select_on), r.info.start_time)
     )
+
+
+def version_tags(best, select_on: str) -> dict[str, str]:
+    """What a registered version records about the run it comes from, and its figures."""
+    p, tags = best.data.params, best.data.tags
+    return {
+        "source_run_id": best.info.run_id,
+        "selected_on": select_on,
+        "threshold": p.get("threshold", str(defaults.THRESHOLD)),
+        "backbone": tags.get("backbone", ""),
+        "strategy": tags.get("strategy", ""),
+        "split": tags.get("split", ""),
+        "parent_run_id": tags.get("mlflow.parentRunId", ""),
+    } | version_metric_tags(best.data.metrics, select_on)
 
 
 def promote(params: PromoteParams):
@@ -111,60 +121,48 @@ def promote(params: PromoteParams):
         )
     client = mlflow.MlflowClient(tracking_uri())
     best = candidates(client, params.search_experiment, params.select_on)[0]
-    m, p, tags = best.data.metrics, best.data.params, best.data.tags
-    # by the logged model's ID when the run has one, so the version links to it (its metrics, its
-    # data sets)
-    model_id = tags.get(MODEL_ID_TAG)
-    source = f"models:/{model_id}" if model_id else f"runs:/{best.info.run_id}/{SERVED_MODEL}"
-    version = mlflow.register_model(source, params.model_name)
-    version_tags = {
-        "source_run_id": best.info.run_id,
-        "selected_on": params.select_on,
-        "threshold": p.get("threshold", str(defaults.THRESHOLD)),
-        "backbone": tags.get("backbone", ""),
-        "strategy": tags.get("strategy", ""),
-        "split": tags.get("split", ""),
-        "parent_run_id": tags.get("mlflow.parentRunId", ""),
-        **{f"test_{name}": f"{m[f'test_{name}']:.4f}" for name in REPORTED if f"test_{name}" in m},
-        **{
-            f"{params.select_on}_{name}": f"{m[f'{params.select_on}_{name}']:.4f}"
-            for name in ("recall", "roc_auc")
-            if f"{params.select_on}_{name}" in m
-        },
-    }
-    for key, value in version_tags.items():
-        client.set_model_version_tag(params.model_name, version.version, key, value)
-    description = (
-        f"{tags.get('backbone')} ({tags.get('strategy')}) on the {tags.get('split')} split, run "
-        f"{best.info.run_id}. "
-        f"Chosen for the highest {params.select_on} recall "
-        f"({m[f'{params.select_on}_recall']:.3f}). "
-        f"Test: recall {m.get('test_recall', float('nan')):.3f} "
-        f"[{m.get('test_recall_ci_low', float('nan')):.3f}, "
-        f"{m.get('test_recall_ci_high', float('nan')):.3f}], "
-        f"specificity {m.get('test_specificity', float('nan')):.3f}, ROC AUC "
-        f"{m.get('test_roc_auc', float('nan')):.3f}; "
-        f"threshold {version_tags['threshold']}."
-    )
-    if params.external_root or params.external_csv:
-        description += external_check(client, params, version)
-    client.update_model_version(params.model_name, version.version, description=description)
+    version = register(client, best, params)
     if params.min_external_auc:
-        auc = float(
-            client.get_model_version(params.model_name, version.version).tags.get(
-                external_tag(params, "roc_auc"), "nan"
-            )
-        )
-        if not auc >= params.min_external_auc:  # NaN (one-class set) refuses too
-            raise PromotionRefused(
-                f"version {version.version} of {params.model_name} (run {best.info.run_id}) scored "
-                "external ROC AUC "
-                f"{auc:.3f} on {params.evaluation('').name()}, below "
-                f"min_external_auc={params.min_external_auc}: "
-                f"@{params.alias} was not moved (the version stays registered, without the alias)"
-            )
+        refuse_below_gate(client, params, best, version)
     client.set_registered_model_alias(params.model_name, params.alias, version.version)
     return best, version
+
+
+def register(client, best, params: PromoteParams):
+    """A new version of the best run's served model, tagged and described (and checked on the
+    external set when one is given)."""
+    # by the logged model's ID when the run has one, so the version links to it (its metrics, its
+    # data sets)
+    model_id = best.data.tags.get(MODEL_ID_TAG)
+    source = f"models:/{model_id}" if model_id else f"runs:/{best.info.run_id}/{SERVED_MODEL}"
+    version = mlflow.register_model(source, params.model_name)
+    tags = version_tags(best, params.select_on)
+    for key, value in tags.items():
+        client.set_model_version_tag(params.model_name, version.version, key, value)
+    text = description(
+        best.data.metrics, best.data.tags, best.info.run_id, params.select_on, tags["threshold"]
+    )
+    if params.external_root or params.external_csv:
+        text += external_check(client, params, version)
+    client.update_model_version(params.model_name, version.version, description=text)
+    return version
+
+
+def refuse_below_gate(client, params: PromoteParams, best, version) -> None:
+    """Raise ``PromotionRefused`` when the version's external ROC AUC is below the gate (or
+    undefined)."""
+    auc = float(
+        client.get_model_version(params.model_name, version.version).tags.get(
+            external_tag(params, ROC_AUC.clinical), "nan"
+        )
+    )
+    if not auc >= params.min_external_auc:  # NaN (one-class set) refuses too
+        raise PromotionRefused(
+            f"version {version.version} of {params.model_name} (run {best.info.run_id}) scored "
+            f"external ROC AUC {auc:.3f} on {params.evaluation('').name()}, below "
+            f"min_external_auc={params.min_external_auc}: "
+            f"@{params.alias} was not moved (the version stays registered, without the alias)"
+        )
 
 
 def external_tag(params: PromoteParams, metric: str) -> str:
@@ -185,10 +183,10 @@ def external_check(client, params: PromoteParams, version) -> str:
         low, high = m.get(key + "_ci_low", float("nan")), m.get(key + "_ci_high", float("nan"))
         return f"{m[key]:.3f} [{low:.3f}, {high:.3f}]"
 
+    auc, sensitivity, specificity = (figure(metric.clinical) for metric in HEADLINE)
     return (
-        f" External set {name} (evaluate run {run_id}): ROC AUC {figure('roc_auc')}, sensitivity "
-        f"{figure('sensitivity')}, "
-        f"specificity {figure('specificity')}."
+        f" External set {name} (evaluate run {run_id}): ROC AUC {auc}, sensitivity "
+        f"{sensitivity}, specificity {specificity}."
     )
 
 

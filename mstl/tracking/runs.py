@@ -1,6 +1,6 @@
 """Reading the runs back for the report: the finished Target runs of an experiment (or of one grid)
-with their
-predictions, and the evaluate runs of their logged models."""
+with their predictions, and the evaluate runs of their logged models.
+"""
 
 from __future__ import annotations
 
@@ -86,9 +86,8 @@ def collect(client, experiment_name: str, tmp: Path, parent_run: str = "") -> pd
 
 def collect_external(client, runs: pd.DataFrame, tmp: Path) -> pd.DataFrame:
     """The `evaluate` runs (in any experiment) of these Target runs' logged models: one row per
-    Target run and
-    external data set (the latest evaluation when there are several), with its metrics and
-    predictions."""
+    Target run and external data set (the latest evaluation when there are several), with its
+    metrics and predictions."""
     wanted = {m: run_id for m, run_id in zip(runs["model_id"], runs["run_id"], strict=True) if m}
     if not wanted:
         return pd.DataFrame(

@@ -83,3 +83,28 @@ def test_blanking_removes_lung_texture_and_keeps_the_rest():
     out = blank_lungs(grey[None], mask)[0]
     assert len(np.unique(out[mask[0]])) == 1  # one flat grey: texture and nodule gone
     np.testing.assert_array_equal(out[~mask[0]], grey[~mask[0]])  # text, border and body untouched
+
+
+def test_brier_equals_sklearn_and_the_bins_equal_calibration_curve_off_the_bin_edges():
+    """Why both stay ours: scikit-learn's ``brier_score_loss`` gives the same value (1e-15) at
+    about 70 times the cost per call (the bootstrap calls it 1,000 times per set);
+    ``calibration_curve`` gives the same bins (to 1e-15) except for a probability on an inner edge,
+    which it puts in the lower bin where ours (and the ECE logged so far) puts it in the upper, and
+    it returns no counts, which the ECE's weights and the diagram's labels need."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import brier_score_loss
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.25, 500), 0, 1)
+    assert brier_score(y, p) == pytest.approx(brier_score_loss(y, p), abs=1e-15)
+    p = p[np.abs(p * 10 - np.round(p * 10)) > 1e-6]  # no probability on a bin edge
+    y = y[: len(p)]
+    observed, mean = calibration_curve(y, p, n_bins=10)
+    bins = reliability_bins(y, p)
+    np.testing.assert_allclose(observed, [b[1] for b in bins], rtol=0, atol=1e-15)
+    np.testing.assert_allclose(mean, [b[0] for b in bins], rtol=0, atol=1e-15)
+    observed, _ = calibration_curve([0, 1], [0.5, 0.55], n_bins=10)
+    assert observed.tolist() == [0.0, 1.0] and [
+        b[2] for b in reliability_bins([0, 1], [0.5, 0.55])
+    ] == [2]

@@ -7,8 +7,10 @@ import pytest
 from PIL import Image
 
 from mstl.data.labelled import EvaluationInputError, labelled_files
+from mstl.evaluation.external import patient_level
+from mstl.evaluation.metrics import external_metrics
 from mstl.inference.pyfunc import decode_set
-from mstl.stages.evaluate import EvaluateParams, external_metrics, patient_level
+from mstl.stages.evaluate import EvaluateParams
 from tests.dicom_factory import write_slice
 
 CONFIG = {"image_size": 64, "window_width": 1500.0, "window_level": -600.0}

@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from mstl.evaluation import bootstrap_metrics, confusion, point_metrics
-from mstl.evaluation.metrics import bootstrap, roc_auc
+from mstl.evaluation.metrics import METRIC_NAMES, bootstrap, roc_auc
 
 
 def sample(n=300, seed=0):
@@ -92,3 +92,57 @@ def test_bootstrap_is_seeded():
 def test_impossible_parameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bootstrap_metrics(*sample(), **kwargs)
+
+
+def test_scipy_bootstrap_draws_the_same_intervals_but_cannot_leave_undefined_resamples_out():
+    """Why ``bootstrap`` stays ours: with the same seed ``scipy.stats.bootstrap`` (percentile)
+    resamples the same images and gives the same intervals (to 1e-12), but one resample where a
+    metric is undefined (precision with nothing predicted positive) makes its whole interval NaN,
+    where ours leaves that resample out."""
+    import warnings
+
+    from scipy import stats
+
+    def scipy_intervals(y, p, n_bootstrap, seed):
+        def statistic(index):
+            m = point_metrics(y[index], p[index])
+            return np.array([m[name] for name in METRIC_NAMES])
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy's DegenerateDataWarning on a NaN interval
+            ci = stats.bootstrap(
+                (np.arange(len(y)),), statistic, n_resamples=n_bootstrap, vectorized=False,
+                method="percentile", rng=np.random.default_rng(seed),
+            ).confidence_interval  # fmt: skip
+        return dict(zip(METRIC_NAMES, zip(ci.low, ci.high, strict=True), strict=True))
+
+    y, p = sample(200)
+    ours, theirs = bootstrap_metrics(y, p, n_bootstrap=500, seed=4), scipy_intervals(y, p, 500, 4)
+    for name in METRIC_NAMES:
+        assert (ours[name].low, ours[name].high) == pytest.approx(theirs[name], abs=1e-12), name
+    y, p = np.array([0] * 10 + [1, 1]), np.r_[np.full(10, 0.1), 0.9, 0.2]
+    ours, theirs = bootstrap_metrics(y, p, n_bootstrap=500, seed=4), scipy_intervals(y, p, 500, 4)
+    assert np.isnan(theirs["precision"]).all() and ours["precision"].low == 1.0
+    assert ours["accuracy"].low == pytest.approx(theirs["accuracy"][0], abs=1e-12)
+
+
+def test_one_vocabulary_with_unique_keys_and_the_clinical_names_of_evaluate():
+    from mstl.evaluation.metrics import EXTERNAL, METRICS, PAIRED, PAPER, Scored
+
+    assert METRIC_NAMES == ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
+    assert [m.name for m in PAPER] == list(METRIC_NAMES)
+    for field in ("name", "clinical", "paired"):
+        keys = [getattr(m, field) for m in METRICS.values()]
+        assert len(set(keys)) == len(keys), field
+    assert [m.clinical for m in EXTERNAL] == [
+        "roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy", "brier", "ece"
+    ]  # fmt: skip
+    assert [(m.paired, m.name) for m in PAIRED] == [
+        ("auc", "roc_auc"), ("accuracy", "accuracy"), ("sensitivity", "recall")
+    ]  # fmt: skip
+    assert not METRICS["brier"].greater_is_better and METRICS["recall"].greater_is_better
+    y, p = sample()
+    s = Scored.at(y, p, 0.5)
+    predicted = p >= 0.5
+    # NPV as evaluate computed it before the vocabulary: predicted negatives that are negative
+    assert METRICS["npv"](s) == float((y[~predicted] == 0).mean())
