@@ -6,6 +6,7 @@ Started from ImageNet weights it is the paper's baseline; started from a Transit
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class TargetParams(ClassifierParams):
     n_bootstrap: int = defaults.N_BOOTSTRAP
     log_model: bool = True
     init_from: str = ""
+    # a CSV of path,sha256 for COVID-CT's images, computed once by the experiment grid for all its
+    # Target cells; empty: hash the files here
+    file_hashes: str = ""
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
@@ -61,10 +65,16 @@ class TargetParams(ClassifierParams):
             )
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.file_hashes and not Path(self.file_hashes).is_file():
+            raise ValueError(f"file_hashes {self.file_hashes!r} is not a file")
         OutputSpec("binary", 1, self.dropout)
 
 
+# Not logged, and not part of what makes two Target runs the same: where the run goes, and where
+# the grid left the hashes it computed once.
+NOT_LOGGED = ("experiment", "file_hashes")
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
+HASH_COLUMNS = ["path", "sha256"]
 
 
 def strategy_of(weights: str) -> str:
@@ -98,11 +108,7 @@ def evaluate_split(
     estimates = bootstrap_metrics(
         labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed
     )
-    values = {}
-    for metric, est in estimates.items():
-        values[f"{name}_{metric}"] = est.value
-        values[f"{name}_{metric}_ci_low"] = est.low
-        values[f"{name}_{metric}_ci_high"] = est.high
+    values = estimates.flat(f"{name}_")  # test_recall, test_recall_ci_low, ...
     mlflow.log_metrics(
         {k: v for k, v in values.items() if np.isfinite(v)}, model_id=model_id, dataset=dataset
     )
@@ -201,26 +207,61 @@ def model_from_transition(parent, params: TargetParams, output: OutputSpec):
     )
 
 
+@dataclass(frozen=True)
+class TargetData:
+    """The Target images that were read: their index, pixels, split masks and MLflow data sets."""
+
+    index: pd.DataFrame
+    grey: np.ndarray
+    parts: dict[str, np.ndarray]
+    datasets: dict
+
+
 def run_target(params: TargetParams) -> str:
     """Run the whole Target stage inside one MLflow run; returns the run ID."""
     params.validate()
     set_seed(params.seed, params.deterministic)
-    spec = get_backbone(params.backbone)
     parent = transition_parent(params)
     strategy = (
         parent.data.tags.get("strategy", "transition") if parent else strategy_of(params.weights)
     )
     index = covid_ct.load_split(params.data_root, params.split, params.seed)
+    with start_target_run(params, parent, strategy) as run:
+        log_params({k: v for k, v in asdict(params).items() if k not in NOT_LOGGED})
+        log_table(covid_ct.split_table(index), "data/split.csv")
+        cache = params.array_cache()
+        data = read_target_data(params, index, cache)
+        if parent and parent.data.tags.get(MODEL_ID_TAG):
+            mlflow.log_input(model=LoggedModelInput(parent.data.tags[MODEL_ID_TAG]))
+        model = fit_target(params, parent, data, cache)
+        model_id = log_target_model(model, params, data)
+        for part in ("val", "test"):
+            evaluate_split(
+                model,
+                data.grey[data.parts[part]],
+                data.index[data.parts[part]],
+                get_backbone(params.backbone),
+                params,
+                part,
+                strategy,
+                model_id,
+                data.datasets[part],
+            )
+        return run.info.run_id
+
+
+@contextlib.contextmanager
+def start_target_run(params: TargetParams, parent, strategy: str):
+    """The Target's run, tagged; nested under its Transition run when it starts from one."""
     run_name = f"target-{params.backbone}-{strategy}-{params.split}-s{params.seed}"
     # The parent link is a tag we set ourselves: under `mlflow run`, MLFLOW_RUN_ID can override
     # start_run's parent_run_id (MLflow issue #15713), and a finished parent cannot be "active".
     nesting = {"mlflow.parentRunId": parent.info.run_id} if parent else None
-    experiment = parent.info.experiment_id if parent else None
     with start_stage_run(
         params.experiment,
         run_name,
         tags=nesting,
-        experiment_id=experiment,
+        experiment_id=parent.info.experiment_id if parent else None,
         log_system_metrics=params.log_system_metrics,
     ) as run:
         if parent:
@@ -228,9 +269,8 @@ def run_target(params: TargetParams) -> str:
             if run.info.experiment_id != parent.info.experiment_id:
                 print(
                     f"warning: this run's experiment {run.info.experiment_id} differs from its "
-                    "Transition parent's "
-                    f"({parent.info.experiment_id}); the MLflow UI nests runs only within one "
-                    "experiment"
+                    f"Transition parent's ({parent.info.experiment_id}); the MLflow UI nests runs "
+                    "only within one experiment"
                 )
         mlflow.set_tags(
             {
@@ -240,88 +280,100 @@ def run_target(params: TargetParams) -> str:
                 "split": params.split,
             }
         )
-        log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
-        log_table(covid_ct.split_table(index), "data/split.csv")
+        yield run
 
-        cache = params.array_cache()
-        decoded = decode_images_cached(
-            index["path"].tolist(), params.preprocessing, params.skip_unreadable, cache
+
+def read_target_data(params: TargetParams, index: pd.DataFrame, cache) -> TargetData:
+    """Decode the split's images, log what was skipped, their hashes, counts and data sets."""
+    decoded = decode_images_cached(
+        index["path"].tolist(), params.preprocessing, params.skip_unreadable, cache
+    )
+    if decoded.unreadable:
+        log_table(
+            pd.DataFrame(decoded.unreadable, columns=["path", "reason"]), "data/unreadable.csv"
         )
-        if decoded.unreadable:
-            log_table(
-                pd.DataFrame(decoded.unreadable, columns=["path", "reason"]), "data/unreadable.csv"
-            )
-            print(f"skipped {len(decoded.unreadable)} unreadable image(s); see data/unreadable.csv")
-        index = index.iloc[decoded.kept].reset_index(drop=True)
-        log_lung_field_missing(index, decoded, params)
-        grey = decoded.pixels
-        hashes = np.asarray(covid_ct.file_sha256s(index["path"]))
-        log_params(
-            {
-                "split_sha256": covid_ct.split_sha256(index),
-                "data_sha256": covid_ct.combined_sha256(hashes),
-                "n_unreadable": len(decoded.unreadable),
-                **{f"n_{part}": int((index["split"] == part).sum()) for part in covid_ct.SPLITS},
-            }
-        )
-        parts = {part: (index["split"] == part).to_numpy() for part in covid_ct.SPLITS}
-        datasets = {
-            part: log_dataset(
-                index.loc[parts[part], ["file", "label", "patient_id"]].reset_index(drop=True),
-                name=f"covid-ct-{params.split}-{part}",
-                source=str(covid_ct.dataset_dir(params.data_root)),
-                digest=covid_ct.combined_sha256(hashes[parts[part]]),
-                context=DATASET_CONTEXT[part],
-                targets="label",
-            )
-            for part in covid_ct.SPLITS
+        print(f"skipped {len(decoded.unreadable)} unreadable image(s); see data/unreadable.csv")
+    index = index.iloc[decoded.kept].reset_index(drop=True)
+    log_lung_field_missing(index, decoded, params)
+    hashes = image_sha256s(index, params.file_hashes)
+    log_params(
+        {
+            "split_sha256": covid_ct.split_sha256(index),
+            "data_sha256": covid_ct.combined_sha256(hashes),
+            "n_unreadable": len(decoded.unreadable),
+            **{f"n_{part}": int((index["split"] == part).sum()) for part in covid_ct.SPLITS},
         }
-        if parent and parent.data.tags.get(MODEL_ID_TAG):
-            mlflow.log_input(model=LoggedModelInput(parent.data.tags[MODEL_ID_TAG]))
+    )
+    mlflow.log_metrics({"decode_seconds": decoded.seconds})
+    parts = {part: (index["split"] == part).to_numpy() for part in covid_ct.SPLITS}
+    datasets = {
+        part: log_dataset(
+            index.loc[parts[part], ["file", "label", "patient_id"]].reset_index(drop=True),
+            name=f"covid-ct-{params.split}-{part}",
+            source=str(covid_ct.dataset_dir(params.data_root)),
+            digest=covid_ct.combined_sha256(hashes[parts[part]]),
+            context=DATASET_CONTEXT[part],
+            targets="label",
+        )
+        for part in covid_ct.SPLITS
+    }
+    return TargetData(index, decoded.pixels, parts, datasets)
 
-        output = OutputSpec("binary", 1, params.dropout)
-        labels = index["label"].to_numpy().astype("float32")
-        with distribution_scope(params.distribute):
-            model = (
-                model_from_transition(parent, params, output) if parent else params.build(output)
-            )
-            log_model_structure(model)
-            result = fit_classifier(
-                model,
-                (grey[parts["train"]], labels[parts["train"]]),
-                (grey[parts["val"]], labels[parts["val"]]),
-                spec.preprocess_input,
-                output,
-                params.fit_config(),
-                cache,
-            )
-        log_params(result.params(cache))
-        mlflow.log_metrics(result.metrics() | {"decode_seconds": decoded.seconds})
-        model_id = None
-        if (
-            params.log_model
-        ):  # the weights are stored once: in the served model, else as a checkpoint
-            model_id = log_serving_model(
-                model,
-                serving_config(params.backbone, params.preprocessing, params.threshold),
-                index.loc[parts["test"], "path"].iloc[0],
-            ).model_id
-            mlflow.set_tag(MODEL_ID_TAG, model_id)
-        else:
-            log_checkpoint(model)
-        for part in ("val", "test"):
-            evaluate_split(
-                model,
-                grey[parts[part]],
-                index[parts[part]],
-                spec,
-                params,
-                part,
-                strategy,
-                model_id,
-                datasets[part],
-            )
-        return run.info.run_id
+
+def image_sha256s(index: pd.DataFrame, file_hashes: str = "") -> np.ndarray:
+    """The SHA-256 of each image of ``index``, in its order: looked up in ``file_hashes`` (a CSV of
+    path,sha256, which must name every image) when given, else read from the files."""
+    if not file_hashes:
+        return np.asarray(covid_ct.file_sha256s(index["path"]))
+    known = pd.read_csv(file_hashes, dtype=str)
+    if list(known.columns) != HASH_COLUMNS:
+        raise ValueError(f"{file_hashes} must have the columns {HASH_COLUMNS}, got {known.columns}")
+    by_path = known.set_index("path")["sha256"]
+    missing = index.loc[~index["path"].isin(by_path.index), "path"]
+    if len(missing):
+        raise ValueError(
+            f"{file_hashes} has no hash for {len(missing)} image(s) of data_root, e.g. "
+            f"{missing.iloc[0]}"
+        )
+    return by_path.loc[index["path"]].to_numpy()
+
+
+def fit_target(params: TargetParams, parent, data: TargetData, cache):
+    """Build the network (from the Transition run's checkpoint, or from ``weights``) and fit it on
+    the train split, keeping the weights best on validation; log the fit."""
+    output = OutputSpec("binary", 1, params.dropout)
+    labels = data.index["label"].to_numpy().astype("float32")
+    train, val = data.parts["train"], data.parts["val"]
+    with distribution_scope(params.distribute):
+        model = model_from_transition(parent, params, output) if parent else params.build(output)
+        log_model_structure(model)
+        result = fit_classifier(
+            model,
+            (data.grey[train], labels[train]),
+            (data.grey[val], labels[val]),
+            get_backbone(params.backbone).preprocess_input,
+            output,
+            params.fit_config(),
+            cache,
+        )
+    log_params(result.params(cache))
+    mlflow.log_metrics(result.metrics())
+    return model
+
+
+def log_target_model(model, params: TargetParams, data: TargetData) -> str | None:
+    """Store the weights once: as the served model (its ID returned and tagged), else as a
+    checkpoint."""
+    if not params.log_model:
+        log_checkpoint(model)
+        return None
+    model_id = log_serving_model(
+        model,
+        serving_config(params.backbone, params.preprocessing, params.threshold),
+        data.index.loc[data.parts["test"], "path"].iloc[0],
+    ).model_id
+    mlflow.set_tag(MODEL_ID_TAG, model_id)
+    return model_id
 
 
 def log_lung_field_missing(index: pd.DataFrame, decoded, params: TargetParams) -> None:

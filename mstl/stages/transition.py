@@ -141,7 +141,6 @@ def run_transition(params: TransitionParams) -> str:
     """Run the Transition stage inside one MLflow run; returns the run ID."""
     params.validate()
     set_seed(params.seed, params.deterministic)
-    spec = get_backbone(params.backbone)
     manifest, folder = load_manifest(params.manifest)
     table, output, unlabelled = attach_labels(manifest, params)
     is_val = grouped_split(table, params.group_by, params.val_fraction, params.seed)
@@ -153,22 +152,7 @@ def run_transition(params: TransitionParams) -> str:
             {"stage": "transition", "backbone": params.backbone, "strategy": params.strategy}
         )
         log_params({k: v for k, v in asdict(params).items() if k != "experiment"})
-        weights = class_weights_from(params.class_weights, table.loc[~is_val, "y"].to_numpy())
-        log_params(
-            {
-                "n_train": int((~is_val).sum()),
-                "n_val": int(is_val.sum()),
-                "n_unlabelled": unlabelled,
-                "n_classes": output.n_classes if output.kind == "categorical" else 2,
-                "output": output.kind,
-                "class_weight_values": weights,
-            }
-        )
-        split_table = table.assign(split=np.where(is_val, "val", "train"))[
-            ["file", "patient_id", "y", "split"]
-        ]
-        log_table(split_table, "data/split.csv")
-        log_export_input(params.manifest, split_table, "training", targets="y")
+        weights = log_transition_data(params, table, is_val, output, unlabelled)
         cache = params.array_cache()
         decoded = decode_images_cached(
             [str(folder / f) for f in table["file"]], params.preprocessing, cache=cache
@@ -181,7 +165,7 @@ def run_transition(params: TransitionParams) -> str:
                 model,
                 (decoded.pixels[~is_val], y[~is_val]),
                 (decoded.pixels[is_val], y[is_val]),
-                spec.preprocess_input,
+                get_backbone(params.backbone).preprocess_input,
                 output,
                 params.fit_config(weights),
                 cache,
@@ -189,17 +173,48 @@ def run_transition(params: TransitionParams) -> str:
         log_params(result.params(cache))
         mlflow.log_metrics(result.metrics() | {"decode_seconds": decoded.seconds})
         log_checkpoint(model)
-        if params.log_model:
-            model_id = mlflow.keras.log_model(model, name="model").model_id
-        else:  # a model record for the checkpoint, so a Target run can name this model as its input
-            model_id = mlflow.create_external_model(
-                name=f"transition-{params.backbone}-{params.strategy}",
-                source_run_id=run.info.run_id,
-                tags={
-                    "weights": "checkpoints/best.weights.h5",
-                    "backbone": params.backbone,
-                    "strategy": params.strategy,
-                },
-            ).model_id
-        mlflow.set_tag(MODEL_ID_TAG, model_id)
+        mlflow.set_tag(MODEL_ID_TAG, log_transition_model(model, params, run.info.run_id))
         return run.info.run_id
+
+
+def log_transition_data(
+    params: TransitionParams,
+    table: pd.DataFrame,
+    is_val: np.ndarray,
+    output: OutputSpec,
+    unlabelled: int,
+) -> dict[int, float] | None:
+    """Log the split's counts, classes and class weights (returned), its table and its input."""
+    weights = class_weights_from(params.class_weights, table.loc[~is_val, "y"].to_numpy())
+    log_params(
+        {
+            "n_train": int((~is_val).sum()),
+            "n_val": int(is_val.sum()),
+            "n_unlabelled": unlabelled,
+            "n_classes": output.n_classes if output.kind == "categorical" else 2,
+            "output": output.kind,
+            "class_weight_values": weights,
+        }
+    )
+    split_table = table.assign(split=np.where(is_val, "val", "train"))[
+        ["file", "patient_id", "y", "split"]
+    ]
+    log_table(split_table, "data/split.csv")
+    log_export_input(params.manifest, split_table, "training", targets="y")
+    return weights
+
+
+def log_transition_model(model, params: TransitionParams, run_id: str) -> str:
+    """The model ID a Target run names as its input: the logged Keras model, or (by default) a
+    model record for the checkpoint."""
+    if params.log_model:
+        return mlflow.keras.log_model(model, name="model").model_id
+    return mlflow.create_external_model(
+        name=f"transition-{params.backbone}-{params.strategy}",
+        source_run_id=run_id,
+        tags={
+            "weights": "checkpoints/best.weights.h5",
+            "backbone": params.backbone,
+            "strategy": params.strategy,
+        },
+    ).model_id

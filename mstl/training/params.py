@@ -28,17 +28,15 @@ class ClassifierParams(FitSettings):
     pool_size: int = defaults.POOL_SIZE
     train_batchnorm: bool = defaults.TRAIN_BATCHNORM
     distribute: str = "none"
-    log_system_metrics: bool = (
-        False  # CPU, memory (and GPU) use of the run, sampled by MLflow (psutil)
-    )
+    # CPU, memory (and GPU) use of the run, sampled by MLflow (psutil)
+    log_system_metrics: bool = False
     # a folder for the on-disk, content-addressed cache of decoded slices and frozen-half features
-    # that runs
-    # (and processes) share; empty: none. The experiment grid uses <cache_dir>/arrays.
+    # that runs (and processes) share; empty: none. The experiment grid uses <cache_dir>/arrays.
     array_cache_dir: str = ""
 
     def validate_network(self) -> None:
-        """Fail on an unknown backbone, a too-small image or an unknown distribution before any data
-        is read."""
+        """Fail on an unknown backbone, a too-small image or an unknown distribution before any
+        data is read."""
         check_image_size(get_backbone(self.backbone), self.image_size)
         self.preprocessing  # noqa: B018 (validates intensity)
         if self.distribute not in DISTRIBUTE:
