@@ -163,9 +163,12 @@ def local_tracking(tmp_path, monkeypatch) -> str:
     import mlflow
 
     mlflow.set_tracking_uri(uri)
+    # mlflow.set_experiment's choice outlives the store it was made in: each test starts afresh
+    mlflow.tracking.fluent._active_experiment_id = None
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    mlflow.tracking.fluent._active_experiment_id = None
     for leaked in MLFLOW_RUN_STATE:  # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID
         os.environ.pop(leaked, None)
 

@@ -88,8 +88,6 @@ class EchoParams:
 def test_an_entry_point_nests_its_run_under_the_run_named_in_its_environment(
     local_tracking, tmp_path, monkeypatch
 ):
-    # start_stage_run sets MLflow's active experiment: put it back after, for the next test's store
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     with start_stage_run("cells", "grid") as grid:
         grid_id = grid.info.run_id
     tags = {"mlflow.parentRunId": grid_id, "mstl.grid_cell": "target/x"}
