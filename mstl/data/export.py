@@ -77,7 +77,8 @@ Labels = tuple[str, dict[str, tuple[int | None, str]]]  # key column, {key: (lab
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What an export is made from and what shapes it (all but the three inputs enter its key)."""
+    """What an export is made from and what shapes it (the inputs enter its key by content, the
+    rest by value)."""
 
     dicom_root: str = ""
     slices_root: str = ""

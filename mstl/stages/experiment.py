@@ -101,6 +101,8 @@ class ExperimentParams:
     transition_slices_root: str = ""
     transition_labels_csv: str = ""
     transition_label_map: str = ""
+    transition_selection: str = "lung"  # prepare_transition's: lung, nodule or lung+nodule
+    transition_nodules_csv: str = ""  # e.g. the nodules.csv of `mstl.data.download spie-aapm`
     transition_group_by: str = ""
     transition_patience: int = -1  # -1: the profile's; 0: every epoch
     soft_feature_backbone: str = ""
@@ -243,6 +245,8 @@ def prepare_cell(p: ExperimentParams) -> Cell:
         slices_root=p.transition_slices_root,
         labels_csv=p.transition_labels_csv,
         label_map=p.transition_label_map,
+        selection=p.transition_selection,
+        nodules_csv=p.transition_nodules_csv,
         export_dir=p.export_dir,
     )
     prepare.validate()

@@ -118,3 +118,27 @@ def test_the_cpu_grid_stops_its_transitions_early_and_never_its_targets(tmp_path
     )
     with pytest.raises(ValueError, match="transition_patience must be -1"):
         ExperimentParams(data_root=str(tmp_path), transition_patience=-2).resolved()
+
+
+def test_the_grid_hands_the_nodule_selection_to_its_prepare_cell(tmp_path):
+    """`-e experiment -P transition_dicom_root=... -P transition_nodules_csv=...`: the one prepare
+    cell exports with the nodule selection; a selection needing nodules without them is refused."""
+    (tmp_path / "dicom").mkdir()
+    nodules = tmp_path / "nodules.csv"
+    nodules.write_text("series_instance_uid,nodule,x,y,slice,label,diagnosis\n")
+    p = ExperimentParams(
+        data_root=str(tmp_path),
+        transition_dicom_root=str(tmp_path / "dicom"),
+        transition_selection="lung+nodule",
+        transition_nodules_csv=str(nodules),
+    ).resolved()
+    cell = experiment.prepare_cell(p)
+    prepare, _ = cell.make({})
+    assert (prepare.selection, prepare.nodules_csv) == ("lung+nodule", str(nodules))
+    no_nodules = ExperimentParams(
+        data_root=str(tmp_path),
+        transition_dicom_root=str(tmp_path / "dicom"),
+        transition_selection="nodule",
+    ).resolved()
+    with pytest.raises(ValueError, match="needs dicom_root and nodules_csv"):
+        experiment.prepare_cell(no_nodules)
