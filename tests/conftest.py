@@ -143,14 +143,18 @@ def run_entry_point(
     ]
     for key, value in params.items():
         cmd += ["-P", f"{key}={value}"]
-    env = dict(
-        os.environ,
-        MLFLOW_TRACKING_URI=tracking_uri,
-        PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+    env = child_env(
+        MLFLOW_TRACKING_URI=tracking_uri, PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"
     )
-    for leaked in MLFLOW_RUN_STATE:  # set by in-process runs (mlflow.set_experiment exports the ID)
-        env.pop(leaked, None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a process a test starts: this one's, without the MLflow run state that
+    in-process runs leave behind (mlflow.set_experiment exports the experiment's ID), and
+    ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_RUN_STATE}
+    return {**env, **extra}
 
 
 @pytest.fixture

@@ -143,9 +143,7 @@ def test_one_logged_model_from_code_reproduces_the_logged_predictions(
             f"models:/{models[0].model_id}", dst_path=str(tmp_path / "m")
         )
     )
-    assert (
-        "serving_model.py" in (local / "MLmodel").read_text()
-    )  # models from code: nothing pickled
+    assert "serve.py" in (local / "MLmodel").read_text()  # models from code: nothing pickled
     assert not list(local.rglob("*.pkl"))
     # its environment: the installation's own pinned dependencies, DICOM reading included, not mstl
     # (code)

@@ -110,7 +110,7 @@ def test_two_processes_share_one_search_each_k_once(tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import REPO
+    from tests.conftest import REPO, child_env
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     optuna.create_study(study_name="two-workers", storage=storage, direction="maximize")
@@ -126,6 +126,7 @@ def test_two_processes_share_one_search_each_k_once(tmp_path):
                 "2",
             ],
             cwd=REPO,
+            env=child_env(),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
