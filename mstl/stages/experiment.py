@@ -96,6 +96,10 @@ class ExperimentParams:
     split: str = defaults.SPLIT
     image_size: int = 0
     epochs: int = 0
+    # the Source: imagenet (the paper's), or none, random initialisation for trying the grid's
+    # networks where their ImageNet weights cannot be downloaded (its baseline cells are then
+    # tagged strategy=scratch, not imagenet)
+    weights: str = defaults.WEIGHTS
     data_root: str = defaults.DATA_ROOT
     transition_dicom_root: str = ""
     transition_slices_root: str = ""
@@ -153,6 +157,8 @@ class ExperimentParams:
                 transition_slices_root=str(Path(out.data_root) / IQ_OTH_NCCD),
                 transition_label_map=IQ_OTH_NCCD_LABELS,
             )
+        if out.weights not in ("imagenet", "none"):
+            raise ValueError(f"weights must be imagenet or none, got {self.weights!r}")
         for name in out.backbone_list():
             get_backbone(name)
         out.split_list()
@@ -215,6 +221,7 @@ def plan(p: ExperimentParams, data_hash: str, file_hashes: str = "") -> list[Cel
         for backbone in p.backbone_list():
             common = dict(
                 backbone=backbone,
+                weights=p.weights,
                 image_size=p.image_size,
                 lung_crop=p.lung_crop,
                 intensity=p.intensity,
@@ -261,6 +268,7 @@ def soft_labels_cell(p: ExperimentParams, seed: int) -> Cell:
         params = SoftLabelParams(
             manifest=ids["prepare_transition"],
             feature_backbone=p.soft_feature_backbone,
+            weights=p.weights,
             k_values=p.soft_k_values,
             folds=p.soft_folds,
             seed=seed,
