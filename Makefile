@@ -5,8 +5,9 @@ SHELL := /bin/bash
 # Python 3.11, 3.12 or 3.13; another venv for another Python: make test PYTHON=python3.13 VENV=.venv-3.13
 PYTHON ?= python3.11
 VENV ?= .venv
-# TensorFlow's CPU build; on a CUDA machine: make venv EXTRAS=gpu,test (never both builds)
-EXTRAS ?= cpu,test
+# TensorFlow's CUDA build where nvidia-smi lists a GPU, else its CPU build (never both builds; a CPU-only
+# machine never downloads the CUDA libraries: README, "The paper's grid on a GPU"). Force one: EXTRAS=gpu,test
+EXTRAS ?= $(if $(shell nvidia-smi -L 2>/dev/null | grep -m 1 '^GPU'),gpu,cpu),test
 PY := $(VENV)/bin/python
 SHARED ?= $(abspath ../shared)
 DATA_ROOT ?= $(if $(wildcard $(SHARED)/data),$(SHARED)/data,data)

@@ -6,6 +6,8 @@ Stages (one module each): ``mstl.data`` (COVID-CT and image decoding), ``mstl.mo
 """
 
 import os as _os
+import shutil as _shutil
+import subprocess as _subprocess
 from importlib import metadata
 from pathlib import Path as _Path
 
@@ -41,3 +43,28 @@ def tensorflow_build(installed=None) -> str:
             "TensorFlow is not installed: pip install -e '.[cpu]' (or '.[gpu]' on a CUDA machine)"
         )
     return found[0]
+
+
+def nvidia_gpus() -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists; none when it is missing or fails (a CPU-only machine)."""
+    if _shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        result = _subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, _subprocess.TimeoutExpired):
+        return []
+    return [line for line in result.stdout.splitlines() if line.startswith("GPU")]
+
+
+def unused_gpu_warning(tensorflow_gpus: list) -> str:
+    """A warning when ``nvidia-smi`` sees a GPU that TensorFlow does not (the CPU build installed on
+    a CUDA machine: the run would take days on the CPU without saying so); empty otherwise."""
+    gpus = nvidia_gpus()
+    if not gpus or tensorflow_gpus:
+        return ""
+    return (
+        f"WARNING: nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0]}) that TensorFlow does not: this "
+        f"run uses the CPU ({tensorflow_build()} is installed). Install the CUDA build: make venv "
+        "EXTRAS=gpu,test, or pip install -e '.[gpu]', then mlflow run ... --env-manager local "
+        "(README, 'The paper's grid on a GPU')"
+    )

@@ -13,9 +13,13 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TypeVar, get_type_hints
 
+import tensorflow as tf
+
+from mstl import unused_gpu_warning
 from mstl.tracking import format_param, run_tags
 
 T = TypeVar("T")
@@ -80,6 +84,9 @@ def run_stage(cls: type[T], stage, label: str, argv: list[str] | None = None) ->
     """What every entry point does: parse the stage's parameters, run it, print the run ID (and
     write it to ``MSTL_RUN_ID_FILE`` when that is set)."""
     params = parse_params(cls, argv)
+    warning = unused_gpu_warning(tf.config.list_physical_devices("GPU"))
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     with run_tags(tags_from_environment()):
         run_id = stage(params)
     print(f"{label} run: {run_id}", flush=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import platform
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ import mlflow
 import psutil
 import tensorflow as tf
 
-from mstl import defaults, tensorflow_build
+from mstl import defaults, tensorflow_build, unused_gpu_warning
 from mstl.data import covid_ct
 from mstl.models import BACKBONES, PAPER_BACKBONES
 from mstl.stages.cli import parse_params
@@ -59,20 +58,9 @@ def software(found: Findings) -> None:
         f"devices     {', '.join(devices)}",
         f"keras       {keras.__version__}, backend {keras.config.backend()}",
     ]
-    gpus = nvidia_gpus()
-    if gpus and not tf.config.list_physical_devices("GPU"):
-        found.warnings.append(
-            f"nvidia-smi sees {len(gpus)} GPU(s) ({gpus[0]}) that TensorFlow does not: install the "
-            "CUDA build (make venv EXTRAS=gpu,test, or pip install -e '.[gpu]')"
-        )
-
-
-def nvidia_gpus() -> list[str]:
-    """The GPUs ``nvidia-smi -L`` lists; none when it is missing or fails."""
-    if shutil.which("nvidia-smi") is None:
-        return []
-    result = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    return [line for line in result.stdout.splitlines() if line.startswith("GPU")]
+    warning = unused_gpu_warning(tf.config.list_physical_devices("GPU"))
+    if warning:
+        found.warnings.append(warning.removeprefix("WARNING: "))
 
 
 def tracking(found: Findings) -> None:
