@@ -7,6 +7,8 @@
 - The threshold chosen on validation data to reach a target sensitivity.
 - Holm's step-down correction for a family of tests, and the smallest differences a test set can
   detect (power), so a null result can be read for what it is.
+- The patient-cluster bootstrap: slices of one patient are correlated, so their intervals come from
+  resampling patients (all of a patient's slices together), not slices.
 """
 
 from __future__ import annotations
@@ -14,10 +16,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 from scipy.optimize import brentq
 
-from mstl.evaluation.metrics import ACCURACY, RECALL, ROC_AUC
+from mstl import defaults
+from mstl.evaluation.metrics import (
+    ACCURACY,
+    RECALL,
+    ROC_AUC,
+    Estimate,
+    Estimates,
+    bootstrap,
+)
 
 
 @dataclass(frozen=True)
@@ -161,3 +172,37 @@ def detectable_paired_proportion_difference(
     if needed(top) > 0:
         return float("nan")  # no difference this large is detectable: too few pairs
     return float(brentq(needed, 1e-9, top))
+
+
+def cluster_bootstrap(
+    statistics,
+    y_true,
+    y_prob,
+    clusters,
+    n_bootstrap: int = defaults.N_BOOTSTRAP,
+    confidence: float = defaults.CONFIDENCE,
+    seed: int = defaults.SEED,
+) -> Estimates:
+    """``statistics(y, p)`` on all the slices, with percentile intervals from resampling
+    ``clusters`` (patients) with replacement and taking all their slices: 296 slices of 6 patients
+    vary like 6 cases, not 296. It runs ``metrics.bootstrap`` itself on the patients' indices (same
+    seeded draws, same handling of resamples where a value is undefined, e.g. no positive patient
+    drawn), so with one slice per patient, in slice order, it gives exactly the slice bootstrap."""
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(y_prob, dtype=float)
+    codes, names = pd.factorize(pd.Series(clusters).astype(str))  # by first appearance
+    if not len(y) == len(p) == len(codes) or len(y) == 0:
+        raise ValueError(
+            f"need equal, non-zero numbers of labels, probabilities and clusters, got {len(y)}, "
+            f"{len(p)} and {len(codes)}"
+        )
+    members = [np.flatnonzero(codes == k) for k in range(len(names))]
+
+    def on_slices(chosen, _):
+        idx = np.concatenate([members[k] for k in chosen])
+        return statistics(y[idx], p[idx])
+
+    index = np.arange(len(names))
+    drawn = bootstrap(on_slices, index, index, n_bootstrap, confidence, seed)
+    point = statistics(y, p)  # in the slices' own order, exactly the slice-level value
+    return Estimates((k, Estimate(point[k], e.low, e.high)) for k, e in drawn.items())

@@ -1,8 +1,9 @@
 """The `evaluate` stage: score any logged or registered model on any labelled CT image set, through
 exactly the served model's preprocessing, and track it: metrics with CIs (discrimination and
 calibration, per image and per patient: ``mstl.evaluation.external``), the shortcut probes,
-pictures, predictions by content hash, the data set as a run input and the metrics linked to the
-logged model. A registered version is tagged with its external figures.
+pictures, predictions per file (name, patient, content hash; misses first), where patients are known
+a per-patient table and picture and patient-cluster intervals, the data set as a run input and the
+metrics linked to the logged model. A registered version is tagged with its external figures.
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ import pandas as pd
 
 from mstl import defaults
 from mstl.data.covid_ct import combined_sha256
-from mstl.data.labelled import labelled_files
+from mstl.data.labelled import compile_patient_pattern, labelled_files
 from mstl.evaluation.calibration import reliability_figure, score_histogram_figure
 from mstl.evaluation.external import (
+    ci_method,
+    few_patients_note,
     one_class_note,
+    patient_counts,
+    patient_table,
+    patients_known,
     predictions_table,
     set_metrics,
     summary,
@@ -29,7 +35,7 @@ from mstl.evaluation.external import (
 )
 from mstl.evaluation.gradcam import GradCam, error_sheet
 from mstl.evaluation.metrics import finite
-from mstl.evaluation.plots import confusion_figure, roc_figure
+from mstl.evaluation.plots import confusion_figure, patient_strip_figure, roc_figure
 from mstl.evaluation.probes import shortcut_probes
 from mstl.inference.pyfunc import decode_set, load_classifier, model_version
 from mstl.tracking import (
@@ -50,6 +56,9 @@ class EvaluateParams:
     images_root: str = ""  # one sub-folder per class
     positive_class: str = ""  # the sub-folder holding the positive (COVID) images
     labels_csv: str = ""  # or: path,label[,patient_id] (paths relative to the CSV's folder)
+    # or the patient from the file name: a regex searched in the path relative to images_root (or
+    # in the CSV's path entry), its group `patient` or its only group; not with a patient_id column
+    patient_pattern: str = ""
     data_name: str = ""
     threshold: float = 0.0  # 0: the model's own stored threshold (0.5 is always reported too)
     n_bootstrap: int = defaults.N_BOOTSTRAP
@@ -70,6 +79,8 @@ class EvaluateParams:
             )
         if self.n_bootstrap < 1:
             raise ValueError(f"n_bootstrap must be at least 1, got {self.n_bootstrap}")
+        if self.patient_pattern:
+            compile_patient_pattern(self.patient_pattern)
 
     def name(self) -> str:
         """``data_name``, else the folder's name or the CSV's file name without its suffix."""
@@ -100,10 +111,18 @@ class LabelledSet:
     def title(self) -> str:
         return f"{self.classifier.config['backbone']} on {self.name}"
 
+    @property
+    def patients(self) -> pd.Series | None:
+        """Each image's patient where all are known, else None."""
+        patients = self.table["patient_id"].astype(str)
+        return patients if patients_known(patients) else None
+
 
 def load_set(params: EvaluateParams) -> LabelledSet:
     """Resolve the model and decode the set as its served preprocessing does."""
-    table = labelled_files(params.images_root, params.positive_class, params.labels_csv)
+    table = labelled_files(
+        params.images_root, params.positive_class, params.labels_csv, params.patient_pattern
+    )
     classifier, model_id, uri = load_classifier(params.model_uri)
     grey, hashes, kept, skipped = decode_set(table, classifier.config, params.skip_unreadable)
     table = table.iloc[kept].reset_index(drop=True).assign(sha256=hashes)
@@ -124,6 +143,7 @@ def log_inputs(params: EvaluateParams, s: LabelledSet):
             "model_uri": s.uri,
             "backbone": s.classifier.config["backbone"],
             "mstl.evaluated_model_id": s.model_id or "",
+            "ci_method": ci_method(s.patients),
         }
     )
     log_params(
@@ -133,7 +153,9 @@ def log_inputs(params: EvaluateParams, s: LabelledSet):
             "n_images": len(s.table),
             "n_positive": int(s.y.sum()),
             "n_skipped": len(s.skipped),
+            "ci_method": ci_method(s.patients),
         }
+        | ({} if s.patients is None else patient_counts(s.patients, s.y))
     )
     if s.skipped:
         log_table(pd.DataFrame(s.skipped, columns=["path", "reason"]), "data/skipped.csv")
@@ -151,8 +173,7 @@ def log_inputs(params: EvaluateParams, s: LabelledSet):
 
 def log_metrics(params: EvaluateParams, s: LabelledSet, prob, cam: GradCam, dataset) -> dict:
     """Compute and log every metric (linked to the model and the data set); returns them all."""
-    patients = s.table["patient_id"].astype(str)
-    values = set_metrics(s.y, prob, s.threshold, params.n_bootstrap, params.seed, patients)
+    values = set_metrics(s.y, prob, s.threshold, params.n_bootstrap, params.seed, s.patients)
     if two_classes(s.y):
         model = s.classifier.model
         values |= shortcut_probes(model, s.grey, s.y, s.classifier.preprocess_input, cam=cam)
@@ -184,6 +205,28 @@ def log_pictures(s: LabelledSet, prob, cam: GradCam, tmp: Path) -> None:
         mlflow.log_artifact(str(tmp / "gradcam_errors.png"), "explanations")
 
 
+def log_patients(s: LabelledSet, prob) -> None:
+    """Where patients are known: ``patients.csv``, ``plots/patients.png`` and, when a class has
+    few patients, the warning that the intervals rest on them (printed and tagged)."""
+    if s.patients is None:
+        unnamed = int((s.table["patient_id"].astype(str) == "").sum())
+        if unnamed < len(s.table):  # some named, some not: no grouping, and the user should know
+            print(
+                f"{s.name}: {unnamed} of {len(s.table)} images have no patient_id: "
+                "no per-patient figures, intervals by slice"
+            )
+        return
+    log_table(patient_table(s.table, prob, s.threshold), "patients.csv")
+    log_figure(
+        patient_strip_figure(s.patients, s.y, prob, s.threshold, title=s.title),
+        "plots/patients.png",
+    )
+    note = few_patients_note(s.patients, s.y)
+    if note:
+        print(f"warning: {s.name}: {note}")
+        mlflow.set_tag("ci_warning", note)
+
+
 def tag_model_version(s: LabelledSet, values: dict, run_id: str) -> None:
     """A registered version evaluated here gains its external figures, the digest and this run."""
     client = mlflow.MlflowClient(tracking_uri())
@@ -208,6 +251,7 @@ def run_evaluate(params: EvaluateParams) -> str:
         values = log_metrics(params, s, prob, cam, dataset)
         log_pictures(s, prob, cam, Path(tmp))
         log_table(predictions_table(s.table, prob, s.threshold), "predictions.csv")
+        log_patients(s, prob)
         tag_model_version(s, values, run.info.run_id)
         print(f"evaluate: {s.name} ({len(s.table)} images): {summary(values)}")
         return run.info.run_id

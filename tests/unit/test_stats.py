@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from mstl.evaluation.metrics import Estimate, bootstrap, external_metrics
 from mstl.evaluation.stats import (
     auc_variance,
+    cluster_bootstrap,
     delong_test,
     mcnemar_test,
     paired_tests,
@@ -159,3 +161,48 @@ def test_mcnemar_standard_error_of_a_paired_difference_by_hand():
     assert result.se == pytest.approx(np.sqrt(14 - 6**2 / 100) / 100)
     low, high = result.interval()
     assert low == pytest.approx(0.06 - 1.959964 * result.se, rel=1e-5) and high > 0.06
+
+
+def external(y, p):
+    return external_metrics(y, p, 0.5)
+
+
+def test_cluster_bootstrap_with_one_slice_per_patient_is_the_slice_bootstrap():
+    y, s = scored(n=60, seed=3)
+    p = 1 / (1 + np.exp(-s))
+    slices = bootstrap(external, y, p, 200, seed=7)
+    patients = [f"patient-{i}" for i in range(len(y))]
+    assert cluster_bootstrap(external, y, p, patients, 200, seed=7) == slices
+
+
+def test_cluster_bootstrap_of_duplicated_slices_is_the_bootstrap_of_the_patients():
+    """Ten identical slices per patient carry one patient's information: resampling patients gives
+    the intervals of the 40 patients, while resampling slices reads them as 400 cases."""
+    y, s = scored(n=40, signal=1.5, seed=4)
+    p = 1 / (1 + np.exp(-s))
+    yy, pp, patients = np.repeat(y, 10), np.repeat(p, 10), np.repeat(np.arange(40), 10)
+    by_patient = cluster_bootstrap(external, yy, pp, patients, 300, seed=0)
+    by_slice = bootstrap(external, yy, pp, 300, seed=0)
+    of_patients = bootstrap(external, y, p, 300, seed=0)
+    for name in ("roc_auc", "sensitivity", "specificity", "brier"):
+        assert by_patient[name].value == by_slice[name].value
+        assert by_patient[name].low == pytest.approx(of_patients[name].low)
+        assert by_patient[name].high == pytest.approx(of_patients[name].high)
+        width = by_patient[name].high - by_patient[name].low
+        assert width > 1.5 * (by_slice[name].high - by_slice[name].low), name
+
+
+def test_cluster_bootstrap_leaves_out_resamples_without_a_positive_patient():
+    """One positive patient of four: a quarter or more of the resamples draw no positive patient,
+    so their sensitivity is undefined and left out (as the slice bootstrap does), not made 0."""
+    y = np.r_[np.ones(5), np.zeros(15)].astype(int)
+    p = np.r_[np.full(5, 0.9), np.full(15, 0.1)]
+    patients = np.repeat(["a", "b", "c", "d"], 5)
+    estimates = cluster_bootstrap(external, y, p, patients, 100, seed=0)
+    assert estimates["sensitivity"] == Estimate(1.0, 1.0, 1.0)
+    assert estimates["specificity"] == Estimate(1.0, 1.0, 1.0)
+
+
+def test_cluster_bootstrap_needs_a_cluster_per_slice():
+    with pytest.raises(ValueError, match="clusters, got 3, 3 and 2"):
+        cluster_bootstrap(external, [0, 1, 1], [0.1, 0.8, 0.7], ["a", "b"], 10)
