@@ -5,13 +5,21 @@ With augmentation off, the frozen lower half of the network is a fixed function 
 (frozen BatchNorm runs in inference mode), so its output is computed once and only the
 trainable top is run each epoch. The trained layers are shared with the full model, which is
 what callers save, evaluate and log.
+
+The features are held in memory up to ``FitConfig.frozen_memory_bytes``; past it (the paper's
+Transition set at 224 px: 3.8 to 7.6 GiB per backbone) they are written batch by batch to a
+memory-mapped ``.npy`` (in the array cache, or a temporary file deleted as soon as it is mapped)
+and each batch is gathered from the map, so the cache stays on at the paper's scale without the
+RAM (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import mlflow
@@ -19,9 +27,9 @@ import numpy as np
 import tensorflow as tf
 
 from mstl import defaults
-from mstl.array_cache import ArrayCache, content_key, outcome
+from mstl.array_cache import ArrayCache, content_key, outcome, require_free_space
 from mstl.data.pipeline import image_dataset
-from mstl.inference.predict import predict_grey
+from mstl.inference.predict import compiled_forward
 from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 
 
@@ -82,6 +90,17 @@ class FitSettings:
 class FitConfig(FitSettings):
     class_weight: dict[int, float] | None = None
     log_to_mlflow: bool = True
+    # frozen features larger than this live in a memory-mapped file on disk instead of in RAM
+    frozen_memory_bytes: int = defaults.FROZEN_CACHE_MAX_BYTES
+    # stop each epoch after this many batches (0: the whole training set): for benchmarks that
+    # need the paper's array sizes but not its hours of training
+    steps_per_epoch: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("frozen_memory_bytes", "steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
 
 
 DISTRIBUTE = ("none", "mirrored")
@@ -165,6 +184,7 @@ class FitResult:
     epoch_seconds: list[float]
     frozen_cache: str = "off"  # the on-disk cache of frozen features: off, hit (every part) or miss
     frozen_seconds: float = 0.0  # computing (or reading) the frozen half's features
+    frozen_storage: str = "none"  # where the frozen features lived: none, memory or disk
 
     @property
     def epochs_run(self) -> int:
@@ -188,6 +208,7 @@ class FitResult:
             "cached_frozen": self.cached_frozen,
             "cache_cut_layer": self.cut_layer,
             "frozen_cache": self.frozen_cache,
+            "frozen_storage": self.frozen_storage,
             "decoded_cache": outcome(cache, "decoded"),
         }
 
@@ -209,31 +230,68 @@ def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_si
     )
 
 
-def frozen_cut(model: keras.Model, config: FitConfig, n_images: int) -> int | None:
+def frozen_cut(model: keras.Model, config: FitConfig) -> int | None:
     """The layer up to which the network is computed once, or None: with augmentation nothing is
-    fixed, and past ``FROZEN_CACHE_MAX_BYTES`` of features the full network runs every step."""
-    cut = cache_cut_index(model) if (config.cache_frozen and not config.augment) else None
-    if cut is None:
+    fixed. Any size is cached: features past ``frozen_memory_bytes`` go to disk."""
+    if not config.cache_frozen or config.augment:
         return None
-    needed = 4 * int(np.prod(model.layers[cut].output.shape[1:])) * n_images
-    if needed > defaults.FROZEN_CACHE_MAX_BYTES:
-        limit = defaults.FROZEN_CACHE_MAX_BYTES / 1024**3
-        print(
-            f"frozen-feature cache would need {needed / 1024**3:.1f} GiB (limit {limit:.1f}); "
-            "running the full network every step instead"
-        )
-        return None
-    return cut
+    return cache_cut_index(model)
 
 
 @dataclass
 class FrozenFeatures:
     """The frozen half's output for the training and validation slices, and how it was had."""
 
-    train: np.ndarray
+    train: np.ndarray  # in memory, or a read-only memory map of a .npy file
     val: np.ndarray
     cache: str  # off, hit or miss
     seconds: float
+    storage: str = "none"  # none (no frozen cut), memory or disk
+
+
+def fill_features(
+    bottom: keras.Model, grey: np.ndarray, preprocess_input, batch_size: int, out: np.ndarray
+) -> np.ndarray:
+    """Write the frozen half's output for ``grey`` into ``out`` (in memory or a memory map) batch
+    by batch: the compiled forward pass and batches of ``predict_grey``, so the same numbers,
+    without a list of batches and their concatenation (twice the features) in memory."""
+    forward = compiled_forward(bottom)
+    start = 0
+    for x in image_dataset(grey, None, preprocess_input, batch_size):
+        batch = forward(tf.cast(x, tf.float32)).numpy()
+        out[start : start + len(batch)] = batch
+        start += len(batch)
+    return out
+
+
+def part_features(
+    bottom: keras.Model,
+    part: tuple[str, np.ndarray],
+    preprocess_input,
+    config: FitConfig,
+    cache: ArrayCache | None,
+    scratch: Path | None,
+) -> np.ndarray:
+    """One part's features: in memory, or (with ``scratch``, the folder for arrays past the memory
+    budget) memory-mapped from the cache's entry or from a file in ``scratch``."""
+    name, grey = part
+    shape = (len(grey), *bottom.output.shape[1:])
+
+    def fill(out: np.ndarray) -> np.ndarray:
+        return fill_features(bottom, grey, preprocess_input, config.batch_size, out)
+
+    if cache is None and scratch is None:
+        return fill(np.empty(shape, np.float32))
+    if cache is None:
+        with tempfile.NamedTemporaryFile(dir=scratch, prefix=f"mstl-frozen-{name}-") as file:
+            out = np.lib.format.open_memmap(file.name, "w+", np.float32, shape)
+        # the file is deleted at once; the map keeps its pages until dropped, so not even a killed
+        # run leaves it behind
+        return fill(out)
+    key = frozen_key(bottom, preprocess_input, grey, config.batch_size)
+    if scratch is None:
+        return cache.get("frozen", key, lambda: fill(np.empty(shape, np.float32)))
+    return cache.get_mapped("frozen", key, shape, fill)
 
 
 def frozen_features(
@@ -244,44 +302,62 @@ def frozen_features(
     cache: ArrayCache | None,
 ) -> FrozenFeatures:
     """The frozen half over the training and validation slices, from the on-disk cache when it has
-    them (keyed by everything the output depends on)."""
-
-    def features(part: np.ndarray) -> np.ndarray:
-        def compute() -> np.ndarray:
-            return predict_grey(bottom, part, preprocess_input, config.batch_size)
-
+    them (keyed by everything the output depends on). Past ``config.frozen_memory_bytes`` they
+    are memory-mapped files: the cache's entries, or deleted temporary files (under TMPDIR; on a
+    RAM-backed tmpfs point TMPDIR at a disk)."""
+    needed = 4 * int(np.prod(bottom.output.shape[1:])) * (len(grey[0]) + len(grey[1]))
+    scratch = None
+    if needed > config.frozen_memory_bytes:
+        scratch = cache.folder if cache is not None else Path(tempfile.gettempdir())
+        print(
+            f"frozen features: {needed / 1024**3:.2f} GiB, over the memory budget of "
+            f"{config.frozen_memory_bytes / 1024**3:.2f} GiB; memory-mapped from {scratch}"
+        )
         if cache is None:
-            return compute()
-        key = frozen_key(bottom, preprocess_input, part, config.batch_size)
-        return cache.get("frozen", key, compute)
-
+            require_free_space(scratch, needed, "the frozen features")
     misses = dict(cache.misses) if cache is not None else {}
     start = time.perf_counter()
-    train, val = features(grey[0]), features(grey[1])
+    train, val = (
+        part_features(bottom, part, preprocess_input, config, cache, scratch)
+        for part in (("train", grey[0]), ("val", grey[1]))
+    )
     how = "off"
     if cache is not None:
         missed = cache.misses.get("frozen", 0) > misses.get("frozen", 0)
         how = "miss" if missed else "hit"
-    return FrozenFeatures(train, val, how, time.perf_counter() - start)
+    storage = "memory" if scratch is None else "disk"
+    return FrozenFeatures(train, val, how, time.perf_counter() - start, storage)
+
+
+def gathered_batches(
+    features: np.ndarray, labels: np.ndarray, batch_size: int, seed: int | None = None
+) -> tf.data.Dataset:
+    """Batches of ``(features[i], labels[i])`` for index batches ``i``: shuffled (seeded, anew each
+    epoch) over all rows when ``seed`` is given, else in order. The rows are gathered from the
+    array per batch, so the dataset holds no copy of it, in memory or memory-mapped alike; the
+    index shuffle draws the same order as shuffling the rows themselves did
+    (tests/unit/test_frozen_memmap.py)."""
+    index = tf.data.Dataset.range(len(features))
+    if seed is not None:
+        index = index.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+    x_shape, y_shape = (None, *features.shape[1:]), (None, *labels.shape[1:])
+
+    def take(i: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(features[i]), labels[i]
+
+    def gather(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        x, y = tf.numpy_function(take, [i], (tf.float32, tf.as_dtype(labels.dtype)), stateful=False)
+        return tf.ensure_shape(x, x_shape), tf.ensure_shape(y, y_shape)
+
+    return index.batch(batch_size).map(gather).prefetch(tf.data.AUTOTUNE)
 
 
 def feature_datasets(
     frozen: FrozenFeatures, y: tuple[np.ndarray, np.ndarray], config: FitConfig
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
     """Batches of the frozen features: shuffled (seeded) for training, in order for validation."""
-    train = (
-        tf.data.Dataset.from_tensor_slices((frozen.train, y[0]))
-        .cache()
-        .shuffle(len(frozen.train), seed=config.seed, reshuffle_each_iteration=True)
-        .batch(config.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    val = (
-        tf.data.Dataset.from_tensor_slices((frozen.val, y[1]))
-        .batch(config.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
-    return train, val
+    train = gathered_batches(frozen.train, y[0], config.batch_size, config.seed)
+    return train, gathered_batches(frozen.val, y[1], config.batch_size)
 
 
 def fit_classifier(
@@ -301,7 +377,7 @@ def fit_classifier(
             f"need training and validation images, got {len(train[0])} and {len(val[0])}"
         )
     start = time.perf_counter()
-    cut = frozen_cut(model, config, len(train[0]) + len(val[0]))
+    cut = frozen_cut(model, config)
     frozen = FrozenFeatures(train[0][:0], val[0][:0], "off", 0.0)
     if cut is not None:
         bottom, trained = split_at_cut(model, cut)
@@ -324,6 +400,7 @@ def fit_classifier(
         epoch_seconds=timer.seconds,
         frozen_cache=frozen.cache,
         frozen_seconds=frozen.seconds,
+        frozen_storage=frozen.storage,
     )
 
 
@@ -354,6 +431,7 @@ def train_top(
         callbacks=callbacks,
         class_weight=config.class_weight,
         shuffle=False,  # the datasets shuffle themselves, seeded
+        steps_per_epoch=config.steps_per_epoch or None,
         verbose=2,
     )
     return keep, timer, history

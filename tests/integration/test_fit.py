@@ -62,13 +62,10 @@ def test_frozen_features_are_cached_without_augmentation_only():
     assert not plain.cached_frozen
 
 
-def test_frozen_cache_is_skipped_when_it_would_not_fit_in_memory(monkeypatch, capsys):
-    from mstl import defaults
-
-    monkeypatch.setattr(defaults, "FROZEN_CACHE_MAX_BYTES", 1000)
-    _, result = fit_once(epochs=1)
-    assert not result.cached_frozen
-    assert "frozen-feature cache would need" in capsys.readouterr().out
+def test_frozen_features_past_the_memory_budget_are_memory_mapped(capsys):
+    _, result = fit_once(epochs=1, frozen_memory_bytes=1000)
+    assert result.cached_frozen and result.frozen_storage == "disk"
+    assert "memory-mapped from" in capsys.readouterr().out
 
 
 def test_best_validation_weights_are_restored():

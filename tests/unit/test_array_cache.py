@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mstl.array_cache import ArrayCache, content_key, sha256_file
+from mstl.array_cache import ArrayCache, content_key, require_free_space, sha256_file
 from mstl.data.images import decode_images, decode_images_cached
 from mstl.data.preprocessing import Preprocessing
 
@@ -103,3 +103,43 @@ def test_sha256_file_is_the_sha256_of_the_bytes(tmp_path):
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
         (tmp_path / name).write_bytes(data)
         assert sha256_file(tmp_path / name) == hashlib.sha256(data).hexdigest()
+
+
+def test_a_mapped_entry_is_filled_in_place_recorded_and_read_back_as_a_read_only_map(tmp_path):
+    cache = ArrayCache(tmp_path)
+    calls = []
+
+    def fill(out):
+        calls.append(type(out))
+        for start in range(0, 6, 4):  # batch by batch, as the frozen half writes it
+            out[start : start + 4] = np.arange(start, min(start + 4, 6))[:, None, None]
+
+    first = cache.get_mapped("frozen", "k", (6, 2, 3), fill)
+    again = ArrayCache(tmp_path).get_mapped("frozen", "k", (6, 2, 3), fill)
+    assert calls == [np.memmap]  # filled once, into a memory map
+    for array in (first, again):
+        assert isinstance(array, np.memmap) and not array.flags.writeable
+        np.testing.assert_array_equal(array[:, 0, 0], np.arange(6))
+    record = json.loads((tmp_path / "frozen" / "k.json").read_text())
+    assert record["shape"] == [6, 2, 3]
+    assert record["sha256"] == sha256_file(tmp_path / "frozen" / "k.npy")
+    np.testing.assert_array_equal(cache.load("frozen", "k"), first)  # the same .npy as store()
+
+
+def test_a_fill_killed_midway_leaves_no_entry_and_no_temporary_file(tmp_path):
+    cache = ArrayCache(tmp_path)
+
+    def interrupted(out):
+        out[:2] = 1.0
+        raise KeyboardInterrupt  # the run stopped while writing
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.get_mapped("frozen", "k", (4, 3), interrupted)
+    assert not list((tmp_path / "frozen").iterdir())
+    assert cache.load("frozen", "k") is None
+
+
+def test_free_space_is_checked_on_the_disk_of_the_nearest_existing_folder(tmp_path):
+    require_free_space(tmp_path / "not" / "yet", 1, "one byte")  # fits
+    with pytest.raises(OSError, match=r"one petabyte needs 1000000000000000 bytes .* in "):
+        require_free_space(tmp_path / "not" / "yet", 10**15, "one petabyte")

@@ -59,6 +59,8 @@ def test_patience_zero_trains_every_epoch():
         ("learning_rate", -1.0),
         ("momentum", 1.0),
         ("patience", -1),
+        ("frozen_memory_bytes", -1),
+        ("steps_per_epoch", -1),
     ],
 )
 def test_impossible_fit_parameters_are_named(field, value):
@@ -78,6 +80,7 @@ def test_fit_metrics_count_the_epochs_run():
         "frozen_seconds": 0.5,
     }
     assert np.isfinite(list(result.metrics().values())).all()
+    assert result.params()["frozen_storage"] == "none"  # where the frozen features lived
 
 
 def test_batch_predictions_equal_eager_calls_bit_for_bit_with_one_trace():
