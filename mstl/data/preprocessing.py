@@ -9,6 +9,11 @@ borders, arrows and scanner-specific grey levels that differ by class):
   widened to a square so the anatomy keeps its aspect ratio, then resize. Captions, page borders and
   most of the outside air fall away. A slice in which no lung field is found is kept whole and
   counted (``lung_field_missing``), never dropped.
+- ``lung_mask``: after the resize (and the intensity step), every pixel outside the lung field,
+  widened by ``LUNG_MASK_DILATION`` of the image side to keep the pleura, is set to black. What
+  the network reads is then the lungs alone: captions, borders, the heart, the mediastinum, the
+  table and the arms are gone. Computed by the same function in training and in the served model.
+  A slice without a lung field is kept whole and counted as with ``lung_crop``.
 - ``intensity``: ``equalize`` (global histogram equalisation) or ``clahe`` (contrast-limited
   adaptive histogram equalisation, Zuiderveld 1994: 8x8 tiles, clip limit 2) after the resize, so
   grey levels no longer carry the scanner's or the paper's contrast settings.
@@ -24,12 +29,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
+from scipy import ndimage
 
 from mstl.dicom.selection import lung_mask_8bit
 
 INTENSITIES = ("none", "clahe", "equalize")
 LUNG_CROP_MARGIN = 0.1  # of the lung field's box, on every side: keeps the pleura and chest wall
 MASK_SIDE = 256  # the lung field is found on a copy this wide: the box, not the outline, is used
+LUNG_MASK_DILATION = 0.02  # of the image side: the pleura and subpleural ground glass stay in
 CLAHE_TILES = 8
 CLAHE_CLIP_LIMIT = 2.0  # times the mean bin count of a tile's histogram (OpenCV's convention)
 
@@ -103,6 +110,26 @@ def lung_box(
     return x_start, y_start, x_end, y_end
 
 
+def normalise_intensity(pixels: np.ndarray, intensity: str) -> np.ndarray:
+    """The ``intensity`` step on resized uint8 pixels."""
+    if intensity == "equalize":
+        return np.asarray(ImageOps.equalize(Image.fromarray(pixels, mode="L")), dtype=np.uint8)
+    if intensity == "clahe":
+        return clahe(pixels)
+    return pixels
+
+
+def mask_outside_lungs(pixels: np.ndarray, field: np.ndarray | None = None) -> np.ndarray | None:
+    """The slice with everything outside its (slightly widened) lung field set to 0, or None
+    when no lung field is found. ``field``: the pixels the field is found on (default: these)."""
+    mask = lung_mask_8bit(pixels if field is None else field)
+    if not mask.any():
+        return None
+    reach = max(1, round(LUNG_MASK_DILATION * max(mask.shape)))
+    mask = ndimage.binary_dilation(mask, iterations=reach)
+    return np.where(mask, pixels, 0).astype(np.uint8)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """From a decoded 8-bit grey slice to the square uint8 array the network reads."""
@@ -110,6 +137,7 @@ class Preprocessing:
     image_size: int
     lung_crop: bool = False
     intensity: str = "none"
+    lung_mask: bool = False
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
@@ -120,23 +148,23 @@ class Preprocessing:
             raise ValueError(f"image_size must be positive, got {self.image_size}")
 
     def apply(self, grey: Image.Image) -> tuple[np.ndarray, bool]:
-        """(pixels, lung field found); without ``lung_crop`` the second is always True."""
+        """(pixels, lung field found); without ``lung_crop`` or ``lung_mask`` the second is always
+        True."""
         found = True
         if self.lung_crop:
             box = lung_box(grey)
             found = box is not None
             if found:
                 grey = grey.crop(box)
-        pixels = np.asarray(
+        resized = np.asarray(
             grey.resize((self.image_size, self.image_size), Image.Resampling.BILINEAR),
             dtype=np.uint8,
         )
-        if self.intensity == "equalize":
-            pixels = np.asarray(
-                ImageOps.equalize(Image.fromarray(pixels, mode="L")), dtype=np.uint8
-            )
-        elif self.intensity == "clahe":
-            pixels = clahe(pixels)
+        pixels = normalise_intensity(resized, self.intensity)
+        if self.lung_mask:  # the field is found before the intensity step, as lung_crop finds it
+            masked = mask_outside_lungs(pixels, resized)
+            found = found and masked is not None
+            pixels = pixels if masked is None else masked
         return pixels, found
 
     def __call__(self, grey: Image.Image) -> np.ndarray:
@@ -152,4 +180,5 @@ class Preprocessing:
             int(config["image_size"]),
             bool(config.get("lung_crop", False)),
             str(config.get("intensity", "none")),
+            bool(config.get("lung_mask", False)),
         )

@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import roc_curve
+
+from mstl.inference.predict import apply_temperature, logit
 
 N_BINS = 10
+# how a served threshold is set: fixed (a parameter) or youden (chosen on validation)
+OPERATING_POINTS = ("fixed", "youden")
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # a fitted temperature outside this says the fit failed
 
 
 def brier_score(y_true, y_prob) -> float:
@@ -43,6 +50,41 @@ def expected_calibration_error(y_true, y_prob, n_bins: int = N_BINS) -> float:
             for mean, observed, count in reliability_bins(y_true, y_prob, n_bins)
         )
     )
+
+
+def negative_log_likelihood(y_true, y_prob) -> float:
+    """Mean binary cross-entropy of the probabilities (clipped as ``logit`` clips them)."""
+    y, z = np.asarray(y_true, dtype=float), logit(y_prob)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def fit_temperature(y_true, y_prob) -> float:
+    """The temperature T minimising the negative log-likelihood of sigmoid(logit(p) / T) on a
+    held-out (validation) set: one parameter, so it cannot overfit the way a binned recalibration
+    can, and it leaves the ranking (AUC) alone. Needs both classes."""
+    y = np.asarray(y_true).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError("temperature scaling needs both classes in the validation set")
+    low, high = np.log(TEMPERATURE_BOUNDS)
+    fit = minimize_scalar(
+        lambda log_t: negative_log_likelihood(y, apply_temperature(y_prob, float(np.exp(log_t)))),
+        bounds=(low, high),
+        method="bounded",
+    )
+    return float(np.exp(fit.x))
+
+
+def youden_threshold(y_true, y_prob) -> float:
+    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on a validation set:
+    midway between the lowest score called positive and the next lower score, so that a new score
+    between the two falls on the side neither class decided. Ties: the highest such threshold."""
+    y = np.asarray(y_true).astype(int)
+    if len(np.unique(y)) < 2:
+        raise ValueError("choosing a threshold needs both classes in the validation set")
+    fpr, tpr, cuts = roc_curve(y, np.asarray(y_prob, dtype=float), drop_intermediate=False)
+    best = int(np.argmax(tpr - fpr))
+    below = cuts[best + 1] if best + 1 < len(cuts) else 0.0
+    return float(np.clip((min(cuts[best], 1.0) + below) / 2, 1e-6, 1 - 1e-6))
 
 
 def reliability_figure(y_true, y_prob, title: str = "reliability", n_bins: int = N_BINS):

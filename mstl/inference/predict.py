@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mstl.data.pipeline import image_dataset
+from mstl.data.pipeline import image_dataset, tta_views
 
 _FORWARD: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -40,7 +40,44 @@ def predict_in_batches(model: keras.Model, dataset: tf.data.Dataset) -> np.ndarr
 
 
 def predict_grey(
-    model: keras.Model, grey: np.ndarray, preprocess_input, batch_size: int
+    model: keras.Model, grey: np.ndarray, preprocess_input, batch_size: int, tta: str = "none"
 ) -> np.ndarray:
-    """The model's outputs for decoded uint8 slices, in batches."""
-    return predict_in_batches(model, image_dataset(grey, None, preprocess_input, batch_size))
+    """The model's outputs for decoded uint8 slices, in batches; with ``tta`` the mean of its
+    outputs over the test-time views (``mstl.data.pipeline.tta_views``): for a sigmoid head, the
+    mean probability."""
+    outputs = [
+        predict_in_batches(model, image_dataset(view, None, preprocess_input, batch_size))
+        for view in tta_views(grey, tta)
+    ]
+    return outputs[0] if len(outputs) == 1 else np.mean(outputs, axis=0)
+
+
+PROB_EPSILON = 1e-7  # probabilities are clipped this far from 0 and 1 before taking logits
+
+
+def logit(prob) -> np.ndarray:
+    p = np.clip(np.asarray(prob, dtype=np.float64), PROB_EPSILON, 1 - PROB_EPSILON)
+    return np.log(p) - np.log1p(-p)
+
+
+def apply_temperature(prob, temperature: float) -> np.ndarray:
+    """sigmoid(logit(p) / T): temperature scaling (Guo et al. 2017). T > 1 softens over-confident
+    probabilities; the ranking, hence the AUC, is unchanged. T = 1 returns ``prob`` itself."""
+    if temperature == 1.0:
+        return np.asarray(prob)
+    return 1.0 / (1.0 + np.exp(-logit(prob) / temperature))
+
+
+def predict_probability(
+    model: keras.Model,
+    grey: np.ndarray,
+    preprocess_input,
+    batch_size: int,
+    tta: str = "none",
+    temperature: float = 1.0,
+) -> np.ndarray:
+    """The served probability of the positive class: the sigmoid output, averaged over the
+    ``tta`` views, then temperature-scaled. Target's evaluation and the served pyfunc both call
+    this, so the logged metrics are the served model's."""
+    prob = predict_grey(model, grey, preprocess_input, batch_size, tta)[:, 0]
+    return apply_temperature(prob, temperature)

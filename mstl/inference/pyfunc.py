@@ -1,8 +1,10 @@
 """The served model: a pyfunc that answers a CT image (PNG/JPG bytes) or a DICOM slice with the
 probability of COVID-19 and the label at the stored threshold, through exactly the training
 preprocessing (grey first, the run's :class:`~mstl.data.preprocessing.Preprocessing`: optional lung
-crop, resize, optional intensity normalisation; then the backbone's own ``preprocess_input``; DICOM
-through HU and the lung window as in prepare_transition).
+crop, resize, optional intensity normalisation, optional lung mask; then the backbone's own
+``preprocess_input``; DICOM through HU and the lung window as in prepare_transition), the stored
+test-time augmentation (``tta``) and temperature. An ensemble is the same pyfunc holding several
+Keras models (``members`` in its config): the mean of their served probabilities.
 
 Requests are a DataFrame with one column, ``image``, holding base64-encoded file bytes::
 
@@ -38,7 +40,7 @@ from mstl.data.images import ImageReadError, open_grey
 from mstl.data.labelled import EvaluationInputError
 from mstl.data.preprocessing import Preprocessing
 from mstl.dicom.series import dataset_hu, window
-from mstl.inference.predict import predict_grey
+from mstl.inference.predict import predict_probability
 from mstl.models import get_backbone
 from mstl.tracking import mlflow_false_alarms_silenced, tracking_uri
 
@@ -99,16 +101,30 @@ def decode_field(value) -> bytes:
 
 
 class CTClassifier(mlflow.pyfunc.PythonModel):
-    """Keras classifier + its preprocessing + its operating threshold."""
+    """Keras classifier(s) + preprocessing + test-time augmentation + temperature + threshold."""
 
     def load_context(self, context) -> None:
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
-        self.model = keras.models.load_model(context.artifacts["keras_model"], compile=False)
+        members = self.config.get("members") or [{}]
+        self.models = [
+            keras.models.load_model(context.artifacts[member_artifact(i)], compile=False)
+            for i in range(len(members))
+        ]
+        self.temperatures = [
+            float(m.get("temperature", self.config.get("temperature", 1.0))) for m in members
+        ]
+        self.model = self.models[0]  # what Grad-CAM and the probes read (an ensemble: member 0)
         self.preprocess_input = get_backbone(self.config["backbone"]).preprocess_input
 
     def predict_grey(self, grey: np.ndarray) -> np.ndarray:
-        """The probability of the positive class for decoded slices (the one batched prediction)."""
-        return predict_grey(self.model, grey, self.preprocess_input, defaults.BATCH_SIZE)[:, 0]
+        """The probability of the positive class for decoded slices: each model's (through the one
+        batched prediction, its test-time views and its temperature), averaged over models."""
+        tta = self.config.get("tta", "none")
+        probs = [
+            predict_probability(model, grey, self.preprocess_input, defaults.BATCH_SIZE, tta, t)
+            for model, t in zip(self.models, self.temperatures, strict=True)
+        ]
+        return probs[0] if len(probs) == 1 else np.mean(probs, axis=0)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         # The hint says what pyfunc passes (the signature's DataFrame); MLflow infers no schema from
@@ -135,11 +151,26 @@ class CTClassifier(mlflow.pyfunc.PythonModel):
         )
 
 
-def serving_config(backbone: str, preprocessing: Preprocessing, threshold: float) -> dict:
+def member_artifact(i: int) -> str:
+    """The artifact name of an ensemble's i-th Keras model (a single model's is the first)."""
+    return "keras_model" if i == 0 else f"keras_model_{i}"
+
+
+def serving_config(
+    backbone: str,
+    preprocessing: Preprocessing,
+    threshold: float,
+    tta: str = "none",
+    temperature: float = 1.0,
+) -> dict:
+    """What the served model needs besides its weights; models logged before ``tta`` and
+    ``temperature`` existed read as none and 1."""
     return {
         "backbone": backbone,
         **preprocessing.config(),
         "threshold": threshold,
+        "tta": tta,
+        "temperature": temperature,
         "window_width": defaults.WINDOW_WIDTH,
         "window_level": defaults.WINDOW_LEVEL,
     }
@@ -172,17 +203,31 @@ def serving_requirements() -> list[str] | None:
     return sorted(pins.values())
 
 
-def log_serving_model(model, config: dict, example_file: str | Path, name: str = "classifier"):
-    """Log the pyfunc (with the mstl package as code, a signature and a real input example)."""
+def log_serving_model(
+    model: keras.Model | list[keras.Model],
+    config: dict,
+    example_file: str | Path,
+    name: str = "classifier",
+):
+    """Log the pyfunc (with the mstl package as code, a signature and a real input example); a list
+    of models is an ensemble, whose ``config["members"]`` has one entry per model."""
+    models = model if isinstance(model, list) else [model]
+    if len(models) != len(config.get("members") or [{}]):
+        raise ValueError(
+            f"{len(models)} model(s) but the config lists {len(config['members'])} members"
+        )
     with tempfile.TemporaryDirectory() as tmp:
-        keras_path = Path(tmp) / "classifier.keras"
-        model.save(keras_path)
+        artifacts = {}
+        for i, member in enumerate(models):
+            path = Path(tmp) / ("classifier.keras" if i == 0 else f"classifier_{i}.keras")
+            member.save(path)
+            artifacts[member_artifact(i)] = str(path)
         config_path = Path(tmp) / "config.json"
         config_path.write_text(json.dumps(config, indent=2))
+        artifacts["config"] = str(config_path)
         example = pd.DataFrame(
             {INPUT_COLUMN: [base64.b64encode(Path(example_file).read_bytes()).decode()]}
         )
-        artifacts = {"keras_model": str(keras_path), "config": str(config_path)}
         loaded = CTClassifier()  # only to compute the output signature; a fresh one is logged
         loaded.load_context(type("Context", (), {"artifacts": artifacts}))
         with mlflow_false_alarms_silenced():

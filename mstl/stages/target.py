@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -19,10 +19,18 @@ from mlflow.entities import LoggedModelInput
 from mstl import defaults
 from mstl.data import covid_ct
 from mstl.data.images import decode_images_cached
+from mstl.data.pipeline import augment_policy, check_tta
+from mstl.data.preprocessing import Preprocessing
 from mstl.evaluation import bootstrap_metrics, confusion_figure, roc_figure
+from mstl.evaluation.calibration import (
+    OPERATING_POINTS,
+    expected_calibration_error,
+    fit_temperature,
+    youden_threshold,
+)
 from mstl.evaluation.gradcam import GradCam, error_sheet
 from mstl.evaluation.probes import shortcut_probes
-from mstl.inference.predict import predict_grey
+from mstl.inference.predict import apply_temperature, predict_grey
 from mstl.inference.pyfunc import log_serving_model, serving_config
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
 from mstl.tracking import (
@@ -43,6 +51,21 @@ from mstl.training.params import ClassifierParams
 class TargetParams(ClassifierParams):
     """Parameters of `-e target`."""
 
+    # none, mild (flip, small rotation and zoom; the old true) or field (crops and zoom-out with
+    # padding, window/gamma/contrast, blur, JPEG, flips: mstl.data.pipeline); any but none turns
+    # the frozen-half cache off, since the input then changes every epoch
+    augment: str = "none"
+    # zero every pixel outside the lung field after resizing (mstl.data.preprocessing); stored with
+    # the served model, which applies it the same way
+    lung_mask: bool = False
+    tta: str = "none"  # test-time augmentation: none, flip or flip_zoom; stored with the model
+    # fit a temperature on the validation probabilities (NLL) and store it with the served model:
+    # on by default, since it leaves the ranking (AUC) and the calls at 0.5 (logit 0) unchanged and
+    # only makes the probabilities mean what they say (docs/results.md, the levers table)
+    temperature_scaling: bool = True
+    # fixed: the served threshold is `threshold`; youden: the one maximising sensitivity +
+    # specificity on the validation split (after temperature scaling), stored with the model
+    operating_point: str = "fixed"
     data_root: str = defaults.DATA_ROOT
     split: str = defaults.SPLIT
     skip_unreadable: bool = False
@@ -56,9 +79,21 @@ class TargetParams(ClassifierParams):
     file_hashes: str = ""
     experiment: str = defaults.EXPERIMENT_NAME
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The shared preprocessing plus Target's lung mask; stored with the served model."""
+        return replace(super().preprocessing, lung_mask=self.lung_mask)
+
     def validate(self) -> None:
         """Fail on impossible parameters before any data is read."""
         self.validate_network()
+        augment_policy(self.augment)
+        check_tta(self.tta)
+        if self.operating_point not in OPERATING_POINTS:
+            raise ValueError(
+                f"unknown operating_point {self.operating_point!r}; use one of "
+                f"{', '.join(OPERATING_POINTS)}"
+            )
         if self.split not in covid_ct.SPLIT_MODES:
             raise ValueError(
                 f"unknown split {self.split!r}; use one of {', '.join(covid_ct.SPLIT_MODES)}"
@@ -89,6 +124,56 @@ def strategy_of(weights: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the served model does after the network: test-time views, temperature, threshold."""
+
+    tta: str = "none"
+    temperature: float = 1.0
+    threshold: float = defaults.THRESHOLD
+
+    def probability(self, model, grey, preprocess_input, batch_size: int) -> np.ndarray:
+        """The served probability (as ``mstl.inference.predict.predict_probability`` computes
+        it)."""
+        prob = predict_grey(model, grey, preprocess_input, batch_size, self.tta)[:, 0]
+        return apply_temperature(prob, self.temperature)
+
+
+def choose_served(model, params: TargetParams, data: TargetData) -> Served:
+    """Fit the temperature (``temperature_scaling``) and choose the threshold
+    (``operating_point``) on the validation split; log both and the validation ECE before
+    scaling."""
+    val = data.parts["val"]
+    y = data.index.loc[val, "label"].to_numpy().astype(int)
+    preprocess = get_backbone(params.backbone).preprocess_input
+    raw = Served(params.tta).probability(model, data.grey[val], preprocess, params.batch_size)
+    temperature = fit_temperature(y, raw) if params.temperature_scaling else 1.0
+    prob = apply_temperature(raw, temperature)
+    youden = params.operating_point == "youden"
+    threshold = youden_threshold(y, prob) if youden else params.threshold
+    mlflow.log_metrics(
+        {
+            "temperature": temperature,
+            "operating_threshold": threshold,
+            "val_ece_unscaled": expected_calibration_error(y, raw),
+        }
+    )
+    return Served(params.tta, temperature, threshold)
+
+
+def log_calibration(predictions: dict[str, pd.DataFrame], served: Served) -> None:
+    """ECE of the served probabilities per split, and of the probabilities before temperature
+    scaling on test (T undone: sigmoid(logit(p) * T))."""
+    values = {
+        f"{name}_ece": expected_calibration_error(frame["label"], frame["probability"])
+        for name, frame in predictions.items()
+    }
+    test = predictions["test"]
+    unscaled = apply_temperature(test["probability"].to_numpy(), 1.0 / served.temperature)
+    values["test_ece_unscaled"] = expected_calibration_error(test["label"], unscaled)
+    mlflow.log_metrics(values)
+
+
 def evaluate_split(
     model,
     grey,
@@ -99,14 +184,17 @@ def evaluate_split(
     strategy: str,
     model_id=None,
     dataset=None,
+    served: Served | None = None,
 ) -> pd.DataFrame:
-    """Predict one split, log its metrics with CIs (linked to the logged model and the split's data
-    set),
-    pictures and predictions CSV."""
-    prob = predict_grey(model, grey, spec.preprocess_input, params.batch_size)[:, 0]
+    """Predict one split as the served model does, log its metrics with CIs at the served
+    threshold (linked to the logged model and the split's data set), pictures and predictions
+    CSV."""
+    served = served or Served(params.tta, 1.0, params.threshold)
+    prob = served.probability(model, grey, spec.preprocess_input, params.batch_size)
     labels = table["label"].to_numpy()
+    threshold = served.threshold
     estimates = bootstrap_metrics(
-        labels, prob, params.threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed
+        labels, prob, threshold, params.n_bootstrap, defaults.CONFIDENCE, params.seed
     )
     values = estimates.flat(f"{name}_")  # test_recall, test_recall_ci_low, ...
     mlflow.log_metrics(
@@ -115,7 +203,7 @@ def evaluate_split(
     title = f"{params.backbone} ({strategy}), {name} split"
     log_figure(roc_figure(labels, prob, estimates["roc_auc"], title=title), f"plots/roc_{name}.png")
     log_figure(
-        confusion_figure(labels, prob, params.threshold, title=title), f"plots/confusion_{name}.png"
+        confusion_figure(labels, prob, threshold, title=title), f"plots/confusion_{name}.png"
     )
     predictions = pd.DataFrame(
         {
@@ -128,7 +216,7 @@ def evaluate_split(
     log_table(predictions, f"predictions/{name}.csv")
     if name == "test":
         cam = GradCam(model)
-        log_explanations(cam, grey, labels, prob, spec, params)
+        log_explanations(cam, grey, labels, prob, spec, threshold)
         probes = shortcut_probes(model, grey, labels, spec.preprocess_input, params.batch_size, cam)
         mlflow.log_metrics(
             {f"{name}_{k}": v for k, v in probes.items() if np.isfinite(v)},
@@ -138,12 +226,10 @@ def evaluate_split(
     return predictions
 
 
-def log_explanations(cam: GradCam, grey, labels, prob, spec, params: TargetParams) -> None:
+def log_explanations(cam: GradCam, grey, labels, prob, spec, threshold: float) -> None:
     """Grad-CAM overlays of the most confident true positives, false negatives and false
     positives."""
-    sheet = error_sheet(
-        cam, grey, labels, prob, spec.preprocess_input, params.threshold, "test slices"
-    )
+    sheet = error_sheet(cam, grey, labels, prob, spec.preprocess_input, threshold, "test slices")
     if sheet is not None:
         with tempfile.TemporaryDirectory() as tmp:
             sheet.save(Path(tmp) / "gradcam_test.png")
@@ -163,7 +249,7 @@ def transition_parent(params: TargetParams):
             f"backbone={params.backbone!r}; "
             f"pass backbone={parent_backbone}"
         )
-    for name in ("lung_crop", "intensity"):  # runs logged before these options existed used neither
+    for name in ("lung_crop", "intensity", "lung_mask"):  # a Transition without one used none
         theirs, ours = (
             parent.data.params.get(name, str(TargetParams.__dataclass_fields__[name].default)),
             str(getattr(params, name)),
@@ -234,9 +320,11 @@ def run_target(params: TargetParams) -> str:
         if parent and parent.data.tags.get(MODEL_ID_TAG):
             mlflow.log_input(model=LoggedModelInput(parent.data.tags[MODEL_ID_TAG]))
         model = fit_target(params, parent, data, cache)
-        model_id = log_target_model(model, params, data)
+        served = choose_served(model, params, data)
+        model_id = log_target_model(model, params, data, served)
+        predictions = {}
         for part in ("val", "test"):
-            evaluate_split(
+            predictions[part] = evaluate_split(
                 model,
                 data.grey[data.parts[part]],
                 data.index[data.parts[part]],
@@ -246,7 +334,9 @@ def run_target(params: TargetParams) -> str:
                 strategy,
                 model_id,
                 data.datasets[part],
+                served,
             )
+        log_calibration(predictions, served)
         return run.info.run_id
 
 
@@ -361,15 +451,21 @@ def fit_target(params: TargetParams, parent, data: TargetData, cache):
     return model
 
 
-def log_target_model(model, params: TargetParams, data: TargetData) -> str | None:
+def log_target_model(
+    model, params: TargetParams, data: TargetData, served: Served | None = None
+) -> str | None:
     """Store the weights once: as the served model (its ID returned and tagged), else as a
     checkpoint."""
     if not params.log_model:
         log_checkpoint(model)
         return None
+    served = served or Served(params.tta, 1.0, params.threshold)
+    config = serving_config(
+        params.backbone, params.preprocessing, served.threshold, served.tta, served.temperature
+    )
     model_id = log_serving_model(
         model,
-        serving_config(params.backbone, params.preprocessing, params.threshold),
+        config,
         data.index.loc[data.parts["test"], "path"].iloc[0],
     ).model_id
     mlflow.set_tag(MODEL_ID_TAG, model_id)

@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from mstl import defaults
 from mstl.array_cache import ArrayCache, content_key, outcome, require_free_space
-from mstl.data.pipeline import image_dataset
+from mstl.data.pipeline import augment_policy, image_dataset
 from mstl.inference.predict import compiled_forward
 from mstl.models.classifier import OutputSpec, cache_cut_index, split_at_cut
 
@@ -64,7 +64,7 @@ class FitSettings:
     learning_rate: float = defaults.LEARNING_RATE
     momentum: float = defaults.MOMENTUM
     seed: int = defaults.SEED
-    augment: bool = False
+    augment: bool | str = False  # False/none, or a policy of mstl.data.pipeline.AUGMENTATIONS
     cache_frozen: bool = True
     deterministic: bool = True
     # stop after this many epochs without a better validation accuracy (0: never, as in the paper's
@@ -233,7 +233,7 @@ def frozen_key(bottom: keras.Model, preprocess_input, grey: np.ndarray, batch_si
 def frozen_cut(model: keras.Model, config: FitConfig) -> int | None:
     """The layer up to which the network is computed once, or None: with augmentation nothing is
     fixed. Any size is cached: features past ``frozen_memory_bytes`` go to disk."""
-    if not config.cache_frozen or config.augment:
+    if not config.cache_frozen or augment_policy(config.augment) != "none":
         return None
     return cache_cut_index(model)
 

@@ -8,6 +8,7 @@ import keras
 
 from mstl import defaults
 from mstl.array_cache import ArrayCache
+from mstl.data.pipeline import augment_policy
 from mstl.data.preprocessing import Preprocessing
 from mstl.models import OutputSpec, build_classifier, get_backbone
 from mstl.models.backbones import check_image_size
@@ -52,6 +53,10 @@ class ClassifierParams(FitSettings):
 
     def fit_config(self, class_weight: dict[int, float] | None = None) -> FitConfig:
         settings = {f.name: getattr(self, f.name) for f in fields(FitSettings)}
+        # the policy's name, or False for none: fit_classifier keeps the frozen-half cache only
+        # when augment is falsy, and hands the policy to image_dataset
+        policy = augment_policy(self.augment)
+        settings["augment"] = False if policy == "none" else policy
         return FitConfig(**settings, class_weight=class_weight)
 
     def build(self, output: OutputSpec, weights: str | None = None) -> keras.Model:

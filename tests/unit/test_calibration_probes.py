@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 
 from mstl.dicom.selection import lung_mask_8bit, otsu_threshold
-from mstl.evaluation.calibration import brier_score, expected_calibration_error, reliability_bins
+from mstl.evaluation.calibration import (
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    negative_log_likelihood,
+    reliability_bins,
+    youden_threshold,
+)
+from mstl.evaluation.metrics import roc_auc
 from mstl.evaluation.probes import blank_lungs, lung_attention, mean_lung_attention
+from mstl.inference.predict import apply_temperature
 
 
 def test_brier_by_hand():
@@ -108,3 +117,34 @@ def test_brier_equals_sklearn_and_the_bins_equal_calibration_curve_off_the_bin_e
     assert observed.tolist() == [0.0, 1.0] and [
         b[2] for b in reliability_bins([0, 1], [0.5, 0.55])
     ] == [2]
+
+
+def test_temperature_scaling_recovers_a_known_over_confidence_and_keeps_the_ranking():
+    """Truth drawn from sigmoid(z); the model reports sigmoid(3 z), three times too sure."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 20000)
+    y = (rng.random(len(z)) < 1 / (1 + np.exp(-z))).astype(int)
+    over = 1 / (1 + np.exp(-3 * z))
+    t = fit_temperature(y, over)
+    assert t == pytest.approx(3.0, rel=0.1)
+    scaled = apply_temperature(over, t)
+    assert expected_calibration_error(y, scaled) < expected_calibration_error(y, over) / 3
+    assert negative_log_likelihood(y, scaled) < negative_log_likelihood(y, over)
+    assert roc_auc(y, scaled) == pytest.approx(roc_auc(y, over))
+    np.testing.assert_array_equal(apply_temperature(over, 1.0), over)
+
+
+def test_temperature_and_threshold_need_both_classes():
+    with pytest.raises(ValueError, match="both classes"):
+        fit_temperature([1, 1, 1], [0.2, 0.7, 0.9])
+    with pytest.raises(ValueError, match="both classes"):
+        youden_threshold([0, 0], [0.2, 0.7])
+
+
+def test_youden_threshold_by_hand():
+    # cut at 0.8: sensitivity 1/2, specificity 1 (J 0.5); at 0.4: 1/2, 1/2; at 0.35: 1, 1/2 (J 0.5)
+    # ties go to the higher cut, 0.8, and the threshold sits midway to the next score, 0.4
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.6)
+    # separable scores: a threshold between the classes
+    t = youden_threshold([0, 0, 1, 1], [0.01, 0.02, 0.03, 0.04])
+    assert 0.02 < t <= 0.03

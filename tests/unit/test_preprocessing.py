@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageOps
 
 from mstl.data.images import decode_images
-from mstl.data.preprocessing import Preprocessing, clahe, lung_box
+from mstl.data.preprocessing import Preprocessing, clahe, lung_box, mask_outside_lungs
 
 
 def synthetic_slice(width=256, height=256, caption=True) -> Image.Image:
@@ -104,3 +104,35 @@ def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_lung_mask_blacks_out_everything_but_the_lungs():
+    image = synthetic_slice()
+    pixels, found = Preprocessing(256, lung_mask=True).apply(image)
+    whole = np.asarray(image)
+    assert found
+    assert pixels[230, 60] == 0 and whole[230, 60] == 255  # the caption is gone
+    assert pixels[60, 128] == 0 and whole[60, 128] == 180  # so is the body above the lungs
+    np.testing.assert_array_equal(pixels[85:155, 65:115], whole[85:155, 65:115])  # lungs kept
+    assert pixels[120, 58] == 180  # the widened field keeps a rim of the chest wall (pleura)
+
+
+def test_lung_mask_leaves_a_slice_without_lung_field_whole_and_says_so():
+    flat = Image.new("L", (64, 64), 100)
+    pixels, found = Preprocessing(32, lung_mask=True).apply(flat)
+    assert not found and (pixels == 100).all()
+    assert mask_outside_lungs(np.full((16, 16), 100, np.uint8)) is None
+
+
+def test_training_and_serving_mask_a_file_identically(tmp_path):
+    from mstl.inference.pyfunc import request_grey, serving_config
+
+    path = tmp_path / "slice.png"
+    synthetic_slice(300, 260).save(path)
+    prep = Preprocessing(64, lung_crop=True, intensity="equalize", lung_mask=True)
+    decoded = decode_images([path], prep)
+    config = serving_config("mobilenet_025", prep, 0.5, "flip", 1.7)
+    assert Preprocessing.from_config(config) == prep
+    served = request_grey(path.read_bytes(), config)
+    np.testing.assert_array_equal(decoded.pixels[0], served)
+    assert (served == 0).mean() > 0.2  # the mask acted

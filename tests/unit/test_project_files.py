@@ -9,6 +9,7 @@ import yaml
 
 from mstl.stages.compare import CompareParams
 from mstl.stages.doctor import DoctorParams
+from mstl.stages.ensemble import EnsembleParams
 from mstl.stages.evaluate import EvaluateParams
 from mstl.stages.experiment import ExperimentParams
 from mstl.stages.explain import ExplainParams
@@ -58,6 +59,7 @@ ENTRY_POINTS = {
     "explain": ExplainParams,
     "evaluate": EvaluateParams,
     "doctor": DoctorParams,
+    "ensemble": EnsembleParams,
 }
 
 
