@@ -20,18 +20,22 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
 import pandas as pd
 
 from mstl import PACKAGE_DIR, defaults
 from mstl.data import covid_ct
+from mstl.data.images import IMAGE_SUFFIXES
 from mstl.data.preprocessing import Preprocessing
 from mstl.models import PAPER_BACKBONES, get_backbone
+from mstl.soft_labels.search import fold_scores, parse_k_values
 from mstl.stages.cli import RUN_ID_FILE_ENV, RUN_TAGS_ENV, argv_for
 from mstl.stages.prepare import PrepareParams, export_key
 from mstl.stages.soft_labels import SoftLabelParams
@@ -46,6 +50,14 @@ from mstl.tracking import (
     tracking_uri,
 )
 from mstl.tracking.work import HEARTBEAT_SECONDS, heartbeat_storage, run_shared, trials_by_item
+from mstl.training.cost import (
+    PAPER_TRANSITION_SLICES,
+    CellWork,
+    Measurements,
+    PlanCost,
+    measure,
+    plan_cost,
+)
 from mstl.training.fit import set_threads
 
 STRATEGIES = ("imagenet", "hard", "soft")
@@ -121,6 +133,10 @@ class ExperimentParams:
     deterministic: bool = True
     lung_crop: bool = False
     intensity: str = "none"
+    # print the measured plan (cells, images, hours, memory), record it in a plan run, run no cell
+    dry_run: bool = False
+    # how many workers the plan's wall time assumes (start them yourself; `make experiment`: 2)
+    workers: int = 1
     experiment: str = defaults.EXPERIMENT_NAME
 
     def resolved(self) -> ExperimentParams:
@@ -149,22 +165,30 @@ class ExperimentParams:
         needs_transition = any(s in ("hard", "soft") for s in out.strategy_list())
         if needs_transition and not (out.transition_dicom_root or out.transition_slices_root):
             if self.profile != "cpu":
-                raise ValueError(
-                    "hard/soft strategies need transition_dicom_root or transition_slices_root"
-                )
+                if not self.dry_run:  # a dry run plans with the paper's Transition size
+                    raise ValueError(
+                        "hard/soft strategies need transition_dicom_root or transition_slices_root"
+                    )
+                return out.checked()
             out = replace(
                 out,
                 transition_slices_root=str(Path(out.data_root) / IQ_OTH_NCCD),
                 transition_label_map=IQ_OTH_NCCD_LABELS,
             )
-        if out.weights not in ("imagenet", "none"):
+        return out.checked()
+
+    def checked(self) -> ExperimentParams:
+        """Fail on a value no cell could run with, before any cell."""
+        if self.weights not in ("imagenet", "none"):
             raise ValueError(f"weights must be imagenet or none, got {self.weights!r}")
-        for name in out.backbone_list():
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+        for name in self.backbone_list():
             get_backbone(name)
-        out.split_list()
+        self.split_list()
         # an unknown intensity fails before any cell
-        Preprocessing(out.image_size, out.lung_crop, out.intensity)
-        return out
+        Preprocessing(self.image_size, self.lung_crop, self.intensity)
+        return self
 
     def strategy_list(self) -> list[str]:
         items = comma_items(self.strategies)
@@ -246,7 +270,10 @@ def plan(p: ExperimentParams, data_hash: str, file_hashes: str = "") -> list[Cel
 
 
 def prepare_cell(p: ExperimentParams) -> Cell:
-    """The one prepare_transition cell: the Transition slices every hard and soft cell uses."""
+    """The one prepare_transition cell: the Transition slices every hard and soft cell uses (in a
+    dry run, unchecked and never made: its source may not exist yet, and is not hashed)."""
+    if p.dry_run:
+        return Cell("prepare_transition", "prepare_transition", (), not_in_a_dry_run)
     prepare = PrepareParams(
         dicom_root=p.transition_dicom_root,
         slices_root=p.transition_slices_root,
@@ -259,6 +286,10 @@ def prepare_cell(p: ExperimentParams) -> Cell:
     prepare.validate()
     inputs = {"export_key": export_key(prepare)}
     return Cell("prepare_transition", "prepare_transition", (), lambda ids: (prepare, inputs))
+
+
+def not_in_a_dry_run(ids: dict[str, str]) -> tuple[object, dict]:
+    raise RuntimeError("a dry run plans the prepare_transition cell but never runs it")
 
 
 def soft_labels_cell(p: ExperimentParams, seed: int) -> Cell:
@@ -322,7 +353,7 @@ def hash_covid_ct(data_root: str, folder: Path) -> tuple[str, str]:
 
 
 # how one worker runs, not what the grid is: workers that differ only in these share one grid
-WORKER_ONLY = ("storage", "heartbeat_seconds", "threads", "experiment")
+WORKER_ONLY = ("storage", "heartbeat_seconds", "threads", "experiment", "dry_run", "workers")
 
 
 def grid_study_name(p: ExperimentParams, experiment_id: str) -> str:
@@ -485,17 +516,165 @@ class Worker:
             raise
 
 
+# the probe's batches: at most this many images each, one warm-up and this many timed per part
+# (about 2 min for the paper's four backbones at 224 px on a 2-core CPU, docs/benchmarks.md)
+PROBE_BATCH = 8
+PROBE_BATCHES = 1
+KMEANS_PROBE_ROWS = 256
+
+
+def transition_size(p: ExperimentParams) -> tuple[int, str]:
+    """The Transition slices the plan assumes before prepare_transition has run, and why."""
+    root = p.transition_slices_root or p.transition_dicom_root
+    if not root or not Path(root).is_dir():
+        where = f"nothing at {root}" if root else "no Transition source given"
+        return PAPER_TRANSITION_SLICES, (
+            f"Transition: the paper's {PAPER_TRANSITION_SLICES:,} SPIE-AAPM slices ({where})"
+        )
+    files = [f for f in Path(root).rglob("*") if f.is_file()]
+    if p.transition_slices_root:
+        n = sum(f.suffix.lower() in IMAGE_SUFFIXES for f in files)
+        return n, f"Transition: {n:,} image files under {root} (near-duplicates dropped later)"
+    return len(files), (
+        f"Transition: {len(files):,} files under {root}, every DICOM slice (the selection keeps "
+        "fewer: the paper kept 10,176 of SPIE-AAPM's 22,489)"
+    )
+
+
+def target_sizes(p: ExperimentParams) -> tuple[dict[str, tuple[int, ...]], str]:
+    """(train, val, test) images per Target split (the first seed's), or the paper's Table II
+    counts where COVID-CT is not there yet."""
+    seed = p.seed_list()[0]
+    try:
+        sizes = {}
+        for split in p.split_list():
+            counts = covid_ct.load_split(p.data_root, split, seed)["split"].value_counts()
+            sizes[split] = tuple(int(counts.get(part, 0)) for part in covid_ct.SPLITS)
+        return sizes, f"Target: COVID-CT under {p.data_root}, seed {seed}'s split"
+    except FileNotFoundError:
+        counts = covid_ct.PAPER_COUNTS.values()
+        paper = tuple(sum(c[part] for c in counts) for part in covid_ct.SPLITS)
+        return dict.fromkeys(p.split_list(), paper), (
+            f"Target: no COVID-CT under {p.data_root}; the paper's Table II counts {paper}"
+        )
+
+
+def cell_work(cell: Cell, sizes: dict[str, tuple[int, ...]], n_transition: int) -> CellWork:
+    """What ``cell`` will process, read from the parameters it would run with."""
+    if cell.stage == "prepare_transition":
+        return CellWork(cell.stage, n_slices=n_transition)
+    params, _ = cell.make(dict.fromkeys(cell.needs, "planned"))
+    if cell.stage == "soft_labels":
+        return CellWork(
+            cell.stage, params.feature_backbone, params.image_size, n_slices=n_transition
+        )
+    if cell.stage == "transition":
+        n_val = round(params.val_fraction * n_transition)
+        sizes_fit: tuple[int, ...] = (n_transition - n_val, n_val, 0)
+    else:
+        sizes_fit = sizes[params.split]
+    return CellWork(cell.stage, params.backbone, params.image_size, params.epochs, *sizes_fit)
+
+
+def kmeans_seconds_per_slice(d: int, p: ExperimentParams, rows: int = KMEANS_PROBE_ROWS) -> float:
+    """The soft-label search (every k, ``soft_folds`` fits each on all but one fold), per slice:
+    timed as a 2-fold search on ``rows`` random ``d``-value features and scaled linearly in the
+    rows each fit sees, which undercounts the held-out silhouette (its cost grows with the square
+    of a fold's size)."""
+    x = np.random.default_rng(0).standard_normal((rows, d), dtype=np.float32)
+    start = time.perf_counter()
+    for k in parse_k_values(p.soft_k_values):
+        fold_scores(x, k, "silhouette", 2, 0)
+    per_fit_row = (time.perf_counter() - start) / rows  # 2 fits of rows / 2 each, per k
+    return per_fit_row * (p.soft_folds - 1)  # folds fits of (folds - 1) / folds of the slices
+
+
+def measure_grid(p: ExperimentParams, work: list[CellWork]) -> Measurements:
+    """Probe every network the cells will run (in a process of its own) and the soft-label
+    search."""
+    fits = {(w.backbone, w.image_size) for w in work if w.stage in ("transition", "target")}
+    soft = {(w.backbone, w.image_size) for w in work if w.stage == "soft_labels"}
+    entries = [(b, s, False) for b, s in sorted(fits)] + [
+        (b, s, True) for b, s in sorted(soft - fits)
+    ]
+    m = measure(entries, min(PROBE_BATCH, defaults.BATCH_SIZE), PROBE_BATCHES, p.threads)
+    if soft:
+        d = m.get(*sorted(soft)[0]).feature_values
+        m = replace(m, kmeans_seconds_per_slice=kmeans_seconds_per_slice(d, p))
+    return m
+
+
+def plan_grid(p: ExperimentParams, cells: list[Cell]) -> tuple[PlanCost, Measurements]:
+    """The measured plan of ``cells``, printed before any of them runs."""
+    sizes, target_note = target_sizes(p)
+    n_transition, transition_note = transition_size(p)
+    work = [cell_work(cell, sizes, n_transition) for cell in cells]
+    networks = {(w.backbone, w.image_size) for w in work if w.backbone}
+    print(f"measuring {len(networks)} network(s) on this device", flush=True)
+    m = measure_grid(p, work)
+    notes = [
+        transition_note,
+        target_note,
+        f"measured on {m.device}, TensorFlow threads {p.threads or 'default'}, batches of "
+        f"{min(PROBE_BATCH, defaults.BATCH_SIZE)}, random weights (the same arithmetic), in "
+        f"{m.probe_seconds:.0f} s at load {m.load_average:.1f}; each cell starts a process "
+        f"({m.startup_seconds:.1f} s here)",
+        "every cell counted: finished cells found on the tracking server are reused for free",
+        "prepare_transition priced at 114 slices/s (docs/benchmarks.md), not probed",
+    ]
+    if p.transition_patience:
+        notes.append(
+            f"Transition: all {p.epochs} epochs counted; transition_patience="
+            f"{p.transition_patience} may stop it sooner"
+        )
+    if p.workers > 1:
+        notes.append(f"{p.workers} workers on one machine slow each other: not counted")
+    cost = plan_cost(work, m, p.workers, notes)
+    print(f"plan of the {p.profile} grid:\n{cost.text()}", flush=True)
+    return cost, m
+
+
+def log_plan(cost: PlanCost, m: Measurements) -> None:
+    """The plan on the active run: its table, text, the probe's throughputs and the totals."""
+    log_table(cost.table, "plan/cost.csv")
+    log_table(pd.DataFrame([asdict(b) for b in m.backbones.values()]), "plan/throughput.csv")
+    mlflow.log_text(cost.text(), "plan/plan.txt")
+    mlflow.log_metrics(
+        cost.metrics() | {"probe_seconds": m.probe_seconds, "startup_seconds": m.startup_seconds}
+    )
+
+
+def run_dry(p: ExperimentParams) -> str:
+    """Plan the grid, print and record its cost in a run of its own (tag ``stage=experiment_plan``,
+    so no grid or report mistakes it for a grid), and run no cell; returns that run's ID."""
+    cells = plan(p, "not hashed in a dry run")
+    cost, m = plan_grid(p, cells)
+    with start_stage_run(p.experiment, f"plan-{p.profile}") as run:
+        mlflow.set_tags({"stage": "experiment_plan", "profile": p.profile})
+        log_params(
+            {k: v for k, v in asdict(p).items() if k not in ("experiment", "storage")}
+            | {"n_cells": len(cells)}
+        )
+        log_plan(cost, m)
+        print(f"dry run: no cell was run; the plan is recorded in run {run.info.run_id}")
+        return run.info.run_id
+
+
 def run_experiment(params: ExperimentParams) -> str:
     """One worker of the grid. Any number of workers (here or on other machines, sharing ``storage``
     and the tracking server) split the cells between them: each cell is an item of one Optuna
-    study, run in a process of its own."""
+    study, run in a process of its own. It first measures and logs the plan; with ``dry_run`` it
+    stops there."""
     p = params.resolved()
     set_threads(p.threads)
+    if p.dry_run:
+        return run_dry(p)
     with tempfile.TemporaryDirectory(prefix="mstl-grid-") as work:
         hashes = hash_covid_ct(p.data_root, Path(work))
         with start_stage_run(p.experiment, f"experiment-{p.profile}") as grid_run:
             cells = {cell.key: cell for cell in plan(p, *hashes)}
             study = open_grid_study(p, grid_run, len(cells))
+            log_plan(*plan_grid(p, list(cells.values())))
             worker = Worker(cells, study, grid_run, p.threads)
             done = run_shared(
                 worker.study,

@@ -142,3 +142,81 @@ def test_the_grid_hands_the_nodule_selection_to_its_prepare_cell(tmp_path):
     ).resolved()
     with pytest.raises(ValueError, match="needs dicom_root and nodules_csv"):
         experiment.prepare_cell(no_nodules)
+
+
+def test_a_dry_run_of_the_paper_profile_plans_without_a_transition_source_or_covid_ct(tmp_path):
+    paper = dict(profile="paper", weights="none", data_root=str(tmp_path))
+    with pytest.raises(ValueError, match="need transition_dicom_root or transition_slices_root"):
+        ExperimentParams(**paper).resolved()
+    p = ExperimentParams(**paper, dry_run=True).resolved()
+    cells = plan(p, "not hashed")  # the prepare cell hashes nothing in a dry run
+    assert len(cells) == 1 + 1 + 4 * (2 + 3)  # prepare, soft labels, per backbone 2 + 3
+    n, note = experiment.transition_size(p)
+    assert n == 10_176 and "the paper's 10,176 SPIE-AAPM slices" in note
+    sizes, target_note = experiment.target_sizes(p)
+    assert sizes == {"official": (447, 112, 187)} and "Table II" in target_note
+    work = {c.key: experiment.cell_work(c, sizes, n) for c in cells}
+    assert work["prepare_transition"].n_slices == 10_176
+    soft = work["soft_labels/s0"]
+    assert (soft.backbone, soft.image_size, soft.n_slices) == ("inceptionv3", 224, 10_176)
+    transition = work["transition/densenet169/hard/s0"]
+    assert (transition.n_train, transition.n_val, transition.epochs) == (8141, 2035, 60)
+    target = work["target/official/resnet101v2/soft/s0"]
+    assert (target.n_train, target.n_val, target.n_test, target.image_size) == (447, 112, 187, 224)
+    with pytest.raises(RuntimeError, match="never runs it"):
+        cells[0].make({})
+
+
+def test_the_transition_size_counts_the_source_and_covid_ct_its_split(tmp_path):
+    folder = tmp_path / "slices" / "normal"
+    folder.mkdir(parents=True)
+    for name in ("a.png", "b.JPG", "c.jpeg", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    p = ExperimentParams(data_root="/work/shared/data", transition_slices_root=str(folder.parent))
+    n, note = experiment.transition_size(p)
+    assert n == 3 and "3 image files under" in note
+    dicom = ExperimentParams(transition_dicom_root=str(folder.parent))
+    assert experiment.transition_size(dicom)[0] == 4  # every file may be a DICOM slice
+
+
+def test_dry_run_and_workers_change_the_plan_run_not_the_grid(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "code_version", lambda: "v")
+    base = ExperimentParams(data_root=str(tmp_path))
+    name = experiment.grid_study_name(base, "1")
+    other = ExperimentParams(data_root=str(tmp_path), dry_run=True, workers=3)
+    assert experiment.grid_study_name(other, "1") == name
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        ExperimentParams(data_root=str(tmp_path), workers=0).resolved()
+
+
+@pytest.mark.integration  # starts the probe's process (TensorFlow): about a minute here
+def test_a_dry_run_prints_the_plan_records_it_and_runs_no_cell(local_tracking, tmp_path, capsys):
+    import mlflow
+
+    run_id = experiment.run_experiment(
+        ExperimentParams(
+            profile="paper",
+            backbones="mobilenet_025",
+            soft_feature_backbone="mobilenet_025",
+            image_size=32,
+            epochs=2,
+            weights="none",
+            data_root=str(tmp_path / "no-data"),
+            cache_dir=str(tmp_path / "cache"),
+            dry_run=True,
+        )
+    )
+    out = capsys.readouterr().out
+    assert "plan of the paper grid" in out and "h for one worker" in out
+    assert "dry run: no cell was run" in out
+    client = mlflow.MlflowClient(local_tracking)
+    runs = client.search_runs([client.get_run(run_id).info.experiment_id])
+    assert [r.data.tags["stage"] for r in runs] == ["experiment_plan"]  # no cell's run, no grid's
+    logged = client.get_run(run_id).data
+    assert logged.metrics["estimated_hours"] > 0 and logged.metrics["estimated_peak_rss_gb"] > 0
+    assert {a.path for a in client.list_artifacts(run_id, "plan")} == {
+        "plan/cost.csv",
+        "plan/plan.txt",
+        "plan/throughput.csv",
+    }
+    assert not (tmp_path / "cache").exists()  # no study, no cache
