@@ -24,7 +24,7 @@ EXPERIMENT ?= mstl
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
-.PHONY: venv weights target experiment server test integration check lint bench clean
+.PHONY: venv weights target experiment server test integration check lint bench clean ui-docs
 
 $(VENV)/.installed: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11-3.13) on PATH, or set PYTHON=..." >&2; exit 1; }
@@ -79,6 +79,11 @@ integration: weights
 
 check: weights
 	$(PY) -m pytest -q tests
+
+# docs/ui.md's screenshots (docs/img/ui/*.png): the browser test of the MLflow UI on a tiny grid,
+# saving what it sees (Debian's chromium and chromium-driver; minutes: it runs the grid first)
+ui-docs: weights
+	MSTL_UI_SHOTS=$(abspath docs/img/ui) $(PY) -m pytest -q -x tests/integration/test_ui.py
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -56,5 +56,7 @@ def description(
         f"Test: recall {m.get('test_recall', NAN):.3f} "
         f"[{m.get('test_recall_ci_low', NAN):.3f}, {m.get('test_recall_ci_high', NAN):.3f}], "
         f"specificity {m.get('test_specificity', NAN):.3f}, "
-        f"ROC AUC {m.get('test_roc_auc', NAN):.3f}; threshold {threshold}."
+        f"ROC AUC {m.get('test_roc_auc', NAN):.3f} "
+        f"[{m.get('test_roc_auc_ci_low', NAN):.3f}, {m.get('test_roc_auc_ci_high', NAN):.3f}]; "
+        f"threshold {threshold}."
     )

@@ -11,10 +11,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 
 from mstl import defaults
 from mstl.evaluation.report import provenance, write_report, write_results_doc
-from mstl.tracking import log_params, start_stage_run, tracking_uri
+from mstl.tracking import (
+    log_params,
+    log_ui_table,
+    share_comparison_view,
+    start_stage_run,
+    tracking_uri,
+)
 from mstl.tracking.runs import collect, collect_external
 
 
@@ -55,7 +62,12 @@ def run_compare(params: CompareParams) -> str:
             write_results_doc(out, Path(params.results_doc))
             print(f"compare: results section of {params.results_doc} regenerated")
         mlflow.log_artifacts(str(out), "report")
+        log_report_tables(out)
         mlflow.log_metrics(counts)
+        view = share_comparison_view(
+            client.get_experiment_by_name(params.search_experiment).experiment_id
+        )
+        mlflow.set_tag("mstl.ui_view", view)
         # both experiments by name: the one this run is logged in is easily taken for the searched
         # one
         logged_in = client.get_experiment(run.info.experiment_id).name
@@ -64,4 +76,18 @@ def run_compare(params: CompareParams) -> str:
             f"compare: {len(runs)} Target runs of experiment {params.search_experiment!r}{scope}; "
             f"report in {out / 'report.md'}; this compare run is in experiment {logged_in!r}"
         )
+        print(f"compare: the Target runs grouped by strategy in the MLflow UI: {view}")
         return run.info.run_id
+
+
+# the report's tables that the run page shows as tables (the CSVs stay beside them for reading back)
+UI_TABLES = ("table_iii", "paired_tests", "external")
+
+
+def log_report_tables(out: Path) -> None:
+    """Log the report's tables again through ``mlflow.log_table``, as ``report/<name>.json``."""
+    for name in UI_TABLES:
+        path = out / f"{name}.csv"
+        # a table without rows (no paired test on an ImageNet-only grid) is written as a bare "\n"
+        if path.exists() and path.read_text().strip():
+            log_ui_table(pd.read_csv(path), f"report/{name}.json")

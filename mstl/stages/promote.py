@@ -16,7 +16,7 @@ from mstl import defaults
 from mstl.evaluation.champion import description, selection_key, version_metric_tags
 from mstl.evaluation.metrics import HEADLINE, RECALL, ROC_AUC
 from mstl.stages.evaluate import EvaluateParams, run_evaluate
-from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri
+from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri, ui_url
 
 SERVED_MODEL = "classifier"  # the pyfunc that answers images and DICOM (mstl.inference.pyfunc)
 MODEL_NAME = "mstl-covid-ct"
@@ -99,15 +99,27 @@ def candidates(client, experiment_name: str, select_on: str) -> list:
 def version_tags(best, select_on: str) -> dict[str, str]:
     """What a registered version records about the run it comes from, and its figures."""
     p, tags = best.data.params, best.data.tags
-    return {
-        "source_run_id": best.info.run_id,
-        "selected_on": select_on,
-        "threshold": p.get("threshold", str(defaults.THRESHOLD)),
-        "backbone": tags.get("backbone", ""),
-        "strategy": tags.get("strategy", ""),
-        "split": tags.get("split", ""),
-        "parent_run_id": tags.get("mlflow.parentRunId", ""),
-    } | version_metric_tags(best.data.metrics, select_on)
+    return (
+        {
+            "source_run_id": best.info.run_id,
+            "selected_on": select_on,
+            "threshold": p.get("threshold", str(defaults.THRESHOLD)),
+            "backbone": tags.get("backbone", ""),
+            "strategy": tags.get("strategy", ""),
+            "split": tags.get("split", ""),
+            "parent_run_id": tags.get("mlflow.parentRunId", ""),
+        }
+        | version_metric_tags(best.data.metrics, select_on)
+        | data_hash_tags(p)
+    )
+
+
+# what a reviewer checks the version's data against: the Target run's image and split hashes
+DATA_HASHES = ("data_sha256", "split_sha256")
+
+
+def data_hash_tags(params: dict[str, str]) -> dict[str, str]:
+    return {key: params[key] for key in DATA_HASHES if key in params}
 
 
 def promote(params: PromoteParams):
@@ -141,11 +153,16 @@ def register(client, best, params: PromoteParams):
         client.set_model_version_tag(params.model_name, version.version, key, value)
     text = description(
         best.data.metrics, best.data.tags, best.info.run_id, params.select_on, tags["threshold"]
-    )
+    ) + hashes_sentence(tags)
     if params.external_root or params.external_csv:
         text += external_check(client, params, version)
     client.update_model_version(params.model_name, version.version, description=text)
     return version
+
+
+def hashes_sentence(tags: dict[str, str]) -> str:
+    found = [f"{key} {tags[key]}" for key in DATA_HASHES if key in tags]
+    return f" Data: {', '.join(found)}." if found else ""
 
 
 def refuse_below_gate(client, params: PromoteParams, best, version) -> None:
@@ -201,4 +218,5 @@ def run_promote(params: PromoteParams) -> str:
             f"{params.model_name} version {version.version} (run {best.info.run_id}) is now "
             f"@{params.alias}"
         )
+        print(f"in the MLflow UI: {ui_url(f'models/{params.model_name}')}")
         return run.info.run_id

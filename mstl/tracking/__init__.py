@@ -10,7 +10,9 @@ import argparse
 import contextlib
 import contextvars
 import hashlib
+import json
 import os
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -40,6 +42,69 @@ UI_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     "mlflow.experiment.primaryMetric.name": "test_roc_auc",
 }
+
+
+# MLflow 3.17's UI chooses GenAI or model-training pages from its own switch (the browser's
+# localStorage, default GenAI), not from the experiment's tag: a link carries the switch instead.
+UI_WORKFLOW = {"workflowType": "machine_learning"}
+UI_DEFAULT_BASE = "http://127.0.0.1:5000"  # `make server`
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # the UI's "Share" button stores a view here
+COMPARISON_VIEW = "mstl-vs-imagenet"
+COMPARISON_FILTER = "tags.stage = 'target' and attributes.status = 'FINISHED'"
+COMPARISON_COLUMNS = (
+    "tags.`backbone`",
+    "tags.`split`",
+    "params.`seed`",
+    "metrics.`test_roc_auc`",
+    "metrics.`test_recall`",
+    "metrics.`test_specificity`",
+    "metrics.`val_recall`",
+)
+
+
+def ui_base(uri: str | None = None) -> str:
+    """Where the UI answers: the tracking server itself, or `make server` for a local store."""
+    uri = uri or tracking_uri()
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_DEFAULT_BASE
+
+
+def ui_url(route: str, uri: str | None = None, **query: str) -> str:
+    """A UI link (``route`` like ``experiments/1/runs``) that opens on the model-training pages."""
+    return f"{ui_base(uri)}/#/{route}?{urllib.parse.urlencode({**UI_WORKFLOW, **query})}"
+
+
+def comparison_view_state(group_by: str = "strategy") -> dict:
+    """The runs table of "does MSTL beat ImageNet?": finished Target runs only (not the grid's
+    parents, not a killed worker's runs), grouped by ``group_by`` (grouping flattens the nesting
+    experiment -> transition -> target), test figures as columns, sorted by test ROC AUC."""
+    return {
+        "searchFilter": COMPARISON_FILTER,
+        "orderByKey": "metrics.`test_roc_auc`",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": list(COMPARISON_COLUMNS),
+        "runsHiddenMode": "SHOW_ALL",  # charts show every run, not the first 10
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": group_by}],
+        },
+        "groupsExpanded": {},
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "chartsSearchFilter": "test_roc_auc",  # its charts: the value and its interval
+    }
+
+
+def share_comparison_view(experiment_id: str, uri: str | None = None) -> str:
+    """Store the comparison view on the experiment as the UI's own shared view; return its link."""
+    client = mlflow.MlflowClient(uri or tracking_uri())
+    client.set_experiment_tag(
+        experiment_id, SHARED_VIEW_PREFIX + COMPARISON_VIEW, json.dumps(comparison_view_state())
+    )
+    return ui_url(f"experiments/{experiment_id}/runs", uri, viewStateShareKey=COMPARISON_VIEW)
 
 
 def ensure_experiment(name: str = defaults.EXPERIMENT_NAME) -> str:
@@ -170,6 +235,12 @@ def log_table(df: pd.DataFrame, artifact_file: str) -> None:
     mlflow.log_text(df.to_csv(index=False), artifact_file)
 
 
+def log_ui_table(df: pd.DataFrame, artifact_file: str) -> None:
+    """Log a DataFrame with ``mlflow.log_table`` (JSON, ``artifact_file`` ending in ``.json``): the
+    run page's artifact view shows it as a table, where a CSV shows as text."""
+    mlflow.log_table(data=df, artifact_file=artifact_file)
+
+
 @contextlib.contextmanager
 def mlflow_false_alarms_silenced():
     """Silence two MLflow warnings that never apply here, by their exact text, so that a warning a
@@ -249,7 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     ensure.add_argument("name", nargs="?", default=defaults.EXPERIMENT_NAME)
     args = parser.parse_args(argv)
     if args.command == "ensure-experiment":
-        print(f"experiment {args.name!r}: id {ensure_experiment(args.name)} at {tracking_uri()}")
+        experiment_id = ensure_experiment(args.name)
+        print(f"experiment {args.name!r}: id {experiment_id} at {tracking_uri()}")
+        print(f"in the MLflow UI: {ui_url(f'experiments/{experiment_id}/runs')}")
 
 
 if __name__ == "__main__":

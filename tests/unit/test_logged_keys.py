@@ -31,6 +31,27 @@ EVALUATE_KEYS = sorted(
     + [f"patient_{name}{ci}" for name in CLINICAL for ci in CI]
     + ["n_patients"]
 )
+EVALUATE_PARAMS = sorted(
+    [
+        "model_uri",
+        "images_root",
+        "positive_class",
+        "labels_csv",
+        "patient_pattern",
+        "data_name",
+        "threshold",
+        "n_bootstrap",
+        "skip_unreadable",
+        "seed",
+        "used_threshold",
+        "n_images",
+        "n_positive",
+        "n_skipped",
+        "ci_method",
+        "n_patients_positive",
+        "n_patients_negative",
+    ]
+)
 
 
 def scores(n=40):
@@ -98,8 +119,15 @@ def test_evaluate_logs_the_clinical_metrics_per_image_and_patient(
             model_uri="runs:/0123/classifier", labels_csv=str(csv), n_bootstrap=5
         )
     )
-    logged = mlflow.MlflowClient(local_tracking).get_run(run_id).data.metrics
-    assert sorted(logged) == EVALUATE_KEYS
+    client = mlflow.MlflowClient(local_tracking)
+    run = client.get_run(run_id)
+    assert sorted(run.data.metrics) == EVALUATE_KEYS
+    assert sorted(run.data.params) == EVALUATE_PARAMS
+    assert run.data.params["ci_method"] == run.data.tags["ci_method"] == "patient_cluster_bootstrap"
+    assert "5 positive and 5 negative patient" in run.data.tags["ci_warning"]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"predictions.csv", "patients.csv", "plots/patients.png"} <= artifacts
 
 
 def test_evaluate_tags_a_registered_version_with_the_headline_figures():
@@ -121,11 +149,15 @@ def test_promote_tags_the_version_with_the_test_metrics_and_the_selection_metric
     }
     run = SimpleNamespace(
         info=SimpleNamespace(run_id="r1"),
-        data=SimpleNamespace(metrics=metrics, params={"threshold": "0.5"}, tags={}),
+        data=SimpleNamespace(
+            metrics=metrics,
+            params={"threshold": "0.5", "data_sha256": "d" * 64, "split_sha256": "s" * 64},
+            tags={},
+        ),
     )
     assert sorted(version_tags(run, "val")) == sorted(
         ["source_run_id", "selected_on", "threshold", "backbone", "strategy", "split"]
-        + ["parent_run_id", "val_recall", "val_roc_auc"]
+        + ["parent_run_id", "val_recall", "val_roc_auc", "data_sha256", "split_sha256"]
         + [f"test_{name}" for name in PAPER]
     )
     assert version_metric_tags({"test_recall": 0.91234}, "val") == {"test_recall": "0.9123"}

@@ -1,6 +1,7 @@
 """mstl.tracking on a real embedded store: a data set logged as a run input and read back through
 the client."""
 
+import json
 import warnings
 from pathlib import Path
 
@@ -9,12 +10,17 @@ import pandas as pd
 import pytest
 
 from mstl.tracking import (
+    COMPARISON_VIEW,
+    SHARED_VIEW_PREFIX,
     UI_TAGS,
     ensure_experiment,
     log_dataset,
     log_table,
+    log_ui_table,
     mlflow_false_alarms_silenced,
+    share_comparison_view,
     start_stage_run,
+    ui_url,
 )
 
 
@@ -90,3 +96,40 @@ def test_experiments_open_on_their_runs_in_the_ui_and_a_users_choice_stays(local
 
 
 UI_TAGS_PRIMARY = "mlflow.experiment.primaryMetric.name"
+
+
+def test_ui_links_open_the_model_training_pages_of_the_server_in_use(monkeypatch):
+    """MLflow 3.17 picks GenAI or model-training pages from the link (or the browser), not from
+    the experiment's tag: every link carries workflowType; a local store's is `make server`'s."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000/")
+    assert ui_url("models/m") == "http://10.0.0.5:5000/#/models/m?workflowType=machine_learning"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert ui_url("experiments/3/runs", viewStateShareKey="v") == (
+        "http://127.0.0.1:5000/#/experiments/3/runs?workflowType=machine_learning&viewStateShareKey=v"
+    )
+
+
+def test_the_comparison_view_is_stored_as_the_uis_shared_view(local_tracking):
+    """The view compare leaves on the searched experiment: finished Target runs, grouped by the
+    strategy tag, in the JSON the UI's "Share" button stores (the browser test opens it)."""
+    experiment_id = ensure_experiment("compared")
+    url = share_comparison_view(experiment_id)
+    assert url.endswith(
+        f"experiments/{experiment_id}/runs?workflowType=machine_learning&"
+        f"viewStateShareKey={COMPARISON_VIEW}"
+    )
+    tags = mlflow.MlflowClient().get_experiment(experiment_id).tags
+    state = json.loads(tags[SHARED_VIEW_PREFIX + COMPARISON_VIEW])
+    assert state["searchFilter"] == "tags.stage = 'target' and attributes.status = 'FINISHED'"
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "strategy"}]
+    assert "metrics.`test_roc_auc`" in state["selectedColumns"]
+    # the filter is one the tracking server accepts
+    mlflow.MlflowClient().search_runs([experiment_id], state["searchFilter"])
+
+
+def test_a_ui_table_is_mlflows_table_json(local_tracking):
+    table = pd.DataFrame({"strategy": ["imagenet", "soft"], "roc_auc": [0.8, 0.9]})
+    with mlflow.start_run() as run:
+        log_ui_table(table, "report/table_iii.json")
+    loaded = mlflow.load_table("report/table_iii.json", run_ids=[run.info.run_id])
+    assert loaded[["strategy", "roc_auc"]].equals(table)
