@@ -60,7 +60,7 @@ experiment: weights
 	for worker in $$(seq $(GRID_WORKERS)); do \
 	  $(VENV)/bin/mlflow run . -e experiment --env-manager local --experiment-name $(GRID_EXPERIMENT) \
 	    -P profile=cpu -P data_root=$(DATA_ROOT) -P split=$(GRID_SPLITS) -P seeds=$(GRID_SEEDS) \
-	    -P threads=$(GRID_THREADS) & pids="$$pids $$!"; \
+	    -P threads=$(GRID_THREADS) -P workers=$(GRID_WORKERS) & pids="$$pids $$!"; \
 	done; \
 	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; [ $$failed = 0 ]
 	$(VENV)/bin/mlflow run . -e compare --env-manager local --experiment-name $(GRID_EXPERIMENT) \

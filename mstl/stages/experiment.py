@@ -33,10 +33,12 @@ import pandas as pd
 from mstl import PACKAGE_DIR, defaults
 from mstl.data import covid_ct
 from mstl.data.images import IMAGE_SUFFIXES
+from mstl.data.labelled import labelled_files
 from mstl.data.preprocessing import Preprocessing
 from mstl.models import PAPER_BACKBONES, get_backbone
 from mstl.soft_labels.search import fold_scores, parse_k_values
 from mstl.stages.cli import RUN_ID_FILE_ENV, RUN_TAGS_ENV, argv_for
+from mstl.stages.evaluate import EvaluateParams
 from mstl.stages.prepare import PrepareParams, export_key
 from mstl.stages.soft_labels import SoftLabelParams
 from mstl.stages.target import HASH_COLUMNS, NOT_LOGGED, TargetParams
@@ -133,6 +135,11 @@ class ExperimentParams:
     deterministic: bool = True
     lung_crop: bool = False
     intensity: str = "none"
+    # labelled sets from other hospitals, each Target cell evaluated on each as a nested
+    # `evaluate` run: a comma list of folders (a sub-folder per class) or labels CSVs
+    external_sets: str = ""
+    external_positive_class: str = "COVID"  # the positive sub-folder of each folder set
+    external_patient_pattern: str = ""  # evaluate's patient_pattern, for folder sets
     # print the measured plan (cells, images, hours, memory), record it in a plan run, run no cell
     dry_run: bool = False
     # how many workers the plan's wall time assumes (start them yourself; `make experiment`: 2)
@@ -186,9 +193,34 @@ class ExperimentParams:
         for name in self.backbone_list():
             get_backbone(name)
         self.split_list()
+        for external in self.external_list():
+            external.validate()
+            if not self.dry_run and not Path(external.images_root or external.labels_csv).exists():
+                raise FileNotFoundError(
+                    f"external set {external.images_root or external.labels_csv} not found"
+                )
         # an unknown intensity fails before any cell
         Preprocessing(self.image_size, self.lung_crop, self.intensity)
         return self
+
+    def external_list(self) -> list[EvaluateParams]:
+        """One `evaluate` template per external set (its model filled per Target cell)."""
+        sets = []
+        for item in comma_items(self.external_sets):
+            csv = item.lower().endswith(".csv")
+            sets.append(
+                EvaluateParams(
+                    model_uri="",
+                    images_root="" if csv else item,
+                    positive_class="" if csv else self.external_positive_class,
+                    labels_csv=item if csv else "",
+                    patient_pattern="" if csv else self.external_patient_pattern,
+                )
+            )
+        names = [e.name() for e in sets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"external_sets must have distinct names, got {names}")
+        return sets
 
     def strategy_list(self) -> list[str]:
         items = comma_items(self.strategies)
@@ -231,6 +263,7 @@ class Cell:
     stage: str
     needs: tuple[str, ...]
     make: Callable[[dict[str, str]], tuple[object, dict]]  # run IDs of needs -> (params, inputs)
+    parent: str = ""  # the cell whose run this cell's run nests under (empty: the grid run)
 
 
 def plan(p: ExperimentParams, data_hash: str, file_hashes: str = "") -> list[Cell]:
@@ -265,8 +298,21 @@ def plan(p: ExperimentParams, data_hash: str, file_hashes: str = "") -> list[Cel
                     target = TargetParams(
                         data_root=p.data_root, split=split, file_hashes=file_hashes, **common
                     )
-                    cells.append(target_cell(f"target/{split}/{name}", needs, target, data_hash))
+                    key = f"target/{split}/{name}"
+                    cells.append(target_cell(key, needs, target, data_hash))
+                    cells += [evaluate_cell(key, e, seed) for e in p.external_list()]
     return cells
+
+
+def evaluate_cell(target_key: str, external: EvaluateParams, seed: int) -> Cell:
+    """A Target cell's model on one external set, nested under the Target run (as `compare` and
+    `promote` read it: the latest evaluation of that model on that data)."""
+
+    def make(ids: dict[str, str]) -> tuple[object, dict]:
+        return replace(external, model_uri=f"runs:/{ids[target_key]}", seed=seed), {}
+
+    key = f"evaluate/{external.name()}/{target_key.removeprefix('target/')}"
+    return Cell(key, "evaluate", (target_key,), make, parent=target_key)
 
 
 def prepare_cell(p: ExperimentParams) -> Cell:
@@ -490,18 +536,20 @@ class Worker:
             run_id = found
         else:
             print(f"{position} {key}: running", flush=True)
-            run_id = self.launch(cell, params, trial.number)
+            parent = ids[cell.parent] if cell.parent else self.grid_run.info.run_id
+            run_id = self.launch(cell, params, trial.number, parent)
         self.counts["reused" if found else "run"] += 1
         trial.set_user_attr("run_id", run_id)
         trial.set_user_attr("reused", bool(found))
         return 0.0
 
-    def launch(self, cell: Cell, params, trial_number: int) -> str:
-        """Run ``cell`` in a fresh process, nested under the grid run and tagged as its cell; a
-        failed cell's runs left RUNNING (a killed process) are marked FAILED."""
+    def launch(self, cell: Cell, params, trial_number: int, parent: str) -> str:
+        """Run ``cell`` in a fresh process, nested under ``parent`` (the grid run, or the run of the
+        cell it evaluates) and tagged as its cell; a failed cell's runs left RUNNING (a killed
+        process) are marked FAILED."""
         name = self.study.study_name
         tags = {
-            "mlflow.parentRunId": self.grid_run.info.run_id,
+            "mlflow.parentRunId": parent,
             "mstl.grid": name,
             "mstl.grid_cell": cell.key,
             "mstl.grid_trial": str(trial_number),
@@ -559,6 +607,29 @@ def target_sizes(p: ExperimentParams) -> tuple[dict[str, tuple[int, ...]], str]:
         )
 
 
+def external_size(external: EvaluateParams) -> int:
+    """The images an external set holds (0 when it is not there yet, in a dry run)."""
+    if not Path(external.images_root or external.labels_csv).exists():
+        return 0
+    return len(
+        labelled_files(
+            external.images_root,
+            external.positive_class,
+            external.labels_csv,
+            external.patient_pattern,
+        )
+    )
+
+
+def evaluate_work(cell: Cell, cells: dict[str, Cell]) -> CellWork:
+    """An evaluate cell: the network of the Target cell it evaluates, over the external set."""
+    target, _ = cells[cell.parent].make(dict.fromkeys(cells[cell.parent].needs, "planned"))
+    external, _ = cell.make({cell.parent: "planned"})
+    return CellWork(
+        cell.stage, target.backbone, target.image_size, n_slices=external_size(external)
+    )
+
+
 def cell_work(cell: Cell, sizes: dict[str, tuple[int, ...]], n_transition: int) -> CellWork:
     """What ``cell`` will process, read from the parameters it would run with."""
     if cell.stage == "prepare_transition":
@@ -608,7 +679,13 @@ def plan_grid(p: ExperimentParams, cells: list[Cell]) -> tuple[PlanCost, Measure
     """The measured plan of ``cells``, printed before any of them runs."""
     sizes, target_note = target_sizes(p)
     n_transition, transition_note = transition_size(p)
-    work = [cell_work(cell, sizes, n_transition) for cell in cells]
+    by_key = {cell.key: cell for cell in cells}
+    work = [
+        evaluate_work(cell, by_key)
+        if cell.stage == "evaluate"
+        else cell_work(cell, sizes, n_transition)
+        for cell in cells
+    ]
     networks = {(w.backbone, w.image_size) for w in work if w.backbone}
     print(f"measuring {len(networks)} network(s) on this device", flush=True)
     m = measure_grid(p, work)

@@ -14,6 +14,7 @@ import mlflow
 
 from mstl import defaults
 from mstl.evaluation.champion import description, selection_key, version_metric_tags
+from mstl.evaluation.external import version_tags as external_version_tags
 from mstl.evaluation.metrics import HEADLINE, RECALL, ROC_AUC
 from mstl.stages.evaluate import EvaluateParams, run_evaluate
 from mstl.tracking import MODEL_ID_TAG, log_params, start_stage_run, tracking_uri, ui_url
@@ -155,7 +156,7 @@ def register(client, best, params: PromoteParams):
         best.data.metrics, best.data.tags, best.info.run_id, params.select_on, tags["threshold"]
     ) + hashes_sentence(tags)
     if params.external_root or params.external_csv:
-        text += external_check(client, params, version)
+        text += external_check(client, params, version, best)
     client.update_model_version(params.model_name, version.version, description=text)
     return version
 
@@ -186,13 +187,41 @@ def external_tag(params: PromoteParams, metric: str) -> str:
     return f"external.{params.evaluation('').name()}.{metric}"
 
 
-def external_check(client, params: PromoteParams, version) -> str:
-    """Evaluate the new version on the external set (a nested evaluate run that tags the version);
-    return the sentence the version's description gains."""
+def grid_evaluation(client, params: PromoteParams, best):
+    """The latest finished `evaluate` run of the candidate's own Target run on this external set
+    (the grid's evaluate cells nest under their Target run), or None: the same set is the same
+    data name, folder or CSV, and positive class."""
+    wanted = asdict(params.evaluation(""))
+    same = ("images_root", "positive_class", "labels_csv")
+    found = [
+        run
+        for run in client.search_runs(
+            [best.info.experiment_id],
+            f"tags.stage = 'evaluate' and tags.`mlflow.parentRunId` = '{best.info.run_id}' and "
+            "attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+        if run.data.tags.get("data_name") == params.evaluation("").name()
+        and all(run.data.params.get(k, "") == str(wanted[k]) for k in same)
+    ]
+    return found[0] if found else None
 
-    run_id = run_evaluate(params.evaluation(f"models:/{params.model_name}/{version.version}"))
-    m = client.get_run(run_id).data.metrics
+
+def external_check(client, params: PromoteParams, version, best) -> str:
+    """The new version's figures on the external set: read from the grid's evaluation of the same
+    model on that set when there is one, else evaluated now (a nested evaluate run); either way
+    the version is tagged with them. Return the sentence the version's description gains."""
     name = params.evaluation("").name()
+    earlier = grid_evaluation(client, params, best)
+    if earlier is None:
+        run_id = run_evaluate(params.evaluation(f"models:/{params.model_name}/{version.version}"))
+        how = "evaluate run"
+    else:
+        run_id, how = earlier.info.run_id, "the grid's evaluate run"
+        digest = earlier.data.tags.get("data_digest", "")
+        for key, value in external_version_tags(name, earlier.data.metrics, digest, run_id).items():
+            client.set_model_version_tag(params.model_name, version.version, key, value)
+    m = client.get_run(run_id).data.metrics
 
     def figure(key: str) -> str:
         if key not in m:
@@ -202,7 +231,7 @@ def external_check(client, params: PromoteParams, version) -> str:
 
     auc, sensitivity, specificity = (figure(metric.clinical) for metric in HEADLINE)
     return (
-        f" External set {name} (evaluate run {run_id}): ROC AUC {auc}, sensitivity "
+        f" External set {name} ({how} {run_id}): ROC AUC {auc}, sensitivity "
         f"{sensitivity}, specificity {specificity}."
     )
 

@@ -52,7 +52,7 @@ from mstl.training.fit import set_threads
 PREPARE_SLICES_PER_SECOND = 114.0
 # the paper's Transition set after its selection: SPIE-AAPM, 10,176 slices
 PAPER_TRANSITION_SLICES = 10_176
-STAGE_ORDER = ("prepare_transition", "soft_labels", "transition", "target")
+STAGE_ORDER = ("prepare_transition", "soft_labels", "transition", "target", "evaluate")
 GB = 1e9
 
 
@@ -290,6 +290,12 @@ def cell_cost(w: CellWork, m: Measurements) -> CellCost:
         return CellCost(w.n_slices, seconds + m.startup_seconds + b.build_seconds, peak)
     if w.stage in ("transition", "target"):
         return fit_cost(w, b, m)
+    if w.stage == "evaluate":
+        # the set's predictions, the shortcut probes' (masked, cropped: two more passes) and
+        # Grad-CAM on the errors (at most every image, priced as a training step)
+        seconds = 3 * w.n_slices / b.predict + w.n_slices / b.full_step
+        peak = b.rss_bytes + w.n_slices * w.image_size**2
+        return CellCost(4 * w.n_slices, seconds + m.startup_seconds + b.build_seconds, peak)
     raise ValueError(f"unknown stage {w.stage!r}; use one of {', '.join(STAGE_ORDER)}")
 
 

@@ -11,6 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -21,13 +22,14 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from mstl.tracking import COMPARISON_VIEW, SHARED_VIEW_PREFIX, UI_TAGS, ui_url
-from tests.conftest import run_entry_point
+from tests.conftest import DATA_ROOT, run_entry_point
 
 pytestmark = pytest.mark.integration
 EXPERIMENT = "mstl-ui"
 REPORTS = "mstl-ui-reports"  # compare logs apart, so the path that creates an experiment is seen
 MODEL = "mstl-ui-covid-ct"
 # test_experiment.py's tiny grid, with 2 soft-label folds (not 10): the search is the slowest cell
+EXTERNAL = str(DATA_ROOT / "covid-ct-md")
 TINY = {"profile": "cpu", "epochs": 1, "image_size": 64, "soft_k_values": "2,4", "soft_folds": 2}
 GRID_TIMEOUT_S = 2400  # 7 cells; about 20 min on a 2-core machine shared with other jobs
 WINDOW = (1400, 900)
@@ -81,7 +83,16 @@ def ui_line(stdout: str) -> str:
 def grid(mlflow_server, data_root, keras_home, tmp_path_factory) -> dict:
     """One tiny grid (imagenet, hard, soft; seed 0), its compare report and its champion."""
     tmp = tmp_path_factory.mktemp("ui-grid")
-    common = {"export_dir": tmp / "exports", "cache_dir": tmp / "cache", "data_root": data_root}
+    external = {  # every Target cell evaluated on the external development set, per patient
+        "external_sets": EXTERNAL,
+        "external_patient_pattern": "ctmd_[a-z]+_([^_]+)_s",
+    }
+    common = {
+        "export_dir": tmp / "exports",
+        "cache_dir": tmp / "cache",
+        "data_root": data_root,
+        **external,
+    }
     done = run_entry_point(
         "experiment", {**TINY, **common}, mlflow_server, EXPERIMENT, timeout=GRID_TIMEOUT_S
     )
@@ -94,7 +105,15 @@ def grid(mlflow_server, data_root, keras_home, tmp_path_factory) -> dict:
     )
     assert compare.returncode == 0, compare.stderr[-3000:]
     promote = run_entry_point(
-        "promote", {"search_experiment": EXPERIMENT, "model_name": MODEL}, mlflow_server, EXPERIMENT
+        "promote",
+        {
+            "search_experiment": EXPERIMENT,
+            "model_name": MODEL,
+            "external_root": EXTERNAL,
+            "external_positive_class": "COVID",
+        },
+        mlflow_server,
+        EXPERIMENT,
     )
     assert promote.returncode == 0, promote.stderr[-3000:]
     client = MlflowClient(mlflow_server)
@@ -105,6 +124,7 @@ def grid(mlflow_server, data_root, keras_home, tmp_path_factory) -> dict:
         "client": client,
         "experiment": client.get_experiment_by_name(EXPERIMENT),
         "compare_run": compare_run,
+        "report": tmp / "report",
         "view_url": ui_line(compare.stdout),
         "model_url": ui_line(promote.stdout),
     }
@@ -195,3 +215,24 @@ def test_the_registered_model_shows_its_champion(browser, grid, shots):
     )
     assert version.tags["source_run_id"] in text and "strategy" in text
     shot(browser, shots, "07-champion-version")
+
+
+def test_each_target_is_evaluated_on_the_external_set_and_compare_pairs_them(grid):
+    """The grid's evaluate cells nest under their Target runs; compare's external table and its
+    paired MSTL minus ImageNet differences on covid-ct-md come from them; promote reads the
+    champion's figures from its grid evaluation instead of evaluating again."""
+    client, experiment = grid["client"], grid["experiment"]
+    runs = client.search_runs([experiment.experiment_id], max_results=200)
+    targets = {r.info.run_id: r for r in runs if r.data.tags.get("stage") == "target"}
+    evaluations = [r for r in runs if r.data.tags.get("stage") == "evaluate"]
+    assert len(evaluations) == len(targets) == 3
+    assert {r.data.tags["mlflow.parentRunId"] for r in evaluations} == set(targets)
+    assert {r.data.tags["data_name"] for r in evaluations} == {"covid-ct-md"}
+    assert all(r.data.metrics["n_patients"] == 6 for r in evaluations)
+    external = pd.read_csv(grid["report"] / "external.csv")
+    assert set(external["data"]) == {"covid-ct-md"} and len(external) == 3
+    paired = pd.read_csv(grid["report"] / "paired_tests.csv")
+    assert {"hard", "soft"} <= set(paired.loc[paired["data"] == "covid-ct-md", "strategy"])
+    champion = client.get_model_version_by_alias(MODEL, "champion")
+    assert "the grid's evaluate run" in champion.description
+    assert champion.tags["external.covid-ct-md.run_id"] in {r.info.run_id for r in evaluations}

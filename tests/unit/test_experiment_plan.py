@@ -220,3 +220,44 @@ def test_a_dry_run_prints_the_plan_records_it_and_runs_no_cell(local_tracking, t
         "plan/throughput.csv",
     }
     assert not (tmp_path / "cache").exists()  # no study, no cache
+
+
+def test_every_target_cell_is_evaluated_on_each_external_set_nested_under_it(tmp_path):
+    """An evaluate cell per Target cell and external set, after its Target and nested under its run
+    (not the grid's), with the set's positive class and patient pattern."""
+    ext = tmp_path / "hospital-b"
+    for folder in ("COVID", "normal"):
+        (ext / folder).mkdir(parents=True)
+    csv = tmp_path / "hospital-c.csv"
+    csv.write_text("path,label,patient_id\na.png,1,p1\n")
+    p = ExperimentParams(
+        profile="cpu",
+        strategies="imagenet",
+        seeds="0,1",
+        data_root=str(tmp_path),
+        external_sets=f"{ext},{csv}",
+        external_patient_pattern="^(p[0-9]+)_",
+    ).resolved()
+    cells = {c.key: c for c in plan(p, "hash")}
+    evaluations = [c for c in cells.values() if c.stage == "evaluate"]
+    targets = [c for c in cells.values() if c.stage == "target"]
+    assert len(evaluations) == 2 * len(targets) == 4
+    for cell in evaluations:
+        assert cell.needs == (cell.parent,) and cells[cell.parent].stage == "target"
+        params, _ = cell.make({cell.parent: "TARGETRUN"})
+        assert params.model_uri == "runs:/TARGETRUN" and params.seed == int(cell.key[-1])
+    folder_cell = cells["evaluate/hospital-b/official/mobilenet_025/imagenet/s1"]
+    folder, _ = folder_cell.make({folder_cell.parent: "r"})
+    assert (folder.images_root, folder.positive_class) == (str(ext), "COVID")
+    assert folder.patient_pattern == "^(p[0-9]+)_"
+    csv_cell = cells["evaluate/hospital-c/official/mobilenet_025/imagenet/s0"]
+    from_csv, _ = csv_cell.make({csv_cell.parent: "r"})
+    assert from_csv.labels_csv == str(csv)
+    assert (from_csv.images_root, from_csv.patient_pattern) == ("", "")
+
+
+def test_a_missing_external_set_is_named_before_any_cell(tmp_path):
+    with pytest.raises(FileNotFoundError, match="external set .*nowhere not found"):
+        ExperimentParams(
+            profile="cpu", strategies="imagenet", external_sets=str(tmp_path / "nowhere")
+        ).resolved()
