@@ -64,7 +64,8 @@ class FitSettings:
     learning_rate: float = defaults.LEARNING_RATE
     momentum: float = defaults.MOMENTUM
     seed: int = defaults.SEED
-    augment: bool | str = False  # False/none, or a policy of mstl.data.pipeline.AUGMENTATIONS
+    # false/true (none/mild); the Target stage's is a policy of mstl.data.pipeline.AUGMENTATIONS
+    augment: bool = False
     cache_frozen: bool = True
     deterministic: bool = True
     # stop after this many epochs without a better validation accuracy (0: never, as in the paper's

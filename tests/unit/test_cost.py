@@ -134,8 +134,8 @@ def test_features_past_the_memory_budget_stay_cached_but_leave_the_process_memor
 def test_an_unmeasured_network_or_stage_is_named_in_the_error():
     with pytest.raises(KeyError, match="no measurement of densenet121@32"):
         plan_cost([CellWork("target", "densenet121", 32, 1, 1, 1, 1)], measured(throughputs()))
-    with pytest.raises(ValueError, match="unknown stage 'evaluate'"):
-        plan_cost([CellWork("evaluate", "mobilenet_025", 32)], measured(throughputs()))
+    with pytest.raises(ValueError, match="unknown stage 'explain'"):
+        plan_cost([CellWork("explain", "mobilenet_025", 32)], measured(throughputs()))
 
 
 def test_the_plan_prints_its_totals_and_notes_and_round_trips_as_json():
