@@ -344,18 +344,21 @@ def test_served_model_answers_ct_images_and_dicom_and_refuses_bad_requests(
         from mstl.data.images import open_grey
         from mstl.data.pipeline import grey_to_input
         from mstl.data.preprocessing import Preprocessing
+        from mstl.inference.predict import apply_temperature
         from mstl.models import get_backbone
 
         mlflow.set_tracking_uri(mlflow_server)
-        model = (
-            mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/classifier")
-            .unwrap_python_model()
-            .model
-        )
+        served = mlflow.pyfunc.load_model(
+            f"runs:/{run.info.run_id}/classifier"
+        ).unwrap_python_model()
         grey = Preprocessing(64, lung_crop=True, intensity="clahe")(open_grey(png))
         x = grey_to_input(grey[None], get_backbone("mobilenet_025").preprocess_input)
+        raw = float(served.model(x, training=False)[0, 0])
+        # through the temperature fitted on validation and stored with the model
+        temperature = served.temperatures[0]
+        assert temperature == pytest.approx(run.data.metrics["temperature"], rel=1e-6)
         assert answers[0]["probability"] == pytest.approx(
-            float(model(x, training=False)[0, 0]), abs=1e-5
+            float(apply_temperature(raw, temperature)), abs=1e-5
         )
 
         mr = write_slice(
