@@ -450,12 +450,14 @@ def test_evaluate_a_registered_model_on_a_folder_set(
         client.download_artifacts(ev.info.run_id, "predictions.csv", str(tmp_path))
     )
     assert list(predictions.columns) == [
-        "sha256",
+        "file",
         "patient_id",
+        "sha256",
         "label",
         "probability",
         "predicted",
-    ]  # no file names
+        "outcome",
+    ]  # each file named (relative to the root), so a user finds the slices the model missed
     assert len(predictions) == 30
     # the served model on these files gives the Target run's own test probabilities
     merged = picked.assign(
