@@ -147,33 +147,27 @@ def over_seeds(paired: pd.DataFrame) -> pd.DataFrame:
 
 
 def detectable_differences(
-    runs: pd.DataFrame, paired: pd.DataFrame, power: float = POWER
+    runs: pd.DataFrame,
+    paired: pd.DataFrame,
+    external: pd.DataFrame | None = None,
+    power: float = POWER,
 ) -> pd.DataFrame:
-    """Per setting on the test split: the smallest AUC and sensitivity differences a single seed's
-    paired test detects with ``power`` at alpha 0.05 and at Holm's strictest level (alpha / family
-    size), from the observed standard errors (DeLong) and discordant shares (McNemar) of this grid's
-    pairs."""
-    test = paired[paired["data"] == "test"]
-    family = len(test)
+    """Per data set (the test split, each external set) and setting: the smallest AUC and
+    sensitivity differences a single seed's paired test detects with ``power`` at alpha 0.05 and at
+    Holm's strictest level (alpha / the data set's family size), from the observed standard errors
+    (DeLong) and discordant shares (McNemar) of this grid's pairs."""
     rows = []
     keys = ["backbone", "split", "image_size", "epochs"]
-    for key, group in test.groupby(keys, sort=False):
+    for (data, *key), group in paired.groupby(["data", *keys], sort=False):
+        family = int((paired["data"] == data).sum())
         auc, sens = group[group["metric"] == AUC], group[group["metric"] == SENSITIVITY]
-        base = runs[
-            np.logical_and.reduce([runs[k] == v for k, v in zip(keys, key, strict=True)])
-            & (runs["strategy"] == BASELINE)
-        ]
         se, discordant, n_pos = (
             float(auc["se"].median()),
             float(sens["discordant"].median()),
             int(sens["n"].median()),
         )
-        row = dict(zip(keys, key, strict=True)) | {
-            f"baseline_{m.paired}": float(
-                np.mean([r.get(f"test_{m.name}", np.nan) for r in base["metrics"]])
-            )
-            for m in PAIRED_SHOWN
-        }
+        row = {"data": data} | dict(zip(keys, key, strict=True))
+        row |= baseline_figures(runs, external, data, dict(zip(keys, key, strict=True)))
         row |= {
             "n_test": int(auc["n"].median()),
             "n_positive": n_pos,
@@ -189,6 +183,42 @@ def detectable_differences(
             )
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def baseline_figures(
+    runs: pd.DataFrame, external: pd.DataFrame | None, data: str, setting: dict
+) -> dict[str, float]:
+    """The ImageNet baseline's mean AUC and sensitivity over seeds on ``data``: from the Target
+    runs' test metrics, or from their evaluate runs on an external set."""
+    base = runs[
+        np.logical_and.reduce([runs[k] == v for k, v in setting.items()])
+        & (runs["strategy"] == BASELINE)
+    ]
+    if data == "test":
+        metrics, key = list(base["metrics"]), {m.paired: f"test_{m.name}" for m in PAIRED_SHOWN}
+    else:
+        scored = external[(external["data"] == data) & external["run_id"].isin(base["run_id"])]
+        metrics, key = list(scored["metrics"]), {m.paired: m.clinical for m in PAIRED_SHOWN}
+    return {
+        f"baseline_{name}": float(np.mean([m.get(k, np.nan) for m in metrics]))
+        if metrics
+        else float("nan")
+        for name, k in key.items()
+    }
+
+
+def seed_summary(
+    metrics: pd.Series, key: str, interval_when_missing: bool = True
+) -> tuple[float, str]:
+    """The mean of ``key`` over the runs' ``metrics``, and its spread as text: the run's interval
+    (one run), or the SD over seeds (several; empty with fewer than two values)."""
+    values = [m[key] for m in metrics if key in m]
+    mean = float(np.mean(values)) if values else float("nan")
+    if len(metrics) == 1 and (values or interval_when_missing):
+        m = metrics.iloc[0]
+        low, high = m.get(f"{key}_ci_low", np.nan), m.get(f"{key}_ci_high", np.nan)
+        return mean, f"[{low:.3f}, {high:.3f}]"
+    return mean, f"± {np.std(values, ddof=1):.3f} (SD over seeds)" if len(values) > 1 else ""
 
 
 def grid_counts(runs: pd.DataFrame, paired: pd.DataFrame, external: pd.DataFrame) -> dict:

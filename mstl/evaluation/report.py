@@ -6,6 +6,7 @@ run's artifacts.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -15,6 +16,15 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from mstl.evaluation.champion import ranked
+from mstl.evaluation.external_report import (
+    external_section,
+    external_table,
+    patients_figure,
+    patients_over_seeds,
+    patients_section,
+    per_patient,
+    scored_runs,
+)
 from mstl.evaluation.grid_stats import (
     SETTING,
     comparisons,
@@ -22,8 +32,10 @@ from mstl.evaluation.grid_stats import (
     forest_figure,
     grid_counts,
     over_seeds,
+    seed_summary,
 )
-from mstl.evaluation.metrics import HEADLINE, PAIRED_SHOWN, PAPER, RECALL, SPECIFICITY, compute
+from mstl.evaluation.markdown import table_head, table_row
+from mstl.evaluation.metrics import PAIRED_SHOWN, PAPER, RECALL, SPECIFICITY, compute
 from mstl.evaluation.plots import confusion_figure
 from mstl.evaluation.stats import threshold_for_recall
 
@@ -35,25 +47,42 @@ def write_report(
     ``out``: tables as CSV, figures as PNG, ``report.md``. Returns the counts a compare run logs
     (``grid_counts``)."""
     table, paired = table_iii(runs, target_recall), comparisons(runs, external)
-    outside = external_table(runs, external)
+    outside = external_table(runs, external, target_recall)
     table.to_csv(out / "table_iii.csv", index=False)
     if not outside.empty:
         outside.to_csv(out / "external.csv", index=False)
     paired.to_csv(out / "paired_tests.csv", index=False)
     summary = detectable = None
     if not paired.empty:
-        summary, detectable = over_seeds(paired), detectable_differences(runs, paired)
+        summary, detectable = over_seeds(paired), detectable_differences(runs, paired, external)
         summary.to_csv(out / "over_seeds.csv", index=False)
         detectable.to_csv(out / "detectable_differences.csv", index=False)
         forest_figure(paired, summary).savefig(out / "forest_test.png")
+    patients = write_patients(runs, external, target_recall, out)
     best = ranked(runs)
     save_figures(runs, best, out)
     report = markdown_report(
-        table, paired, best, target_recall, outside, summary, detectable, provenance
+        table, paired, best, target_recall, outside, summary, detectable, provenance, patients
     )
     (out / "report.md").write_text(report)
     plt.close("all")
     return grid_counts(runs, paired, external)
+
+
+def write_patients(
+    runs: pd.DataFrame, external: pd.DataFrame, target_recall: float, out: Path
+) -> list[str]:
+    """Where the external sets name their patients: ``external_patients.csv`` (per seed), a figure
+    per set, and the report's per-patient section (its lines; none without patients)."""
+    patients = per_patient(scored_runs(runs, external), target_recall) if len(external) else None
+    if patients is None or patients.empty:
+        return []
+    patients.to_csv(out / "external_patients.csv", index=False)
+    names = []
+    for i, data in enumerate(dict.fromkeys(patients["data"])):
+        names.append(f"external_patients_{i + 1}.png")
+        patients_figure(patients, data).savefig(out / names[-1])
+    return patients_section(patients_over_seeds(patients), names)
 
 
 def save_figures(runs: pd.DataFrame, best: pd.DataFrame, out: Path) -> None:
@@ -83,42 +112,6 @@ def provenance(
         f"`{experiment}`{scope} on {tracking_uri}. Every figure comes from the runs named in the "
         "tables (full IDs in the CSVs logged beside this report)."
     )
-
-
-def seed_summary(
-    metrics: pd.Series, key: str, interval_when_missing: bool = True
-) -> tuple[float, str]:
-    """The mean of ``key`` over the runs' ``metrics``, and its spread as text: the run's interval
-    (one run), or the SD over seeds (several; empty with fewer than two values)."""
-    values = [m[key] for m in metrics if key in m]
-    mean = float(np.mean(values)) if values else float("nan")
-    if len(metrics) == 1 and (values or interval_when_missing):
-        m = metrics.iloc[0]
-        low, high = m.get(f"{key}_ci_low", np.nan), m.get(f"{key}_ci_high", np.nan)
-        return mean, f"[{low:.3f}, {high:.3f}]"
-    return mean, f"± {np.std(values, ddof=1):.3f} (SD over seeds)" if len(values) > 1 else ""
-
-
-def external_table(runs: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
-    """Per external data set and setting: the ``HEADLINE`` metrics (AUC, sensitivity, specificity)
-    as value [CI] (one seed) or mean ± SD."""
-    if external.empty:
-        return pd.DataFrame()
-    joined = external.merge(runs.drop(columns=["metrics"]), on="run_id")
-    out = []
-    for (data, digest, *setting), group in joined.groupby(["data", "digest", *SETTING]):
-        row = {
-            "data": data,
-            "digest": digest,
-            **dict(zip(SETTING, setting, strict=True)),
-            "seeds": len(group),
-        }
-        row["n_images"] = int(np.median([len(p) for p in group["predictions"]]))
-        for name in (m.clinical for m in HEADLINE):
-            row[name], row[f"{name}_ci"] = seed_summary(group["metrics"], name, False)
-        row["evaluate_run_ids"] = ",".join(group["evaluate_run_id"])
-        out.append(row)
-    return pd.DataFrame(out)
 
 
 def table_iii(runs: pd.DataFrame, target_recall: float) -> pd.DataFrame:
@@ -180,79 +173,34 @@ def roc_panel(runs: pd.DataFrame, key: str, title: str):
     return fig
 
 
-def table_head(names: list[str]) -> list[str]:
-    """A Markdown table's header and separator lines, the separator derived from the header."""
-    return [table_row(names), "|" + " --- |" * len(names)]
-
-
-def table_row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def external_section(external: pd.DataFrame) -> list[str]:
-    """Table III's external columns: each setting on each external set it was evaluated on."""
-    if external.empty:
-        return []
-    lines = [
-        "",
-        "## External validation (`evaluate` runs of these models)",
-        "",
-        *table_head(
-            [
-                "data (digest)",
-                "images",
-                "backbone",
-                "strategy",
-                "split",
-                "image size",
-                "epochs",
-                "seeds",
-            ]
-            + [m.label for m in HEADLINE]
-        ),
-    ]
-    for _, r in external.iterrows():
-        cells = [
-            f"{r['data']} ({r['digest']})",
-            str(r["n_images"]),
-            r["backbone"],
-            r["strategy"],
-            r["split"],
-        ]
-        cells += [str(r["image_size"]), str(r["epochs"]), str(r["seeds"])]
-        cells += [f"{r[m.clinical]:.3f} {r[f'{m.clinical}_ci']}".strip() for m in HEADLINE]
-        lines.append(table_row(cells))
-    return lines
-
-
 def short(run_ids) -> str:
     return ", ".join(str(r)[:8] for r in run_ids)
 
 
 def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]:
-    """The grid's answer per split and strategy: the mean paired difference over seeds, and what it
-    means given what the test set can detect."""
-    test = summary[summary["data"] == "test"]
-    if test.empty:
-        return []
+    """The grid's answer per data set, split and strategy: the mean paired difference over seeds,
+    and what it means given what that data set can detect."""
+    lines = []
+    for data, rows in summary.groupby("data", sort=False):
+        lines += answer_table(data, rows)
+        lines += answer_lines(rows, detectable[detectable["data"] == data])
+    return lines
+
+
+def where(data: str) -> str:
+    return "the COVID-CT test split" if data == "test" else f"the external set {data}"
+
+
+def answer_table(data: str, rows: pd.DataFrame) -> list[str]:
+    header = ["backbone", "split", "strategy", "metric", "mean difference [95 % t CI]", "seeds"]
+    header += ["seeds favouring MSTL", "seeds significant (Holm)", "p over seeds"]
     lines = [
         "",
-        "## The answer: MSTL minus ImageNet, over seeds (COVID-CT test split)",
+        f"## The answer: MSTL minus ImageNet, over seeds ({where(data)})",
         "",
-        *table_head(
-            [
-                "backbone",
-                "split",
-                "strategy",
-                "metric",
-                "mean difference [95 % t CI]",
-                "seeds",
-                "seeds favouring MSTL",
-            ]
-            + ["seeds significant (Holm)", "p over seeds"]
-        ),
+        *table_head(header),
     ]
-    for _, r in test.iterrows():
+    for _, r in rows.iterrows():
         lines.append(
             f"| {r['backbone']} | {r['split']} | {r['strategy']} | {r['metric']} | "
             f"{r['mean_difference']:+.3f} "
@@ -260,9 +208,14 @@ def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]
             f"{r['seeds_favouring_mstl']} | "
             f"{r['seeds_significant_holm']} | {r['p_over_seeds']:.3g} |"
         )
-    lines.append("")
+    return lines + [""]
+
+
+def answer_lines(rows: pd.DataFrame, detectable: pd.DataFrame) -> list[str]:
+    """One sentence per strategy and shown metric: the difference, its verdict, the power."""
+    lines = []
     shown = [m.paired for m in PAIRED_SHOWN]
-    for _, r in test[test["metric"].isin(shown)].iterrows():
+    for _, r in rows[rows["metric"].isin(shown)].iterrows():
         d = detectable[
             (detectable["split"] == r["split"]) & (detectable["backbone"] == r["backbone"])
         ]
@@ -295,7 +248,7 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
         return []
     lines = [
         "",
-        "## What this test set can detect (power 80 %)",
+        "## What these test sets can detect (power 80 %)",
         "",
         "The smallest true difference one seed's paired test finds with 80 % probability, from "
         "this grid's own "
@@ -308,9 +261,10 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
         "",
         *table_head(
             [
+                "data",
                 "backbone",
                 "split",
-                "test images (positive)",
+                "images (positive)",
                 "baseline AUC",
                 "baseline sensitivity",
                 "SE of AUC difference",
@@ -323,7 +277,8 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
     ]
     for _, r in detectable.iterrows():
         lines.append(
-            f"| {r['backbone']} | {r['split']} | {r['n_test']} ({r['n_positive']}) | "
+            f"| {where(r['data'])} | {r['backbone']} | {r['split']} | "
+            f"{r['n_test']} ({r['n_positive']}) | "
             f"{r['baseline_auc']:.3f} | "
             f"{r['baseline_sensitivity']:.3f} | {r['se_auc_difference']:.4f} | "
             f"{r['detectable_auc']:.3f} / "
@@ -339,6 +294,13 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
         "probability, the table "
         "says *none* (with the observed share).",
     ]
+    if (detectable["data"] != "test").any():
+        lines += [
+            "",
+            "On an external set of a few patients these slice-level tests treat correlated slices "
+            "of one patient as independent cases: their p-values and detectable differences are "
+            "optimistic. Read the external answer over seeds together with the per-patient table.",
+        ]
     return lines
 
 
@@ -420,6 +382,7 @@ def markdown_report(
     summary: pd.DataFrame | None = None,
     detectable: pd.DataFrame | None = None,
     provenance: str = "",
+    patients: list[str] | None = None,
 ) -> str:
     """The compare report in Markdown: Table III, the operating point, the grid's answer and power
     (with paired tests), external validation, the paired tests, the figures."""
@@ -431,7 +394,8 @@ def markdown_report(
         lines += answer_section(summary, detectable)
         lines += power_section(detectable)
         lines += ["", "![forest plot of the paired differences](forest_test.png)"]
-    lines += external_section(pd.DataFrame() if external is None else external)
+    lines += external_section(pd.DataFrame() if external is None else external, target_recall)
+    lines += patients or []
     lines += paired_section(paired)
     lines += figures_section(best)
     return "\n".join(lines) + "\n"
@@ -496,28 +460,41 @@ def figures_section(best: pd.DataFrame) -> list[str]:
     ]
 
 
-RESULTS_START, RESULTS_END = "<!-- mstl:results:start -->", "<!-- mstl:results:end -->"
+RESULTS_SECTION = "results"
+SECTION_NAME = re.compile(r"[a-z0-9][a-z0-9-]*")
 
 
-def write_results_doc(report_dir: Path, doc: Path) -> None:
-    """Put the report into ``doc`` between the results markers (appended when they are missing), one
-    heading level down, with its figures copied to ``<doc folder>/results/``: documentation
-    generated, not typed."""
-    figures = doc.parent / "results"
-    figures.mkdir(parents=True, exist_ok=True)
-    for png in report_dir.glob("*.png"):
-        shutil.copyfile(png, figures / png.name)
-    body = (report_dir / "report.md").read_text()
-    body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
-    body = body.replace("](fig", "](results/fig").replace("](forest", "](results/forest")
-    block = f"{RESULTS_START}\n{body}\n{RESULTS_END}"
-    text = doc.read_text() if doc.exists() else ""
-    if RESULTS_START in text and RESULTS_END in text:
-        text = (
-            text[: text.index(RESULTS_START)]
-            + block
-            + text[text.index(RESULTS_END) + len(RESULTS_END) :]
+def section_markers(section: str = RESULTS_SECTION) -> tuple[str, str]:
+    """The comments that fence a generated section of a Markdown file."""
+    if not SECTION_NAME.fullmatch(section):
+        raise ValueError(
+            f"results section {section!r}: use lower-case letters, digits and dashes, such as "
+            "'results' or 'cpu-external'"
         )
+    return f"<!-- mstl:{section}:start -->", f"<!-- mstl:{section}:end -->"
+
+
+RESULTS_START, RESULTS_END = section_markers()
+
+
+def write_results_doc(report_dir: Path, doc: Path, section: str = RESULTS_SECTION) -> None:
+    """Put the report into ``doc`` between the markers of ``section`` (appended when they are
+    missing), one heading level down, with its figures copied to ``<doc folder>/results/`` (or
+    ``results/<section>/`` for another section, so two sections keep their own figures):
+    documentation generated, not typed."""
+    start, end = section_markers(section)
+    folder = "results" if section == RESULTS_SECTION else f"results/{section}"
+    figures = doc.parent / folder
+    figures.mkdir(parents=True, exist_ok=True)
+    body = (report_dir / "report.md").read_text()
+    for png in sorted(report_dir.glob("*.png")):
+        shutil.copyfile(png, figures / png.name)
+        body = body.replace(f"]({png.name})", f"]({folder}/{png.name})")
+    body = "\n".join(("#" + line) if line.startswith("#") else line for line in body.splitlines())
+    block = f"{start}\n{body}\n{end}"
+    text = doc.read_text() if doc.exists() else ""
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
     else:
         text = text.rstrip("\n") + ("\n\n" if text else "") + block + "\n"
     doc.write_text(text)

@@ -14,7 +14,13 @@ import mlflow
 import pandas as pd
 
 from mstl import defaults
-from mstl.evaluation.report import provenance, write_report, write_results_doc
+from mstl.evaluation.report import (
+    RESULTS_SECTION,
+    provenance,
+    section_markers,
+    write_report,
+    write_results_doc,
+)
 from mstl.tracking import (
     log_params,
     log_ui_table,
@@ -35,11 +41,15 @@ class CompareParams:
     out_dir: str = "exports/report"
     # a Markdown file (e.g. docs/results.md) whose results section is regenerated
     results_doc: str = ""
+    # the section of results_doc to regenerate (its markers <!-- mstl:NAME:start/end -->): several
+    # grids can each keep their own generated section in one document
+    results_section: str = RESULTS_SECTION
     experiment: str = defaults.EXPERIMENT_NAME
 
     def validate(self) -> None:
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
+        section_markers(self.results_section)
 
 
 def run_compare(params: CompareParams) -> str:
@@ -59,8 +69,10 @@ def run_compare(params: CompareParams) -> str:
         )
         counts = write_report(runs, external, params.target_recall, out, about)
         if params.results_doc:
-            write_results_doc(out, Path(params.results_doc))
-            print(f"compare: results section of {params.results_doc} regenerated")
+            write_results_doc(out, Path(params.results_doc), params.results_section)
+            print(
+                f"compare: section {params.results_section!r} of {params.results_doc} regenerated"
+            )
         mlflow.log_artifacts(str(out), "report")
         log_report_tables(out)
         mlflow.log_metrics(counts)

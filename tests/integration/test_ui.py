@@ -233,6 +233,12 @@ def test_each_target_is_evaluated_on_the_external_set_and_compare_pairs_them(gri
     assert set(external["data"]) == {"covid-ct-md"} and len(external) == 3
     paired = pd.read_csv(grid["report"] / "paired_tests.csv")
     assert {"hard", "soft"} <= set(paired.loc[paired["data"] == "covid-ct-md", "strategy"])
+    assert set(external["patients"]) == {6} and external["val_threshold"].between(0, 1).all()
+    patients = pd.read_csv(grid["report"] / "external_patients.csv")  # 6 patients x 3 Targets
+    assert len(patients) == 18 and set(patients["patient_id"]) >= {"P001", "P002"}
+    report = (grid["report"] / "report.md").read_text()
+    assert "over seeds (the external set covid-ct-md)" in report
+    assert "## External sets per patient" in report
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert "the grid's evaluate run" in champion.description
     assert champion.tags["external.covid-ct-md.run_id"] in {r.info.run_id for r in evaluations}
