@@ -53,6 +53,10 @@ GRID_EXPERIMENT ?= cpu-profile
 GRID_SEEDS ?= 0,1,2,3,4
 GRID_SPLITS ?= official,patient
 GRID_WORKERS ?= 2
+# every Target cell is also evaluated on the external development set (per patient) where it is present;
+# GRID_EXTERNAL= (empty) leaves it out
+GRID_EXTERNAL ?= $(wildcard $(DATA_ROOT)/covid-ct-md)
+GRID_EXTERNAL_PATIENTS ?= ctmd_[a-z]+_([^_]+)_s
 GRID_THREADS ?= $(shell n=$$(( $$(nproc) / $(GRID_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
 experiment: weights
 	$(PY) -m mstl.tracking ensure-experiment $(GRID_EXPERIMENT)
@@ -60,7 +64,9 @@ experiment: weights
 	for worker in $$(seq $(GRID_WORKERS)); do \
 	  $(VENV)/bin/mlflow run . -e experiment --env-manager local --experiment-name $(GRID_EXPERIMENT) \
 	    -P profile=cpu -P data_root=$(DATA_ROOT) -P split=$(GRID_SPLITS) -P seeds=$(GRID_SEEDS) \
-	    -P threads=$(GRID_THREADS) -P workers=$(GRID_WORKERS) & pids="$$pids $$!"; \
+	    -P threads=$(GRID_THREADS) -P workers=$(GRID_WORKERS) \
+	    $(if $(GRID_EXTERNAL),-P external_sets=$(GRID_EXTERNAL) -P 'external_patient_pattern=$(GRID_EXTERNAL_PATIENTS)') \
+	    & pids="$$pids $$!"; \
 	done; \
 	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; [ $$failed = 0 ]
 	$(VENV)/bin/mlflow run . -e compare --env-manager local --experiment-name $(GRID_EXPERIMENT) \
