@@ -24,6 +24,7 @@ from mstl.evaluation.external_report import (
     patients_section,
     per_patient,
     scored_runs,
+    validation_threshold,
 )
 from mstl.evaluation.grid_stats import (
     SETTING,
@@ -37,7 +38,6 @@ from mstl.evaluation.grid_stats import (
 from mstl.evaluation.markdown import table_head, table_row
 from mstl.evaluation.metrics import PAIRED_SHOWN, PAPER, RECALL, SPECIFICITY, compute
 from mstl.evaluation.plots import confusion_figure
-from mstl.evaluation.stats import threshold_for_recall
 
 
 def write_report(
@@ -144,7 +144,7 @@ def operating_point(group: pd.DataFrame, target_recall: float) -> np.ndarray:
     test specificity at it)."""
     operating = []
     for _, run in group.iterrows():
-        t = threshold_for_recall(run["val"]["label"], run["val"]["probability"], target_recall)
+        t = validation_threshold(run, target_recall)
         at = compute((RECALL, SPECIFICITY), run["test"]["label"], run["test"]["probability"], t)
         operating.append((t, at[RECALL.name], at[SPECIFICITY.name]))
     return np.mean(operating, axis=0)
