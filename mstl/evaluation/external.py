@@ -35,6 +35,14 @@ def patients_known(patients) -> bool:
     return patients is not None and bool((pd.Series(patients, dtype=str) != "").all())
 
 
+def patient_ids(predictions: pd.DataFrame) -> pd.Series | None:
+    """The predictions' patient of each slice, or None where `evaluate` knew no patients."""
+    if "patient_id" not in predictions:
+        return None
+    ids = predictions["patient_id"].fillna("").astype(str)
+    return ids if patients_known(ids) else None
+
+
 def ci_method(patients) -> str:
     """How the slice-level intervals were drawn: by patient where patients are known."""
     return CLUSTER_BOOTSTRAP if patients_known(patients) else SLICE_BOOTSTRAP

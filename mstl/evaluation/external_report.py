@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from mstl.evaluation.external import patient_table, patients_known
+from mstl.evaluation.external import patient_ids, patient_table
 from mstl.evaluation.grid_stats import SETTING, seed_summary
 from mstl.evaluation.markdown import table_head, table_row
 from mstl.evaluation.metrics import HEADLINE, RECALL, SPECIFICITY, compute
@@ -39,14 +39,6 @@ def scored_runs(runs: pd.DataFrame, external: pd.DataFrame) -> pd.DataFrame:
     """One row per Target run and external set: the run's setting and seed, its validation
     predictions and the evaluate run's metrics and predictions."""
     return external.merge(runs.drop(columns=["metrics"]), on="run_id")
-
-
-def patient_ids(predictions: pd.DataFrame) -> pd.Series | None:
-    """The predictions' patient of each slice, or None where `evaluate` knew no patients."""
-    if "patient_id" not in predictions:
-        return None
-    ids = predictions["patient_id"].fillna("").astype(str)
-    return ids if patients_known(ids) else None
 
 
 def per_patient(scored: pd.DataFrame, target_recall: float) -> pd.DataFrame:

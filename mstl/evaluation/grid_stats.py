@@ -12,8 +12,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mstl.evaluation.external import patient_ids
 from mstl.evaluation.metrics import ACCURACY, PAIRED_SHOWN, RECALL, ROC_AUC
 from mstl.evaluation.stats import (
+    CLUSTER_TEST,
+    cluster_paired_tests,
     detectable_auc_difference,
     detectable_paired_proportion_difference,
     holm,
@@ -45,14 +48,17 @@ def paired_rows(
     run, base, ours: pd.DataFrame, theirs: pd.DataFrame, key: str, data: str
 ) -> list[dict]:
     """The paired tests of two runs' predictions on the same images (joined on ``key``), as report
-    rows."""
+    rows: on an external set whose patients are known, by resampling patients
+    (``cluster_paired_tests``), else DeLong and McNemar on the images."""
     joined = ours.merge(theirs[[key, "probability"]], on=key, suffixes=("", "_base"))
     if len(joined) != len(ours) or len(joined) != len(theirs):
         raise ValueError(
             f"runs {run['run_id']} and {base['run_id']} were scored on different images of {data}"
         )
     y = joined["label"].to_numpy().astype(int)
-    tests = paired_tests(y, joined["probability"], joined["probability_base"], run["threshold"])
+    patients = None if data == "test" else patient_ids(joined)
+    scores = (y, joined["probability"], joined["probability_base"], run["threshold"])
+    tests = paired_tests(*scores) if patients is None else cluster_paired_tests(*scores, patients)
     ours_right = (joined["probability"].to_numpy() >= run["threshold"]) == y
     base_right = (joined["probability_base"].to_numpy() >= run["threshold"]) == y
     pairs = {AUC: None, ACCURACY.paired: np.ones(len(y), bool), SENSITIVITY: y == 1}
@@ -75,7 +81,7 @@ def paired_rows(
                 "ci_high": high,
                 "se": result.se,
                 "p_value": result.p_value,
-                "test": TEST_NAMES[metric],
+                "test": TEST_NAMES[metric] if patients is None else CLUSTER_TEST,
                 "significant": result.p_value < ALPHA,
                 "n": int(len(y) if mask is None else mask.sum()),
                 "discordant": float("nan")
@@ -174,10 +180,13 @@ def detectable_differences(
             "se_auc_difference": se,
             "discordant_positive_share": discordant,
         }
+        by_patient = bool((sens["test"] == CLUSTER_TEST).all())
         for label, alpha in (("", ALPHA), ("_holm", ALPHA / max(family, 1))):
             row[f"detectable_{AUC}{label}"] = detectable_auc_difference(se, alpha, power)
             row[f"detectable_{SENSITIVITY}{label}"] = (
-                detectable_paired_proportion_difference(n_pos, discordant, alpha, power)
+                detectable_auc_difference(float(sens["se"].median()), alpha, power)
+                if by_patient
+                else detectable_paired_proportion_difference(n_pos, discordant, alpha, power)
                 if discordant > 0
                 else float("nan")
             )

@@ -297,9 +297,11 @@ def power_section(detectable: pd.DataFrame) -> list[str]:
     if (detectable["data"] != "test").any():
         lines += [
             "",
-            "On an external set of a few patients these slice-level tests treat correlated slices "
-            "of one patient as independent cases: their p-values and detectable differences are "
-            "optimistic. Read the external answer over seeds together with the per-patient table.",
+            "On an external set whose patients are known the paired tests resample patients "
+            "(patient-cluster bootstrap: the SE of each difference over resamples, a normal "
+            "p-value and interval), and the detectable differences come from those SEs: slices of "
+            "one patient are not independent cases. With few positive patients an interval can "
+            "still be narrow by chance: read the per-patient table.",
         ]
     return lines
 

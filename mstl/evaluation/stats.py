@@ -118,6 +118,63 @@ def paired_tests(y_true, prob_a, prob_b, threshold: float) -> dict[str, PairedTe
     }
 
 
+CLUSTER_TEST = "patient-cluster bootstrap"
+
+
+def cluster_paired_tests(
+    y_true,
+    prob_a,
+    prob_b,
+    threshold: float,
+    clusters,
+    n_bootstrap: int = defaults.N_BOOTSTRAP,
+    seed: int = defaults.SEED,
+) -> dict[str, PairedTest]:
+    """The differences of ``paired_tests`` (AUC, accuracy, sensitivity of a minus b) where the
+    images are slices of few patients: the standard error is the SD of the difference over
+    ``cluster_bootstrap`` resamples of patients (resamples without both classes left out), and the
+    p-value the two-sided normal one of difference / SE. Slice-level DeLong and McNemar would count
+    296 correlated slices of 6 patients as 296 independent cases. Same seeded draws of patients as
+    ``cluster_bootstrap``'s intervals."""
+    y = np.asarray(y_true).astype(int)
+    a, b = np.asarray(prob_a, dtype=float), np.asarray(prob_b, dtype=float)
+    codes, names = pd.factorize(pd.Series(clusters).astype(str))
+    if not len(y) == len(a) == len(b) == len(codes) or len(y) == 0:
+        raise ValueError("need the same, non-empty images, with a patient each, for both models")
+    members = [np.flatnonzero(codes == k) for k in range(len(names))]
+    rng = np.random.default_rng(seed)
+    point = _differences(y, a, b, threshold)
+    drawn = {name: [] for name in point}
+    for _ in range(n_bootstrap):
+        idx = np.concatenate([members[k] for k in rng.integers(0, len(names), len(names))])
+        for name, value in _differences(y[idx], a[idx], b[idx], threshold).items():
+            drawn[name].append(value)
+    out = {}
+    for name, value in point.items():
+        values = np.asarray(drawn[name], dtype=float)
+        values = values[np.isfinite(values)]
+        se = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        z = value / se if se > 0 else 0.0
+        p = float(2 * stats.norm.sf(abs(z))) if se > 0 else 1.0
+        out[name] = PairedTest(float(z), p, float(value), se)
+    return out
+
+
+def _differences(y: np.ndarray, a: np.ndarray, b: np.ndarray, threshold: float) -> dict:
+    """AUC, accuracy and sensitivity of a minus b on these slices (NaN where undefined)."""
+    right_a, right_b = (a >= threshold) == y, (b >= threshold) == y
+    positive = y == 1
+    return {
+        ROC_AUC.paired: _placements(a, y)[2] - _placements(b, y)[2]
+        if 0 < positive.sum() < len(y)
+        else np.nan,
+        ACCURACY.paired: float(right_a.mean() - right_b.mean()),
+        RECALL.paired: float(right_a[positive].mean() - right_b[positive].mean())
+        if positive.any()
+        else np.nan,
+    }
+
+
 def threshold_for_recall(y_true, prob, target_recall: float) -> float:
     """The highest threshold whose recall on these (validation) images reaches ``target_recall``."""
     if not 0 < target_recall <= 1:

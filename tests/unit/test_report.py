@@ -289,7 +289,10 @@ def test_the_report_gives_the_external_answer_over_seeds_its_power_and_the_patie
     assert (
         "## External sets per patient" in text and "![patients of external_patients_1.png]" in text
     )
-    assert "correlated slices" in text  # the caveat on slice-level tests of few patients
+    assert "patient-cluster bootstrap" in text  # how the external pairs were tested, said
+    external_rows = paired[paired["data"] == "hospital-x"]
+    assert set(external_rows["test"]) == {"patient-cluster bootstrap"}
+    assert set(paired.loc[paired["data"] == "test", "test"]) == {"DeLong", "McNemar (exact)"}
     assert (tmp_path / "external_patients_1.png").stat().st_size > 1000
     per_seed = pd.read_csv(tmp_path / "external_patients.csv")
     assert len(per_seed) == 36 and counts["n_external_sets"] == 1

@@ -206,3 +206,31 @@ def test_cluster_bootstrap_leaves_out_resamples_without_a_positive_patient():
 def test_cluster_bootstrap_needs_a_cluster_per_slice():
     with pytest.raises(ValueError, match="clusters, got 3, 3 and 2"):
         cluster_bootstrap(external, [0, 1, 1], [0.1, 0.8, 0.7], ["a", "b"], 10)
+
+
+def test_copies_of_each_slice_leave_the_patient_cluster_test_unchanged_not_delong():
+    """10 identical slices per patient are still one patient each: the patient-cluster paired
+    test gives the same differences, SEs and p-values as one slice per patient, while DeLong on the
+    slices counts 10 times the cases and its SE shrinks by about sqrt(10)."""
+    from mstl.evaluation.stats import cluster_paired_tests, delong_test
+
+    rng = np.random.default_rng(3)
+    y = np.arange(40) % 2
+    a, b = rng.random(40) * 0.6 + 0.3 * y, rng.random(40) * 0.6 + 0.2 * y
+    patients = np.array([f"p{i}" for i in range(40)])
+    once = cluster_paired_tests(y, a, b, 0.5, patients, n_bootstrap=300)
+    copies = cluster_paired_tests(
+        np.repeat(y, 10), np.repeat(a, 10), np.repeat(b, 10), 0.5, np.repeat(patients, 10), 300
+    )
+    for name in ("auc", "accuracy", "sensitivity"):
+        assert copies[name].difference == pytest.approx(once[name].difference)
+        assert copies[name].se == pytest.approx(once[name].se)
+        assert copies[name].p_value == pytest.approx(once[name].p_value)
+    assert once["auc"].difference == pytest.approx(delong_test(y, a, b).difference)
+    ratio = (
+        delong_test(y, a, b).se
+        / delong_test(np.repeat(y, 10), np.repeat(a, 10), np.repeat(b, 10)).se
+    )
+    assert 2.5 < ratio < 3.7  # about sqrt(10): the slice-level test is fooled by the copies
+    # one slice per patient: the cluster SE is the bootstrap SD of DeLong's quantity, near its SE
+    assert once["auc"].se == pytest.approx(delong_test(y, a, b).se, rel=0.35)
