@@ -57,7 +57,8 @@ def write_report(
         summary, detectable = over_seeds(paired), detectable_differences(runs, paired, external)
         summary.to_csv(out / "over_seeds.csv", index=False)
         detectable.to_csv(out / "detectable_differences.csv", index=False)
-        forest_figure(paired, summary).savefig(out / "forest_test.png")
+        for data, name in forest_names(summary).items():
+            forest_figure(paired, summary, data).savefig(out / name)
     patients = write_patients(runs, external, target_recall, out)
     best = ranked(runs)
     save_figures(runs, best, out)
@@ -185,6 +186,13 @@ def answer_section(summary: pd.DataFrame, detectable: pd.DataFrame) -> list[str]
         lines += answer_table(data, rows)
         lines += answer_lines(rows, detectable[detectable["data"] == data])
     return lines
+
+
+def forest_names(summary: pd.DataFrame) -> dict[str, str]:
+    """Each data set's forest plot file: ``forest_test.png``, then ``forest_external_<i>.png``."""
+    external = [d for d in dict.fromkeys(summary["data"]) if d != "test"]
+    names = {"test": "forest_test.png"} if (summary["data"] == "test").any() else {}
+    return names | {d: f"forest_external_{i + 1}.png" for i, d in enumerate(external)}
 
 
 def where(data: str) -> str:
@@ -395,7 +403,10 @@ def markdown_report(
     if summary is not None and detectable is not None and not paired.empty:
         lines += answer_section(summary, detectable)
         lines += power_section(detectable)
-        lines += ["", "![forest plot of the paired differences](forest_test.png)"]
+        lines += [
+            f"\n![forest plot of the paired differences on {where(data)}]({name})"
+            for data, name in forest_names(summary).items()
+        ]
     lines += external_section(pd.DataFrame() if external is None else external, target_recall)
     lines += patients or []
     lines += paired_section(paired)

@@ -294,6 +294,8 @@ def test_the_report_gives_the_external_answer_over_seeds_its_power_and_the_patie
     assert set(external_rows["test"]) == {"patient-cluster bootstrap"}
     assert set(paired.loc[paired["data"] == "test", "test"]) == {"DeLong", "McNemar (exact)"}
     assert (tmp_path / "external_patients_1.png").stat().st_size > 1000
+    assert (tmp_path / "forest_external_1.png").stat().st_size > 1000
+    assert "on the external set hospital-x](forest_external_1.png)" in text
     per_seed = pd.read_csv(tmp_path / "external_patients.csv")
     assert len(per_seed) == 36 and counts["n_external_sets"] == 1
 
