@@ -21,6 +21,11 @@ IMAGE_SIZE ?= 224
 EPOCHS ?= 60
 SEED ?= 0
 EXPERIMENT ?= mstl
+# the trained model (every Target cell of the grid) is also evaluated on the external development set,
+# per patient, where it is present: a nested evaluate run. EXTERNAL= (empty) leaves it out
+EXTERNAL ?= $(wildcard $(DATA_ROOT)/covid-ct-md)
+EXTERNAL_PATIENTS ?= ctmd_[a-z]+_([^_]+)_s
+EXTERNAL_ARGS = $(if $(EXTERNAL),-P external_sets=$(EXTERNAL) -P 'external_patient_pattern=$(EXTERNAL_PATIENTS)')
 HOST ?= 127.0.0.1
 PORT ?= 5000
 
@@ -44,7 +49,7 @@ target: weights
 	$(PY) -m mstl.tracking ensure-experiment $(EXPERIMENT)
 	$(VENV)/bin/mlflow run . -e target --env-manager local --experiment-name $(EXPERIMENT) \
 	  -P data_root=$(DATA_ROOT) -P backbone=$(BACKBONE) -P split=$(SPLIT) \
-	  -P image_size=$(IMAGE_SIZE) -P epochs=$(EPOCHS) -P seed=$(SEED)
+	  -P image_size=$(IMAGE_SIZE) -P epochs=$(EPOCHS) -P seed=$(SEED) $(EXTERNAL_ARGS)
 
 # The MSTL grid (backbones x imagenet/hard/soft x seeds x splits) in its cpu profile, then the report.
 # GRID_WORKERS workers share the grid, each with an equal share of the cores as TensorFlow threads
@@ -53,10 +58,6 @@ GRID_EXPERIMENT ?= cpu-profile
 GRID_SEEDS ?= 0,1,2,3,4
 GRID_SPLITS ?= official,patient
 GRID_WORKERS ?= 2
-# every Target cell is also evaluated on the external development set (per patient) where it is present;
-# GRID_EXTERNAL= (empty) leaves it out
-GRID_EXTERNAL ?= $(wildcard $(DATA_ROOT)/covid-ct-md)
-GRID_EXTERNAL_PATIENTS ?= ctmd_[a-z]+_([^_]+)_s
 GRID_THREADS ?= $(shell n=$$(( $$(nproc) / $(GRID_WORKERS) )); echo $$(( n > 0 ? n : 1 )))
 experiment: weights
 	$(PY) -m mstl.tracking ensure-experiment $(GRID_EXPERIMENT)
@@ -65,7 +66,7 @@ experiment: weights
 	  $(VENV)/bin/mlflow run . -e experiment --env-manager local --experiment-name $(GRID_EXPERIMENT) \
 	    -P profile=cpu -P data_root=$(DATA_ROOT) -P split=$(GRID_SPLITS) -P seeds=$(GRID_SEEDS) \
 	    -P threads=$(GRID_THREADS) -P workers=$(GRID_WORKERS) \
-	    $(if $(GRID_EXTERNAL),-P external_sets=$(GRID_EXTERNAL) -P 'external_patient_pattern=$(GRID_EXTERNAL_PATIENTS)') \
+	    $(EXTERNAL_ARGS) \
 	    & pids="$$pids $$!"; \
 	done; \
 	failed=0; for pid in $$pids; do wait $$pid || failed=1; done; [ $$failed = 0 ]

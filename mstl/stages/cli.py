@@ -29,6 +29,11 @@ RUN_TAGS_ENV = "MSTL_RUN_TAGS"
 RUN_ID_FILE_ENV = "MSTL_RUN_ID_FILE"
 
 
+def comma_items(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma list such as ``"imagenet, hard,soft"``."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def parse_bool(text: str) -> bool:
     value = str(text).strip().lower()
     if value in TRUE:

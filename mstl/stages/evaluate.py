@@ -38,6 +38,7 @@ from mstl.evaluation.metrics import finite
 from mstl.evaluation.plots import confusion_figure, patient_strip_figure, roc_figure
 from mstl.evaluation.probes import shortcut_probes
 from mstl.inference.pyfunc import decode_set, load_classifier, model_version
+from mstl.stages.cli import comma_items
 from mstl.tracking import (
     log_dataset,
     log_figure,
@@ -87,6 +88,33 @@ class EvaluateParams:
         return self.data_name or (
             Path(self.images_root).name if self.images_root else Path(self.labels_csv).stem
         )
+
+
+def external_evaluations(
+    sets: str, positive_class: str, patient_pattern: str, must_exist: bool = True
+) -> list[EvaluateParams]:
+    """One `evaluate` template per item of the comma list ``sets`` (a folder with a sub-folder per
+    class, or a labels CSV), its model to be filled in: the external sets a Target run or every
+    Target cell of a grid is evaluated on, each as a nested run. Checked here, so a typo fails
+    before any training: distinct names, valid parameters, and (``must_exist``) present."""
+    templates = []
+    for item in comma_items(sets):
+        csv = item.lower().endswith(".csv")
+        template = EvaluateParams(
+            model_uri="",
+            images_root="" if csv else item,
+            positive_class="" if csv else positive_class,
+            labels_csv=item if csv else "",
+            patient_pattern="" if csv else patient_pattern,
+        )
+        template.validate()
+        if must_exist and not Path(item).exists():
+            raise FileNotFoundError(f"external set {item} not found")
+        templates.append(template)
+    names = [e.name() for e in templates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"external_sets must have distinct names, got {names}")
+    return templates
 
 
 @dataclass(frozen=True)

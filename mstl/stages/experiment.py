@@ -37,8 +37,8 @@ from mstl.data.labelled import labelled_files
 from mstl.data.preprocessing import Preprocessing
 from mstl.models import PAPER_BACKBONES, get_backbone
 from mstl.soft_labels.search import fold_scores, parse_k_values
-from mstl.stages.cli import RUN_ID_FILE_ENV, RUN_TAGS_ENV, argv_for
-from mstl.stages.evaluate import EvaluateParams
+from mstl.stages.cli import RUN_ID_FILE_ENV, RUN_TAGS_ENV, argv_for, comma_items
+from mstl.stages.evaluate import EvaluateParams, external_evaluations
 from mstl.stages.prepare import PrepareParams, export_key
 from mstl.stages.soft_labels import SoftLabelParams
 from mstl.stages.target import HASH_COLUMNS, NOT_LOGGED, TargetParams
@@ -92,11 +92,6 @@ PROFILES = {
         "transition_patience": 20,
     },
 }
-
-
-def comma_items(text: str) -> list[str]:
-    """The non-empty, stripped items of a comma list such as ``"imagenet, hard,soft"``."""
-    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 @dataclass(frozen=True)
@@ -193,34 +188,21 @@ class ExperimentParams:
         for name in self.backbone_list():
             get_backbone(name)
         self.split_list()
-        for external in self.external_list():
-            external.validate()
-            if not self.dry_run and not Path(external.images_root or external.labels_csv).exists():
-                raise FileNotFoundError(
-                    f"external set {external.images_root or external.labels_csv} not found"
-                )
+        external_evaluations(
+            self.external_sets,
+            self.external_positive_class,
+            self.external_patient_pattern,
+            must_exist=not self.dry_run,  # a dry run plans with the sets it may not have yet
+        )
         # an unknown intensity fails before any cell
         Preprocessing(self.image_size, self.lung_crop, self.intensity)
         return self
 
     def external_list(self) -> list[EvaluateParams]:
         """One `evaluate` template per external set (its model filled per Target cell)."""
-        sets = []
-        for item in comma_items(self.external_sets):
-            csv = item.lower().endswith(".csv")
-            sets.append(
-                EvaluateParams(
-                    model_uri="",
-                    images_root="" if csv else item,
-                    positive_class="" if csv else self.external_positive_class,
-                    labels_csv=item if csv else "",
-                    patient_pattern="" if csv else self.external_patient_pattern,
-                )
-            )
-        names = [e.name() for e in sets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"external_sets must have distinct names, got {names}")
-        return sets
+        return external_evaluations(
+            self.external_sets, self.external_positive_class, self.external_patient_pattern
+        )
 
     def strategy_list(self) -> list[str]:
         items = comma_items(self.strategies)

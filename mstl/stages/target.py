@@ -33,6 +33,7 @@ from mstl.evaluation.probes import shortcut_probes
 from mstl.inference.predict import apply_temperature, predict_grey
 from mstl.inference.pyfunc import log_serving_model, serving_config
 from mstl.models import OutputSpec, build_classifier, get_backbone, reinitialise_head
+from mstl.stages.evaluate import EvaluateParams, external_evaluations, run_evaluate
 from mstl.tracking import (
     MODEL_ID_TAG,
     log_dataset,
@@ -77,6 +78,12 @@ class TargetParams(ClassifierParams):
     # a CSV of path,sha256 for COVID-CT's images, computed once by the experiment grid for all its
     # Target cells; empty: hash the files here
     file_hashes: str = ""
+    # labelled sets from other hospitals, the trained model evaluated on each as an `evaluate` run
+    # nested under this one (as the grid's cells are): a comma list of folders (a sub-folder per
+    # class) or labels CSVs; not part of what makes two Target runs the same
+    external_sets: str = ""
+    external_positive_class: str = "COVID"  # the positive sub-folder of each folder set
+    external_patient_pattern: str = ""  # evaluate's patient_pattern, for folder sets
     experiment: str = defaults.EXPERIMENT_NAME
 
     @property
@@ -103,11 +110,24 @@ class TargetParams(ClassifierParams):
         if self.file_hashes and not Path(self.file_hashes).is_file():
             raise ValueError(f"file_hashes {self.file_hashes!r} is not a file")
         OutputSpec("binary", 1, self.dropout)
+        self.external_list()
+
+    def external_list(self) -> list[EvaluateParams]:
+        """One `evaluate` of this run's model per external set (checked: present, distinct)."""
+        return external_evaluations(
+            self.external_sets, self.external_positive_class, self.external_patient_pattern
+        )
 
 
 # Not logged, and not part of what makes two Target runs the same: where the run goes, and where
 # the grid left the hashes it computed once.
-NOT_LOGGED = ("experiment", "file_hashes")
+NOT_LOGGED = (
+    "experiment",
+    "file_hashes",
+    "external_sets",
+    "external_positive_class",
+    "external_patient_pattern",
+)
 DATASET_CONTEXT = {"train": "training", "val": "validation", "test": "test"}
 HASH_COLUMNS = ["path", "sha256"]
 
@@ -337,7 +357,21 @@ def run_target(params: TargetParams) -> str:
                 served,
             )
         log_calibration(predictions, served)
+        evaluate_externally(params, run.info.run_id)
         return run.info.run_id
+
+
+def evaluate_externally(params: TargetParams, run_id: str) -> None:
+    """This run's served model on each external set, each an `evaluate` run nested under it."""
+    for external in params.external_list():
+        run_evaluate(
+            replace(
+                external,
+                model_uri=f"runs:/{run_id}",
+                seed=params.seed,
+                experiment=params.experiment,
+            )
+        )
 
 
 @contextlib.contextmanager

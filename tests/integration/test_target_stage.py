@@ -23,13 +23,19 @@ TINY = {"image_size": 64, "epochs": 2, "n_bootstrap": 200, "batch_size": 32}
 # run's probabilities through the served model, `evaluate` and `explain` show it is applied the same
 # everywhere
 PREPROCESSING = {"lung_crop": "true", "intensity": "clahe"}
+# the trained model is also evaluated on the external development set, nested under the Target run
+EXTERNAL_PATIENTS = "ctmd_[a-z]+_([^_]+)_s"
 
 
 @pytest.fixture(scope="module")
 def target_run(mlflow_server, data_root, keras_home):
+    external = {
+        "external_sets": data_root / "covid-ct-md",
+        "external_patient_pattern": EXTERNAL_PATIENTS,
+    }
     result = run_entry_point(
         "target",
-        {"data_root": data_root, "backbone": "mobilenet_025", **TINY, **PREPROCESSING},
+        {"data_root": data_root, "backbone": "mobilenet_025", **TINY, **PREPROCESSING, **external},
         mlflow_server,
         "target-it",
     )
@@ -60,6 +66,33 @@ def test_run_is_finished_with_the_papers_tags_and_params(target_run):
         0 <= n <= 0.1 * int(p[f"n_{part}"])
         for n, part in zip(missing, ("train", "val", "test"), strict=True)
     )
+
+
+def test_the_model_is_evaluated_on_the_external_set_in_a_run_nested_under_the_target(
+    target_run, tmp_path
+):
+    client, run, _ = target_run
+    (ev,) = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.stage = 'evaluate' and tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+    )
+    assert ev.info.status == "FINISHED" and ev.data.tags["data_name"] == "covid-ct-md"
+    assert ev.data.metrics["n_patients"] == 6 and 0 <= ev.data.metrics["roc_auc"] <= 1
+    assert ev.data.params["patient_pattern"] == EXTERNAL_PATIENTS
+    patients = pd.read_csv(client.download_artifacts(ev.info.run_id, "patients.csv", str(tmp_path)))
+    assert set(patients["patient_id"]) >= {"P001", "P002", "normal001"}
+
+
+def test_a_missing_external_set_fails_before_training(mlflow_server, data_root, tmp_path):
+    result = run_entry_point(
+        "target",
+        {"data_root": data_root, **TINY, "external_sets": tmp_path / "no-such-hospital"},
+        mlflow_server,
+        "target-it-missing",
+    )
+    assert result.returncode != 0
+    assert f"external set {tmp_path / 'no-such-hospital'} not found" in result.stderr
+    assert "Epoch 1/" not in result.stdout + result.stderr
 
 
 def test_per_epoch_history_and_test_metrics_with_intervals(target_run):
