@@ -188,20 +188,19 @@ class ExperimentParams:
         for name in self.backbone_list():
             get_backbone(name)
         self.split_list()
-        external_evaluations(
-            self.external_sets,
-            self.external_positive_class,
-            self.external_patient_pattern,
-            must_exist=not self.dry_run,  # a dry run plans with the sets it may not have yet
-        )
+        self.external_list()
         # an unknown intensity fails before any cell
         Preprocessing(self.image_size, self.lung_crop, self.intensity)
         return self
 
     def external_list(self) -> list[EvaluateParams]:
-        """One `evaluate` template per external set (its model filled per Target cell)."""
+        """One `evaluate` template per external set (its model filled per Target cell); checked:
+        present, except in a dry run, which plans with sets it may not have yet."""
         return external_evaluations(
-            self.external_sets, self.external_positive_class, self.external_patient_pattern
+            self.external_sets,
+            self.external_positive_class,
+            self.external_patient_pattern,
+            must_exist=not self.dry_run,
         )
 
     def strategy_list(self) -> list[str]:

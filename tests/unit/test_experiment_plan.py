@@ -261,3 +261,12 @@ def test_a_missing_external_set_is_named_before_any_cell(tmp_path):
         ExperimentParams(
             profile="cpu", strategies="imagenet", external_sets=str(tmp_path / "nowhere")
         ).resolved()
+
+
+def test_a_dry_run_plans_an_evaluate_cell_for_an_external_set_not_there_yet(tmp_path):
+    paper = dict(profile="paper", weights="none", data_root=str(tmp_path), strategies="imagenet")
+    p = ExperimentParams(**paper, dry_run=True, external_sets=str(tmp_path / "later")).resolved()
+    cells = plan(p, "not hashed")
+    evaluates = [c for c in cells if c.stage == "evaluate"]
+    assert len(evaluates) == 4  # one per paper backbone's Target cell
+    assert {c.key.split("/")[1] for c in evaluates} == {"later"}
