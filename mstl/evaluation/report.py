@@ -334,9 +334,8 @@ def paired_section(paired: pd.DataFrame) -> list[str]:
             "compare."
         ]
     for data, rows in paired.groupby("data", sort=False):
-        where = "the COVID-CT test split" if data == "test" else f"the external set {data}"
         lines += [
-            f"### On {where}",
+            f"### On {where(data)}",
             "",
             *table_head(
                 [

@@ -138,15 +138,12 @@ def cluster_paired_tests(
     ``cluster_bootstrap``'s intervals."""
     y = np.asarray(y_true).astype(int)
     a, b = np.asarray(prob_a, dtype=float), np.asarray(prob_b, dtype=float)
-    codes, names = pd.factorize(pd.Series(clusters).astype(str))
-    if not len(y) == len(a) == len(b) == len(codes) or len(y) == 0:
-        raise ValueError("need the same, non-empty images, with a patient each, for both models")
-    members = [np.flatnonzero(codes == k) for k in range(len(names))]
+    members = cluster_members(clusters, len(y), len(a), len(b))
     rng = np.random.default_rng(seed)
     point = _differences(y, a, b, threshold)
     drawn = {name: [] for name in point}
     for _ in range(n_bootstrap):
-        idx = np.concatenate([members[k] for k in rng.integers(0, len(names), len(names))])
+        idx = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
         for name, value in _differences(y[idx], a[idx], b[idx], threshold).items():
             drawn[name].append(value)
     out = {}
@@ -231,6 +228,19 @@ def detectable_paired_proportion_difference(
     return float(brentq(needed, 1e-9, top))
 
 
+def cluster_members(clusters, *lengths: int) -> list[np.ndarray]:
+    """The slice indices of each cluster (patient), by first appearance; every array of the
+    caller (``lengths``: labels, probabilities) must have one entry per slice."""
+    codes, names = pd.factorize(pd.Series(clusters).astype(str))
+    if len(set(lengths) | {len(codes)}) != 1 or len(codes) == 0:
+        counts = ", ".join(str(n) for n in lengths)
+        raise ValueError(
+            "need equal, non-zero numbers of labels, probabilities and clusters, got "
+            f"{counts} and {len(codes)}"
+        )
+    return [np.flatnonzero(codes == k) for k in range(len(names))]
+
+
 def cluster_bootstrap(
     statistics,
     y_true,
@@ -247,19 +257,13 @@ def cluster_bootstrap(
     drawn), so with one slice per patient, in slice order, it gives exactly the slice bootstrap."""
     y = np.asarray(y_true).astype(int)
     p = np.asarray(y_prob, dtype=float)
-    codes, names = pd.factorize(pd.Series(clusters).astype(str))  # by first appearance
-    if not len(y) == len(p) == len(codes) or len(y) == 0:
-        raise ValueError(
-            f"need equal, non-zero numbers of labels, probabilities and clusters, got {len(y)}, "
-            f"{len(p)} and {len(codes)}"
-        )
-    members = [np.flatnonzero(codes == k) for k in range(len(names))]
+    members = cluster_members(clusters, len(y), len(p))
 
     def on_slices(chosen, _):
         idx = np.concatenate([members[k] for k in chosen])
         return statistics(y[idx], p[idx])
 
-    index = np.arange(len(names))
+    index = np.arange(len(members))
     drawn = bootstrap(on_slices, index, index, n_bootstrap, confidence, seed)
     point = statistics(y, p)  # in the slices' own order, exactly the slice-level value
     return Estimates((k, Estimate(point[k], e.low, e.high)) for k, e in drawn.items())
