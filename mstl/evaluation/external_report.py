@@ -60,6 +60,7 @@ def per_patient(scored: pd.DataFrame, target_recall: float) -> pd.DataFrame:
         frames.append(
             at_val.rename(columns={"predicted": "called_at_val_threshold"}).assign(
                 data=r["data"],
+                digest=r["digest"],
                 seed=r["seed"],
                 run_id=r["run_id"],
                 val_threshold=t,
@@ -70,23 +71,24 @@ def per_patient(scored: pd.DataFrame, target_recall: float) -> pd.DataFrame:
 
 
 def at_validation_threshold(scored: pd.DataFrame, target_recall: float) -> pd.DataFrame:
-    """Per Target run and external set: its validation-chosen threshold, the external slices'
-    sensitivity and specificity at it, and the patients it gets right there (where known)."""
+    """Per Target run and external set: its validation-chosen threshold and the external slices'
+    sensitivity and specificity at it, and (where patients are known, from ``per_patient``) the
+    patients it gets right there."""
     rows = []
     for _, r in scored.iterrows():
         predictions, t = r["predictions"], validation_threshold(r, target_recall)
         at = compute((RECALL, SPECIFICITY), predictions["label"], predictions["probability"], t)
         row = {"run_id": r["run_id"], "digest": r["digest"], "val_threshold": t}
-        row |= dict(zip(AT_VAL, (at[RECALL.name], at[SPECIFICITY.name]), strict=True))
-        ids = patient_ids(predictions)
-        if ids is not None:
-            patients = patient_table(
-                predictions.assign(patient_id=ids), predictions["probability"], t
-            )
-            row["patients_right"] = int((patients["outcome"].isin(("tp", "tn"))).sum())
-            row["patients"] = len(patients)
-        rows.append(row)
-    return pd.DataFrame(rows)
+        rows.append(row | dict(zip(AT_VAL, (at[RECALL.name], at[SPECIFICITY.name]), strict=True)))
+    chosen = pd.DataFrame(rows)
+    patients = per_patient(scored, target_recall)
+    if patients.empty:
+        return chosen
+    right = patients.assign(right=patients["outcome"].isin(("tp", "tn")))
+    counts = right.groupby(["run_id", "digest"]).agg(
+        patients_right=("right", "sum"), patients=("right", "size")
+    )
+    return chosen.merge(counts.reset_index(), on=["run_id", "digest"], how="left")
 
 
 def external_table(
